@@ -1,0 +1,12 @@
+"""Unconfused: multi-concept personalization without concept confusion, as ComfyUI nodes.
+
+ComfyUI imports this folder as a package from custom_nodes/. Everything inside is imported
+relatively: ComfyUI has its own top-level `nodes` module.
+"""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = "./web"
+__version__ = "0.1.0"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,7 @@
+"""`python -m unconfused ...`"""
+
+import sys
+
+from .trainers.cli import main
+
+sys.exit(main())

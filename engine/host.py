@@ -1,0 +1,352 @@
+"""The host adapter: the only module through which the engine reaches ComfyUI.
+
+Inside ComfyUI it uses `comfy.utils.ProgressBar`, ComfyUI's interrupt flag and device
+choice, `folder_paths` and `server.PromptServer`. Outside ComfyUI (CLI, tests, notebooks)
+it falls back to tqdm, a process-wide cancel flag, CPU/CUDA choice and folders given by
+the caller (`configure(...)` or the UNCONFUSED_MODELS_DIR / UNCONFUSED_OUTPUT_DIR
+environment variables).
+
+ComfyUI modules are looked up in `sys.modules` at call time, never imported here: when the
+pack runs inside ComfyUI they are already loaded, and outside it a stray `comfy` package on
+the path is never picked up by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import Cancelled, UnconfusedError
+
+log = logging.getLogger("unconfused")
+
+EVENT_PREFIX = "unconfused."
+
+# Model folder kinds we use. Kinds ComfyUI does not know (sams, LLM) are registered on demand.
+EXTRA_MODEL_KINDS = {"sams": "sams", "LLM": "LLM"}
+MODEL_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"}
+
+
+def _comfy(name: str):
+    """A ComfyUI module if ComfyUI is the running host, else None."""
+    return sys.modules.get(name)
+
+
+def in_comfyui() -> bool:
+    return _comfy("folder_paths") is not None and _comfy("comfy.model_management") is not None
+
+
+# ---------------------------------------------------------------- standalone settings
+@dataclass
+class _Standalone:
+    models_dir: Path | None = None
+    output_dir: Path | None = None
+    temp_dir: Path | None = None
+    extra_folders: dict[str, list[Path]] = field(default_factory=dict)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    listeners: list[Callable[[str, dict], None]] = field(default_factory=list)
+
+
+_standalone = _Standalone()
+
+
+def configure(models_dir: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None,
+              temp_dir: str | os.PathLike | None = None,
+              folders: dict[str, list[str | os.PathLike]] | None = None) -> None:
+    """Set the folders used outside ComfyUI. `folders` maps a model kind to extra folders."""
+    if models_dir is not None:
+        _standalone.models_dir = Path(models_dir)
+    if output_dir is not None:
+        _standalone.output_dir = Path(output_dir)
+    if temp_dir is not None:
+        _standalone.temp_dir = Path(temp_dir)
+    for kind, dirs in (folders or {}).items():
+        _standalone.extra_folders[kind] = [Path(d) for d in dirs]
+
+
+def reset_standalone() -> None:
+    """Forget folders, listeners and a pending cancel (tests use this between cases)."""
+    global _standalone
+    _standalone = _Standalone()
+
+
+# ---------------------------------------------------------------- cancel
+def request_cancel() -> None:
+    """Ask the running job to stop at its next check (CLI Ctrl-C, tests)."""
+    _standalone.cancel.set()
+
+
+def clear_cancel() -> None:
+    _standalone.cancel.clear()
+
+
+def check_cancel() -> None:
+    """Raise if the user asked to stop. Inside ComfyUI this raises ComfyUI's own
+    InterruptProcessingException so the run is reported as interrupted, not failed."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+    if _standalone.cancel.is_set():
+        _standalone.cancel.clear()
+        raise Cancelled()
+
+
+# ---------------------------------------------------------------- progress
+class Progress:
+    """A progress bar that also checks for Cancel at every update.
+
+    Inside ComfyUI: the node's progress bar (and optional preview image). Outside: tqdm.
+    """
+
+    def __init__(self, total: int, desc: str = ""):
+        self.total = max(int(total), 1)
+        self.value = 0
+        self.desc = desc
+        self._bar = None
+        self._tqdm = None
+        utils = _comfy("comfy.utils")
+        if utils is not None and in_comfyui():
+            self._bar = utils.ProgressBar(self.total)
+        else:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=self.total, desc=desc, leave=False,
+                              disable=os.environ.get("UNCONFUSED_QUIET") == "1")
+
+    def update(self, n: int = 1, preview: Any = None) -> None:
+        self.set(self.value + n, preview)
+
+    def set(self, value: int, preview: Any = None) -> None:
+        check_cancel()
+        value = min(int(value), self.total)
+        if self._bar is not None:
+            self._bar.update_absolute(value, self.total, preview)
+        elif self._tqdm is not None:
+            self._tqdm.update(value - self.value)
+        self.value = value
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str = "") -> Progress:
+    return Progress(total, desc)
+
+
+# ---------------------------------------------------------------- device and memory
+DEVICE_CHOICES = ["auto", "cuda", "cpu"]
+
+
+def device(choice: str = "auto") -> torch.device:
+    """The torch device to run on. 'auto' is ComfyUI's device inside ComfyUI, else CUDA if present."""
+    if choice not in DEVICE_CHOICES and not choice.startswith("cuda:"):
+        raise UnconfusedError(f"unknown device '{choice}'; use one of {DEVICE_CHOICES}", input="device")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UnconfusedError("a CUDA GPU was asked for but torch sees none; choose 'cpu' or 'auto'",
+                                  input="device")
+        return torch.device(choice)
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(dev: torch.device, precision: str = "auto") -> torch.dtype:
+    """Weights dtype for inference: fp16/bf16 on GPUs, fp32 on the CPU."""
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision in table:
+        return table[precision]
+    if precision != "auto":
+        raise UnconfusedError(f"unknown precision '{precision}'; use auto, fp32, fp16 or bf16",
+                              input="precision")
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def free_memory_for_training() -> None:
+    """Ask ComfyUI to unload its models and empty caches before a training run."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def empty_cache() -> None:
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def training_mode() -> Iterator[None]:
+    """ComfyUI runs every prompt under torch.inference_mode(); training must leave it.
+
+    Tensors created under inference mode cannot be saved for backward: clone incoming
+    tensors inside this block (`detach_clone`).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def detach_clone(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor from a possibly-inference tensor, usable in autograd."""
+    with torch.inference_mode(False):
+        return t.detach().clone()
+
+
+# ---------------------------------------------------------------- folders
+def _register_comfy_kind(fp, kind: str) -> None:
+    if kind in fp.folder_names_and_paths:
+        return
+    folder = os.path.join(fp.models_dir, EXTRA_MODEL_KINDS.get(kind, kind))
+    fp.folder_names_and_paths[kind] = ([folder], MODEL_EXTENSIONS | {""} if kind == "LLM" else MODEL_EXTENSIONS)
+
+
+def model_folders(kind: str) -> list[Path]:
+    """Folders searched for models of a kind ('checkpoints', 'sams', 'clip_vision', ...)."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        _register_comfy_kind(fp, kind)
+        return [Path(p) for p in fp.get_folder_paths(kind)]
+    folders = list(_standalone.extra_folders.get(kind, []))
+    base = _standalone.models_dir or (Path(os.environ["UNCONFUSED_MODELS_DIR"])
+                                      if os.environ.get("UNCONFUSED_MODELS_DIR") else None)
+    if base is not None:
+        folders.append(base / EXTRA_MODEL_KINDS.get(kind, kind))
+    return folders
+
+
+def list_models(kind: str, extensions: set[str] | None = None) -> list[str]:
+    """File names (relative to their folder, '/'-separated) of a model kind, sorted."""
+    fp = _comfy("folder_paths")
+    if fp is not None and extensions is None:
+        _register_comfy_kind(fp, kind)
+        return sorted(fp.get_filename_list(kind))
+    exts = extensions or MODEL_EXTENSIONS
+    names: set[str] = set()
+    for folder in model_folders(kind):
+        if not folder.is_dir():
+            continue
+        for path in folder.rglob("*"):
+            if path.is_file() and path.suffix.lower() in exts:
+                names.add(path.relative_to(folder).as_posix())
+    return sorted(names)
+
+
+def list_model_dirs(kind: str, marker: str) -> list[str]:
+    """Sub-folders of a model kind that contain `marker` (e.g. diffusers' model_index.json)."""
+    names: set[str] = set()
+    for folder in model_folders(kind):
+        if folder.is_dir():
+            for path in folder.rglob(marker):
+                names.add(path.parent.relative_to(folder).as_posix())
+    return sorted(names)
+
+
+def find_model(kind: str, name: str, *, node: str | None = None, input: str | None = None,
+               what: str = "model file") -> Path:
+    """Full path of a model, or an error that says which file to put where."""
+    folders = model_folders(kind)
+    if name:
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise UnconfusedError(f"'{name}' is not a file name inside the {kind} folder", node=node,
+                                  input=input)
+        for folder in folders:
+            path = folder / name
+            if path.exists():
+                return path
+    where = ", ".join(str(f) for f in folders) or f"models/{kind} (no models folder is configured)"
+    if not name:
+        raise UnconfusedError(f"no {what} was chosen and none was found: put one into {where}, "
+                              "then refresh the page (R) and pick it", node=node, input=input)
+    raise UnconfusedError(f"'{name}' was not found: put the {what} into {where}", node=node, input=input)
+
+
+def output_dir() -> Path:
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return Path(fp.get_output_directory())
+    if _standalone.output_dir is not None:
+        return _standalone.output_dir
+    if os.environ.get("UNCONFUSED_OUTPUT_DIR"):
+        return Path(os.environ["UNCONFUSED_OUTPUT_DIR"])
+    return Path.cwd() / "outputs"
+
+
+def input_dir() -> Path:
+    """ComfyUI's input folder (where uploaded images go); the working directory outside it."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return Path(fp.get_input_directory())
+    return Path(os.environ.get("UNCONFUSED_INPUT_DIR", Path.cwd()))
+
+
+def temp_dir() -> Path:
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return Path(fp.get_temp_directory())
+    if _standalone.temp_dir is not None:
+        return _standalone.temp_dir
+    path = Path(tempfile.gettempdir()) / "unconfused"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------- messages to the browser
+def add_listener(fn: Callable[[str, dict], None]) -> None:
+    """Receive every message (outside ComfyUI; tests and the CLI log)."""
+    _standalone.listeners.append(fn)
+
+
+def send(event: str, data: dict) -> None:
+    """Send `unconfused.<event>` to the browser (inside ComfyUI) and to local listeners."""
+    name = EVENT_PREFIX + event
+    server = _comfy("server")
+    if server is not None and getattr(server, "PromptServer", None) is not None:
+        instance = getattr(server.PromptServer, "instance", None)
+        if instance is not None:
+            instance.send_sync(name, data, getattr(instance, "client_id", None))
+    for fn in list(_standalone.listeners):
+        fn(name, data)
+
+
+class RateLimiter:
+    """Lets a message through at most every `interval` seconds (the last one is always sent
+    by calling `force=True`)."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self._last = 0.0
+
+    def ready(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False

@@ -1,0 +1,367 @@
+"""Loading users' Stable Diffusion checkpoints offline into diffusers/transformers models.
+
+Single-file `.safetensors` / `.ckpt` checkpoints of SD 1.x and SD 2.x (epsilon and
+v-prediction) and diffusers folders. Configs ship in `model_configs`; the tokenizer is built
+from open_clip's vocabulary. Key conversion is diffusers' own (`single_file_utils`).
+
+The bundle's models live on the CPU between stages; a stage moves what it needs to the
+device (`bundle.to(device)`) and back, so nothing holds GPU memory while ComfyUI samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import model_configs as cfg
+from .errors import UnconfusedError
+from .tokenizer import clip_tokenizer
+
+log = logging.getLogger("unconfused")
+
+SUPPORTED = "SD 1.x and SD 2.x checkpoints (.safetensors or .ckpt, epsilon or v-prediction) and diffusers folders"
+UNET_PREFIX = "model.diffusion_model."
+PREDICTION_CHOICES = ["auto", "epsilon", "v_prediction"]
+
+
+@dataclass
+class ModelBundle:
+    """Everything a trainer or the sampler needs, in one object (a ComfyUI socket value)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    family: str  # "sd1" | "sd2"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    name: str
+    source: Path | None = None
+    scheduler_config: dict = field(default_factory=lambda: dict(cfg.SCHEDULER))
+    added_tokens: dict[str, list[int]] = field(default_factory=dict)  # token -> token ids
+    lora: dict = field(default_factory=dict)  # attached adapters, filled by trainers
+    notes: list[str] = field(default_factory=list)
+    _hash: str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def noise_scheduler(self):
+        """A fresh DDPM scheduler with the model's training schedule."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler(**self.scheduler_config, prediction_type=self.prediction_type)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelBundle":
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def clone(self) -> "ModelBundle":
+        """A deep copy for a stage that changes weights (so upstream node outputs stay intact)."""
+        return copy.deepcopy(self)
+
+    @property
+    def base_hash(self) -> str:
+        """sha256 of the checkpoint file (first 12 hex digits), for export metadata."""
+        if self._hash is None:
+            self._hash = file_sha256(self.source)[:12] if self.source and self.source.is_file() else "unknown"
+        return self._hash
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids [B, 77], padded as the family does (and as ComfyUI does)."""
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """UNet conditioning [B, 77, D]: the text encoder's last hidden state (for SD2 the
+        model already stops at the penultimate layer, with the final layer norm, as SD2 uses it)."""
+        ids = self.tokenize(prompts).to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.unet.parameters()) / 1e6
+        lines = [f"{self.name}: {cfg.FAMILY_NAMES.get(self.family, self.family)}, {self.prediction_type}",
+                 f"UNet {n:.0f}M parameters, {self.dtype}, on {self.device}"]
+        if self.added_tokens:
+            lines.append("added tokens: " + ", ".join(self.added_tokens))
+        if self.lora:
+            lines.append("LoRA: " + ", ".join(self.lora))
+        return "\n".join(lines + self.notes)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- reading files safely
+def read_state_dict(path: Path, *, node: str | None = None, input: str = "ckpt_name") -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or .ckpt/.pt file. Pickles are read with weights_only=True:
+    a file that needs arbitrary code to unpickle is refused, never executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnconfusedError(f"{path} does not exist", node=node, input=input)
+    suffix = path.suffix.lower()
+    if suffix in (".safetensors", ".sft"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise UnconfusedError(f"{path.name} is damaged or truncated (safetensors: {e}); download it again",
+                                  node=node, input=input) from e
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except __import__("pickle").UnpicklingError as e:
+            raise UnconfusedError(f"{path.name} contains pickled Python objects besides weights; loading it would "
+                                  "run code from the file, so it is refused. Use a .safetensors version of this "
+                                  "model", node=node, input=input) from e
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+            raise UnconfusedError(f"{path.name} is damaged or truncated ({e}); download it again", node=node,
+                                  input=input) from e
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()
+                                                if not isinstance(v, (int, float, str))):
+            raise UnconfusedError(f"{path.name} does not hold a state dict of tensors", node=node, input=input)
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    raise UnconfusedError(f"{path.name}: unknown file type '{suffix}'; {SUPPORTED} are supported", node=node,
+                          input=input)
+
+
+# ---------------------------------------------------------------- recognising the family
+def detect_family(sd: dict[str, torch.Tensor], name: str, *, node: str | None = None,
+                  input: str = "ckpt_name") -> str:
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in sd)
+
+    other = None
+    if has("conditioner.embedders.") or has(UNET_PREFIX + "label_emb."):
+        other = "SDXL (or SDXL refiner)"
+    elif has("double_blocks.") or has(UNET_PREFIX + "double_blocks."):
+        other = "Flux"
+    elif has(UNET_PREFIX + "joint_blocks."):
+        other = "SD3"
+    elif has("model.diffusion_model.blocks.") or has("model.diffusion_model.transformer_blocks."):
+        other = "a transformer (DiT) model"
+    if other:
+        raise UnconfusedError(f"{name} is a {other} checkpoint; Unconfused supports {SUPPORTED}", node=node,
+                              input=input)
+    key = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if key not in sd:
+        if has("input_blocks.") or has("down_blocks."):
+            raise UnconfusedError(f"{name} holds only a UNet; choose a full checkpoint (UNet + VAE + text encoder)",
+                                  node=node, input=input)
+        raise UnconfusedError(f"{name} is not a Stable Diffusion checkpoint (or it is damaged); Unconfused supports "
+                              f"{SUPPORTED}", node=node, input=input)
+    context_dim = sd[key].shape[1]
+    family = {768: "sd1", 1024: "sd2"}.get(int(context_dim))
+    if family is None:
+        raise UnconfusedError(f"{name} has a UNet with text width {context_dim}, which is neither SD 1.x (768) nor "
+                              f"SD 2.x (1024); Unconfused supports {SUPPORTED}", node=node, input=input)
+    in_ch = sd[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
+    if in_ch != 4:
+        raise UnconfusedError(f"{name} is an inpainting or other {in_ch}-channel model; choose the base model of "
+                              "its family", node=node, input=input)
+    missing = [p for p in ("first_stage_model.", "cond_stage_model.") if not has(p)]
+    if missing:
+        part = " and ".join({"first_stage_model.": "the VAE", "cond_stage_model.": "the text encoder"}[p]
+                            for p in missing)
+        raise UnconfusedError(f"{name} has no {part}; choose a full checkpoint", node=node, input=input)
+    return family
+
+
+def detect_prediction(sd: dict[str, torch.Tensor], family: str) -> str:
+    """v-prediction or epsilon, by the same rules ComfyUI uses, so both load a file alike:
+    a `v_pred` key, or for SD2 the spread of one norm bias that v-models have (ComfyUI's test)."""
+    if "v_pred" in sd:
+        return "v_prediction"
+    if family == "sd2":
+        bias = sd.get(UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias")
+        if bias is not None and torch.std(bias.float(), unbiased=False) > 0.09:
+            return "v_prediction"
+    return "epsilon"
+
+
+# ---------------------------------------------------------------- building models
+def _empty(cls, config):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return cls(**config) if isinstance(config, dict) else cls(config)
+
+
+def _assign(model: torch.nn.Module, state: dict, part: str, name: str, dtype: torch.dtype,
+            node: str | None) -> torch.nn.Module:
+    state = {k: v.to(dtype) for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        msg = str(e).split("\n")
+        raise UnconfusedError(f"{name}: the {part} does not match its family's architecture ({msg[0]} "
+                              f"{' '.join(msg[1:3])[:300]}); the file is damaged or of an unsupported variant",
+                              node=node, input="ckpt_name") from e
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise UnconfusedError(f"{name}: the {part} is missing tensors {meta[:3]}", node=node, input="ckpt_name")
+    return model
+
+
+def text_state_for(model: torch.nn.Module, state: dict) -> dict:
+    """Text-encoder keys spelled as this transformers version spells them: v4 names them
+    `text_model.<...>` (the Hugging Face file format), v5 drops the `text_model.` level."""
+    wants_prefix = any(k.startswith("text_model.") for k in model.state_dict())
+    out = {}
+    for k, v in state.items():
+        bare = k[len("text_model."):] if k.startswith("text_model.") else k
+        out["text_model." + bare if wants_prefix else bare] = v
+    return out
+
+
+def hf_text_keys(state: dict) -> dict:
+    """Keys in the Hugging Face file format (`text_model.<...>`), whatever the transformers version."""
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
+            if not k.endswith("position_ids")}
+
+
+def build_text_encoder(family: str, state: dict | None = None, dtype=torch.float32):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig(**cfg.TEXT_ENCODER[family]))  # small enough to build directly
+    if state is not None:
+        state = text_state_for(model, state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise UnconfusedError(f"text encoder keys do not match {family}: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}", input="ckpt_name")
+    return model.to(dtype).eval()
+
+
+def load_single_file(path: str | os.PathLike, *, prediction: str = "auto", dtype: torch.dtype = torch.float32,
+                     node: str | None = None) -> ModelBundle:
+    """Load an original (LDM key) SD 1.x / 2.x checkpoint into diffusers models, offline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    path = Path(path)
+    name = path.name
+    sd = read_state_dict(path, node=node)
+    family = detect_family(sd, name, node=node)
+    detected = detect_prediction(sd, family)
+    pred = detected if prediction == "auto" else prediction
+    if pred not in ("epsilon", "v_prediction"):
+        raise UnconfusedError(f"unknown prediction type {prediction!r}; use {PREDICTION_CHOICES}", node=node,
+                              input="prediction")
+
+    unet_cfg = dict(cfg.UNET[family])
+    if family == "sd2" and pred == "v_prediction":
+        unet_cfg.update(sample_size=96, upcast_attention=True)  # SD 2.x 768-v
+    unet = _assign(_empty(UNet2DConditionModel, unet_cfg), sfu.convert_ldm_unet_checkpoint(sd, unet_cfg),
+                   "UNet", name, dtype, node)
+    vae = _assign(_empty(AutoencoderKL, cfg.VAE), sfu.convert_ldm_vae_checkpoint(sd, cfg.VAE), "VAE", name,
+                  torch.float32 if dtype == torch.float16 else dtype, node)  # fp16 VAEs overflow to NaN
+
+    if family == "sd1":
+        te_state = sfu.convert_ldm_clip_checkpoint(sd)
+        text_encoder = build_text_encoder("sd1", te_state, dtype)
+    else:
+        text_encoder = build_text_encoder("sd2", None, dtype)
+        te_state = sfu.convert_open_clip_checkpoint(text_encoder, sd)
+        te_state = {k: v for k, v in te_state.items() if k != "text_projection.weight"}
+        text_encoder = build_text_encoder("sd2", te_state, dtype)
+    del sd
+
+    bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder,
+                         tokenizer=clip_tokenizer(pad=cfg.TOKENIZER_PAD[family]), family=family,
+                         prediction_type=pred, name=name, source=path)
+    if prediction != "auto" and pred != detected:
+        bundle.notes.append(f"prediction type set to {pred} (the file looks like {detected})")
+    _freeze(bundle)
+    return bundle
+
+
+def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto",
+                          dtype: torch.dtype = torch.float32, node: str | None = None) -> ModelBundle:
+    """Load a diffusers-format model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (folder / sub / "config.json").is_file():
+            raise UnconfusedError(f"{folder.name} is not a diffusers SD folder: {sub}/config.json is missing",
+                                  node=node, input="ckpt_name")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True,
+                                            torch_dtype=torch.float32 if dtype == torch.float16 else dtype)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True,
+                                                     torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UnconfusedError(f"{folder.name}: cannot load the diffusers folder ({e})", node=node,
+                              input="ckpt_name") from e
+    width = unet.config.cross_attention_dim
+    # SD1/SD2 by text width; a narrower SD-shaped model (the demo model) counts as SD1-like
+    family = "sd2" if width == 1024 else "sd1"
+    if width != text_encoder.config.hidden_size or unet.config.in_channels != 4:
+        raise UnconfusedError(f"{folder.name} is not an SD 1.x/2.x base model (text width {width}, "
+                              f"{unet.config.in_channels} input channels); Unconfused supports {SUPPORTED}",
+                              node=node, input="ckpt_name")
+    scheduler_config = dict(cfg.SCHEDULER)
+    detected = "epsilon"
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        sc = json.loads(sched_file.read_text())
+        detected = sc.get("prediction_type", "epsilon")
+        scheduler_config.update({k: sc[k] for k in scheduler_config if k in sc})
+    if (folder / "tokenizer" / "vocab.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    else:
+        tokenizer = clip_tokenizer(pad=cfg.TOKENIZER_PAD[family])
+    bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                         family=family, prediction_type=detected if prediction == "auto" else prediction,
+                         name=folder.name, source=folder, scheduler_config=scheduler_config)
+    _freeze(bundle)
+    return bundle
+
+
+def _freeze(bundle: ModelBundle) -> None:
+    for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+        m.requires_grad_(False)
+
+
+def load_model(path: str | os.PathLike, **kwargs) -> ModelBundle:
+    """A checkpoint file or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        return load_diffusers_folder(path, **kwargs)
+    return load_single_file(path, **kwargs)
+
+
+def bundle_from_parts(unet, vae, text_encoder, *, family: str = "sd1", prediction_type: str = "epsilon",
+                      name: str = "in-memory model", tokenizer=None) -> ModelBundle:
+    """A bundle from models already in memory (tests, the built-in demo model, notebooks)."""
+    bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                         tokenizer=tokenizer or clip_tokenizer(pad=cfg.TOKENIZER_PAD[family]), family=family,
+                         prediction_type=prediction_type, name=name)
+    _freeze(bundle)
+    return bundle

@@ -1,0 +1,56 @@
+"""Preview pictures: image grids with captions and coloured mask overlays (PIL only)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .concepts import tensor_to_pil
+
+# Distinct colours for concepts / regions (tab10).
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def overlay_masks(image: torch.Tensor, masks: list[torch.Tensor], alpha: float = 0.45) -> Image.Image:
+    """The image with each mask tinted in its own colour. image [H,W,3], masks [H,W] in 0..1."""
+    base = image.detach().float().cpu().numpy().copy()
+    for i, m in enumerate(masks):
+        m = m.detach().float().cpu()
+        if tuple(m.shape) != tuple(base.shape[:2]):
+            m = torch.nn.functional.interpolate(m[None, None], size=base.shape[:2], mode="bilinear")[0, 0]
+        w = (m.numpy() * alpha)[..., None]
+        color = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32) / 255.0
+        base = base * (1 - w) + color * w
+    return tensor_to_pil(torch.from_numpy(base))
+
+
+def grid(images: list[Image.Image], captions: list[str] | None = None, *, cell: int = 256, columns: int = 4,
+         caption_lines: int = 4, marks: list[bool] | None = None) -> Image.Image:
+    """Images fitted into square cells with up to `caption_lines` wrapped caption lines under each;
+    `marks[i]` draws a red frame (e.g. a flagged caption)."""
+    if not images:
+        raise ValueError("nothing to show")
+    font = ImageFont.load_default()
+    line_h = 12
+    text_h = (caption_lines * line_h + 6) if captions else 0
+    cols = min(columns, len(images))
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    chars = max(8, cell // 6)
+    for i, img in enumerate(images):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        thumb = img.convert("RGB").copy()
+        thumb.thumbnail((cell, cell))
+        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+        if marks and marks[i]:
+            draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell + text_h - 2], outline=(230, 40, 40), width=3)
+        if captions:
+            lines = textwrap.wrap(captions[i] or "", chars)[:caption_lines]
+            for j, line in enumerate(lines):
+                draw.text((x + 4, y + cell + 3 + j * line_h), line, fill=(235, 235, 235), font=font)
+    return sheet

@@ -1,0 +1,11 @@
+"""ComfyUI nodes: one module per stage, each a thin layer over the engine."""
+
+from . import concepts, models
+
+_MODULES = [models, concepts]
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _m in _MODULES:
+    NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)

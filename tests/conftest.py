@@ -1,0 +1,35 @@
+"""Fixtures shared by the whole suite. Small random-weight models live in tests/tiny_models.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("UNCONFUSED_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UNCONFUSED_SHARED", REPO.parent / "shared"))
+DREAMBOOTH = SHARED / "datasets" / "dreambooth"
+
+
+@pytest.fixture(scope="session")
+def dreambooth_dir() -> Path:
+    """Real photos (../shared/datasets/dreambooth). CI clones the repo with shared/ beside it."""
+    assert DREAMBOOTH.is_dir(), f"the shared photos are missing: {DREAMBOOTH}"
+    return DREAMBOOTH
+
+
+@pytest.fixture(autouse=True)
+def _standalone_host(tmp_path):
+    """Every test starts with a clean host adapter whose folders live in its tmp dir."""
+    from unconfused.engine import host
+
+    host.reset_standalone()
+    host.configure(models_dir=tmp_path / "models", output_dir=tmp_path / "output", temp_dir=tmp_path / "temp")
+    (tmp_path / "temp").mkdir()
+    yield
+    host.reset_standalone()

@@ -1,0 +1,1 @@
+"""Training loops (CLIF text encoder, LoRA, mask EM) and the command line."""

@@ -1,0 +1,68 @@
+"""Command line: `python -m unconfused <command> ...` (the trainers add their commands here)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from ..engine import host
+from ..engine.errors import Cancelled, UnconfusedError
+
+
+def _concept_spec(text: str):
+    from .smoke import ConceptSpec
+
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("use FOLDER:TOKEN:CLASS, e.g. photos/alice:<alice>:woman")
+    return ConceptSpec(Path(parts[0]), parts[1], parts[2])
+
+
+def _smoke(args) -> int:
+    from . import smoke
+
+    specs = args.concept or [smoke.ConceptSpec(None, "<red-thing>", "ball"),
+                             smoke.ConceptSpec(None, "<blue-thing>", "box")]
+    report = smoke.run(Path(args.workdir), Path(args.ckpt) if args.ckpt else None, specs, args.resolution)
+    print(smoke.format_report(report))
+    print(f"report written to {Path(args.workdir) / 'report.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m unconfused", description="Unconfused: multi-concept "
+                                "personalization without concept confusion (headless commands)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("smoke", help="load a model, define concepts, take one training step (built-in defaults)")
+    s.add_argument("--workdir", default="unconfused-run", help="where models, outputs and report.json go")
+    s.add_argument("--ckpt", help="an SD 1.x/2.x checkpoint file or diffusers folder (default: the built-in "
+                                  "random demo model)")
+    s.add_argument("--concept", action="append", type=_concept_spec,
+                   help="FOLDER:TOKEN:CLASS, repeatable (default: two built-in synthetic concepts)")
+    s.add_argument("--resolution", type=int, default=64)
+    s.set_defaults(func=_smoke)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # Ctrl-C asks the job to stop at its next check; a second Ctrl-C kills it.
+    signal.signal(signal.SIGINT, lambda *_: (host.request_cancel(), signal.signal(signal.SIGINT,
+                                                                                   signal.default_int_handler)))
+    try:
+        return args.func(args)
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except UnconfusedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
