@@ -65,13 +65,28 @@ class ModelBundle:
         return DDPMScheduler(**self.scheduler_config, prediction_type=self.prediction_type)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelBundle":
-        for m in (self.unet, self.vae, self.text_encoder):
-            m.to(device=device, dtype=dtype)
+        """Move/cast this bundle's models. Converted weights are new tensors, never changed in
+        place: a clone shares its frozen weights with its source, which must stay as it was."""
+        prev = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            for m in (self.unet, self.vae, self.text_encoder):
+                torch.nn.Module.to(m, device=device, dtype=dtype)  # (diffusers' .to only adds a warning)
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(prev)
         return self
 
     def clone(self) -> "ModelBundle":
-        """A deep copy for a stage that changes weights (so upstream node outputs stay intact)."""
-        return copy.deepcopy(self)
+        """A copy for a stage that changes the model, so upstream node outputs stay intact.
+
+        The frozen base weights are shared (they are never written to); what a stage can
+        train - LoRA weights and concept token rows - is copied."""
+        memo = {}
+        for m in (self.unet, self.vae, self.text_encoder):
+            for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+                if "lora_" not in name and "new_rows" not in name:
+                    memo[id(t)] = t
+        return copy.deepcopy(self, memo)
 
     @property
     def base_hash(self) -> str:
@@ -88,7 +103,9 @@ class ModelBundle:
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """UNet conditioning [B, 77, D]: the text encoder's last hidden state (for SD2 the
         model already stops at the penultimate layer, with the final layer norm, as SD2 uses it)."""
-        ids = self.tokenize(prompts).to(self.text_encoder.device)
+        from .tokens import expand_prompt
+
+        ids = self.tokenize([expand_prompt(self, p) for p in prompts]).to(self.text_encoder.device)
         return self.text_encoder(ids)[0]
 
     def describe(self) -> str:

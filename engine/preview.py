@@ -54,3 +54,33 @@ def grid(images: list[Image.Image], captions: list[str] | None = None, *, cell: 
             for j, line in enumerate(lines):
                 draw.text((x + 4, y + cell + 3 + j * line_h), line, fill=(235, 235, 235), font=font)
     return sheet
+
+
+def line_chart(values: list[float], title: str = "loss", *, width: int = 512, height: int = 256,
+               smooth: int = 0) -> Image.Image:
+    """A plain line chart (raw values in grey, a moving average in colour) - the loss curve."""
+    img = Image.new("RGB", (width, height), (24, 24, 24))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((8, 4), title, fill=(235, 235, 235), font=font)
+    vals = [float(v) for v in values if v == v]
+    if len(vals) < 2:
+        draw.text((8, height // 2), "not enough points yet", fill=(160, 160, 160), font=font)
+        return img
+    smooth = smooth or max(1, len(vals) // 20)
+    avg = np.convolve(vals, np.ones(smooth) / smooth, mode="valid").tolist()
+    lo, hi = min(vals), max(vals)
+    hi = hi if hi > lo else lo + 1e-8
+    left, top, right, bottom = 48, 20, width - 8, height - 20
+
+    def xy(i: int, v: float, n: int) -> tuple[float, float]:
+        return left + (right - left) * i / max(n - 1, 1), bottom - (bottom - top) * (v - lo) / (hi - lo)
+
+    draw.rectangle([left, top, right, bottom], outline=(90, 90, 90))
+    draw.line([xy(i, v, len(vals)) for i, v in enumerate(vals)], fill=(110, 110, 110), width=1)
+    off = (len(vals) - len(avg)) / 2
+    draw.line([xy(i + off, v, len(vals)) for i, v in enumerate(avg)], fill=PALETTE[1], width=2)
+    draw.text((4, top), f"{hi:.3g}", fill=(200, 200, 200), font=font)
+    draw.text((4, bottom - 10), f"{lo:.3g}", fill=(200, 200, 200), font=font)
+    draw.text((left, bottom + 4), f"step 1 .. {len(vals)}", fill=(200, 200, 200), font=font)
+    return img

@@ -1,0 +1,98 @@
+"""Files that stock ComfyUI loads, written by every trainer through this one module.
+
+- LoRA in kohya form (`lora_unet_...`, `lora_te_...`, `.lora_down/.lora_up/.alpha`) for
+  LoraLoader, converted with diffusers' `convert_state_dict_to_kohya`.
+- Token embeddings (`clip_l` for SD1, `clip_h` for SD2) for `embedding:<name>` in prompts.
+- The text encoder with Hugging Face `text_model.*` keys for CLIPLoader.
+Training metadata goes into the safetensors header: base model hash, tokens, rank, steps -
+never paths or secrets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UnconfusedError
+from .files import atomic_save_safetensors, safe_name
+from .models import hf_text_keys
+
+EMBEDDING_KEY = {"sd1": "clip_l", "sd2": "clip_h"}
+_FORBIDDEN_META = ("path", "dir", "key", "secret", "token_env", "url")
+
+
+def clean_metadata(meta: dict) -> dict[str, str]:
+    """Header values as strings; refuses keys that could carry paths or secrets."""
+    out = {}
+    for k, v in meta.items():
+        if any(bad in k.lower() for bad in _FORBIDDEN_META) and k not in ("ss_tokens",):
+            raise ValueError(f"metadata key {k!r} could leak a path or secret")
+        out[k] = v if isinstance(v, str) else json.dumps(v)
+    return out
+
+
+def peft_state(module: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(module, adapter_name=adapter)
+
+
+def kohya_lora_state(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
+                     alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """The attached peft LoRA(s) in kohya naming, with `alpha` set to the adapters' lora_alpha."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    state: dict[str, torch.Tensor] = {}
+    if unet is not None and getattr(unet, "peft_config", None):
+        state.update({"unet." + k: v for k, v in peft_state(unet).items()})
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        te = peft_state(text_encoder)
+        state.update({"text_encoder." + k: v for k, v in hf_text_keys(te).items()})
+    if not state:
+        return {}
+    kohya = convert_state_dict_to_kohya(state)
+    out = {}
+    for k, v in kohya.items():
+        k = k.replace("lora_te1_", "lora_te_")  # SD1/SD2 have one text encoder: kohya's `lora_te_`
+        out[k] = v.detach().float().contiguous()
+    if alpha is not None:
+        for k in out:
+            if k.endswith(".alpha"):
+                out[k] = torch.tensor(float(alpha))
+    return out
+
+
+def save_lora(path: str | Path, unet, text_encoder=None, *, alpha: float, metadata: dict) -> Path:
+    state = kohya_lora_state(unet, text_encoder, alpha)
+    if not state:
+        raise UnconfusedError("there is no LoRA to save (nothing was trained)", input="lora")
+    return atomic_save_safetensors(path, state, clean_metadata(metadata))
+
+
+def save_embedding(path: str | Path, rows: torch.Tensor, family: str, *, metadata: dict) -> Path:
+    """An embedding file stock ComfyUI reads for `embedding:<file name>`."""
+    return atomic_save_safetensors(path, {EMBEDDING_KEY[family]: rows.detach().float().cpu()},
+                                   clean_metadata(metadata))
+
+
+def save_text_encoder(path: str | Path, text_encoder, *, metadata: dict) -> Path:
+    """The text encoder with Hugging Face keys (`text_model.*`), for CLIPLoader."""
+    from .tokens import ConceptEmbedding
+
+    state = {}
+    for k, v in text_encoder.state_dict().items():
+        if k.endswith("token_embedding.new_rows"):
+            continue
+        if k.endswith("token_embedding.base.weight"):  # concept rows appended, as one table
+            emb = text_encoder.get_input_embeddings()
+            v = emb.weight if isinstance(emb, ConceptEmbedding) else v
+            k = k.replace("token_embedding.base.weight", "token_embedding.weight")
+        state[k] = v
+    state = hf_text_keys(state)
+    return atomic_save_safetensors(path, state, clean_metadata(metadata))
+
+
+def export_name(name: str, *, node: str | None = None) -> str:
+    return safe_name(name, input="name", node=node)
