@@ -4,9 +4,10 @@ ComfyUI imports this folder as a package from custom_nodes/. Everything inside i
 relatively: ComfyUI has its own top-level `nodes` module.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+__version__ = "0.1.0"  # before the imports: the trainers write it into their files' metadata
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 WEB_DIRECTORY = "./web"
-__version__ = "0.1.0"
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -84,9 +84,11 @@ class ModelBundle:
         memo = {}
         for m in (self.unet, self.vae, self.text_encoder):
             for name, t in list(m.named_parameters()) + list(m.named_buffers()):
-                if "lora_" not in name and "new_rows" not in name:
+                # inference tensors (made under ComfyUI's inference_mode) are copied into normal ones
+                if "lora_" not in name and "new_rows" not in name and not t.is_inference():
                     memo[id(t)] = t
-        return copy.deepcopy(self, memo)
+        with torch.inference_mode(False):
+            return copy.deepcopy(self, memo)
 
     @property
     def base_hash(self) -> str:

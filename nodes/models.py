@@ -52,7 +52,8 @@ class UnconfusedLoadCheckpoint:
             path = host.find_model("checkpoints", ckpt_name, node=node, input="ckpt_name",
                                    what="Stable Diffusion 1.x/2.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors)")
         dtype = host.default_dtype(host.device("auto"), precision)
-        bundle = load_model(path, prediction=prediction, dtype=dtype, node=node)
+        with host.training_mode():  # normal tensors, not inference tensors: trainers backprop through them
+            bundle = load_model(path, prediction=prediction, dtype=dtype, node=node)
         info = bundle.describe()
         return {"ui": {"text": [info]}, "result": (bundle, info)}
 

@@ -234,3 +234,21 @@ def test_adamw8bit_without_bitsandbytes_says_what_to_do(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(UnconfusedError, match="input 'optimizer'.*bitsandbytes"):
         T._optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3}], "adamw8bit")
+
+
+def test_node_trains_under_comfyui_inference_mode():
+    """ComfyUI runs every node under torch.inference_mode() and its loader made the weights there."""
+    from unconfused import NODE_CLASS_MAPPINGS
+
+    node = NODE_CLASS_MAPPINGS["UnconfusedTrainLoRA"]()
+    with torch.inference_mode():
+        bundle = tiny_bundle()
+        assert next(bundle.unet.parameters()).is_inference()
+        out = node.train(bundle, concept_set(), name="node", steps=2, resolution=RES, rank=4, alpha=4.0,
+                         unet_lr=1e-4, token_lr=2e-4, masked_loss=True, seed=0, resume="restart",
+                         validation_prompts="<a> and <b>\n<b> alone", validation_steps=2)
+    model, validation, curve, info = out["result"]
+    assert model.added_tokens.keys() == {"<a>", "<b>"} and validation.shape == (2, RES, RES, 3)
+    assert curve.ndim == 4 and "embedding:node_a" in info
+    assert len(out["ui"]["images"]) == 3  # two validation images + the loss curve
+    assert (host.model_folders("loras")[0] / "node.safetensors").is_file()

@@ -32,6 +32,17 @@ def _smoke(args) -> int:
     return 0
 
 
+def _lora(args) -> int:
+    import json
+
+    from .jobs import run_lora
+
+    report = run_lora(args.config, args.set)
+    print(report.pop("info"))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unconfused", description="Unconfused: multi-concept "
                                 "personalization without concept confusion (headless commands)")
@@ -45,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FOLDER:TOKEN:CLASS, repeatable (default: two built-in synthetic concepts)")
     s.add_argument("--resolution", type=int, default=64)
     s.set_defaults(func=_smoke)
+    s = sub.add_parser("lora", help="train concept tokens + a shared UNet LoRA from a config file (JSON/TOML); "
+                                    "rerun the same command to resume")
+    s.add_argument("--config", required=True, help="the job: model, concepts or concept_set, [settings]")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set steps=20 (repeatable)")
+    s.set_defaults(func=_lora)
     return p
 
 

@@ -215,9 +215,10 @@ class LoraTrainer:
     """Set up once, then `run()`. Usable from Python, the CLI and the node."""
 
     def __init__(self, bundle, data: ConceptSet | list[Example], settings: LoraSettings, *,
-                 run_root: Path | None = None, node: str = NODE):
+                 run_root: Path | None = None, node: str = NODE, class_words: dict[str, str] | None = None):
         self.settings = settings.validated(node)
         self.node = node
+        self.class_words = dict(class_words or {})  # token -> class word, for datasets
         s = self.settings
         self.device = host.device(s.device)
         if s.precision == "auto":
@@ -246,17 +247,19 @@ class LoraTrainer:
             examples = examples_from_concept_set(data, s.captions, s.template, node=self.node)
         else:
             examples = list(data)
-            specs = [(t, "") for e in examples for t in e.tokens]
-            missing = [t for t, _ in specs if t not in bundle.added_tokens]
-            if missing:  # a dataset names its tokens; their class words come with the concept set
-                raise UnconfusedError(f"the dataset's tokens {sorted(set(missing))} are not in the model; connect "
-                                      "the model the dataset was built for", node=self.node, input="dataset")
+            # a dataset names its tokens; their class words come from the concept set (or the model has them)
+            specs = [(t, self.class_words.get(t, "")) for e in examples for t in e.tokens]
+            missing = sorted({t for t, c in specs if not c and t not in bundle.added_tokens})
+            if missing:
+                raise UnconfusedError(f"the dataset's tokens {missing} are neither in the model nor in the concept "
+                                      "set; connect the concept set the dataset was built from", node=self.node,
+                                      input="dataset")
         if not s.masked_loss:
             examples = [Example(e.image, e.caption, None, e.tokens) for e in examples]
         self.examples = examples
         add_concept_tokens(bundle, list(dict.fromkeys(specs)), s.vectors_per_token, node=self.node)
         self.tokens = list(dict.fromkeys(t for t, _ in specs))
-        self.class_words = {t: c for t, c in specs}
+        self.class_words.update({t: c for t, c in specs if c})
 
         bundle.to(self.device, self.weight_dtype)
         unet, vae, te = bundle.unet, bundle.vae, bundle.text_encoder

@@ -1,0 +1,110 @@
+"""Headless jobs from a config file (JSON or TOML): what the CLI's training commands run.
+
+A config names the model, the concepts and the trainer's settings:
+
+    model = "models/checkpoints/v1-5-pruned-emaonly.safetensors"   # omitted: the built-in demo model
+    concept_set = "output/unconfused/concept_sets/pets"           # a saved concept set folder, or:
+    concepts = ["photos/alice:<alice>:woman", "photos/rex:<rex>:dog"]
+    [settings]                                                      # the trainer's settings
+    steps = 800
+    name = "pets"
+
+Relative paths are read from the config file's folder. `workdir` (default: the config's folder)
+holds models/, output/ and temp/ as ComfyUI would.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+from ..engine import host
+from ..engine.concepts import Concept, ConceptSet, load_concept_set, load_images_from_folder, make_concept_set, \
+    validate_token
+from ..engine.errors import UnconfusedError
+
+KNOWN = {"model", "concept_set", "concepts", "settings", "workdir", "prediction", "precision"}
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None, *, node: str) -> tuple[dict, Path]:
+    path = Path(path)
+    if not path.is_file():
+        raise UnconfusedError(f"{path} does not exist", node=node, input="--config")
+    try:
+        text = path.read_text(encoding="utf-8")
+        config = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UnconfusedError(f"{path.name} is not valid {path.suffix[1:].upper() or 'JSON'}: {e}", node=node,
+                              input="--config") from e
+    unknown = sorted(set(config) - KNOWN)
+    if unknown:
+        raise UnconfusedError(f"unknown keys {unknown} in {path.name}; known: {sorted(KNOWN)}", node=node,
+                              input="--config")
+    settings = dict(config.get("settings", {}))
+    for item in overrides or []:  # --set steps=10 --set name=\"x\"
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UnconfusedError(f"'{item}' is not key=value", node=node, input="--set")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value
+    config["settings"] = settings
+    return config, path.parent.resolve()
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def prepare_job(config: dict, base: Path, *, node: str):
+    """Configure the host folders and return (model bundle, concept set)."""
+    from ..engine.demo_model import write_demo_diffusers_folder
+    from ..engine.models import load_model
+
+    workdir = _path(base, config.get("workdir", "."))
+    host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
+    (workdir / "temp").mkdir(parents=True, exist_ok=True)
+    if config.get("model"):
+        model_path = _path(base, config["model"])
+    else:
+        model_path = write_demo_diffusers_folder(workdir / "models" / "diffusers" / "unconfused-demo")
+    bundle = load_model(model_path, prediction=config.get("prediction", "auto"), node=node)
+    return bundle, concepts_from_config(config, base, node=node)
+
+
+def concepts_from_config(config: dict, base: Path, *, node: str) -> ConceptSet:
+    if config.get("concept_set"):
+        return load_concept_set(_path(base, config["concept_set"]), node=node)
+    specs = config.get("concepts")
+    if not specs:
+        from .smoke import synthetic_photos
+
+        return make_concept_set([Concept("<red-thing>", "ball", synthetic_photos(0)),
+                                 Concept("<blue-thing>", "box", synthetic_photos(1))], node=node)
+    concepts = []
+    for spec in specs:
+        if isinstance(spec, str):
+            parts = spec.split(":")
+            if len(parts) != 3:
+                raise UnconfusedError(f"'{spec}' is not FOLDER:TOKEN:CLASS", node=node, input="concepts")
+            spec = {"folder": parts[0], "token": parts[1], "class_word": parts[2]}
+        token = validate_token(spec["token"], node=node, input="concepts")
+        images, names, captions = load_images_from_folder(_path(base, spec["folder"]), node=node, input="concepts")
+        concepts.append(Concept(token=token, class_word=spec["class_word"], images=images, names=names,
+                                captions=captions))
+    return make_concept_set(concepts, node=node)
+
+
+def run_lora(config_path: str | Path, overrides: list[str] | None = None) -> dict:
+    from .lora import NODE, LoraSettings, train_lora
+
+    config, base = read_config(config_path, overrides, node="lora")
+    settings = LoraSettings.from_dict(config["settings"], node=NODE)
+    bundle, cs = prepare_job(config, base, node="lora")
+    result = train_lora(bundle, cs, settings)
+    return {"steps": len(result.losses), "resumed_from": result.resumed_from, "final_loss": result.losses[-1],
+            "run_dir": str(result.run_dir), "exports": {k: str(v) for k, v in result.exports.items()},
+            "info": result.info()}
