@@ -317,6 +317,9 @@ class LoraTrainer:
                                    self.generator),
                          checkpoint_every=s.checkpoint_every, keep_checkpoints=s.keep_checkpoints,
                          on_step=self._on_step)
+        self._ids: dict[str, torch.Tensor] = {}
+        te_trains = s.train_tokens or s.text_encoder_lora
+        self._cond: dict[str, torch.Tensor] | None = None if te_trains else {}
         self.validation: torch.Tensor | None = None
         self.validation_history: list[tuple[int, torch.Tensor]] = []
 
@@ -367,8 +370,7 @@ class LoraTrainer:
         autocast = (torch.autocast(self.device.type, dtype=self.weight_dtype)
                     if self.weight_dtype != torch.float32 else contextlib.nullcontext())
         with autocast:
-            ids = self.bundle.tokenize([self._expand(c) for c in captions]).to(self.device)
-            cond = self.bundle.text_encoder(ids)[0]
+            cond = self._encode(captions)
             pred = self.bundle.unet(noisy, t, cond.to(self.weight_dtype)).sample
         target = L.diffusion_target(self.scheduler, latents.float(), noise.float(), t, self.bundle.prediction_type)
         per_sample = L.masked_mse(pred, target, masks, s.mask_normalize)
@@ -377,10 +379,24 @@ class LoraTrainer:
                                                         self.bundle.prediction_type).to(per_sample)
         return per_sample.mean() * weight
 
-    def _expand(self, caption: str) -> str:
+    def _encode(self, captions: list[str]) -> torch.Tensor:
+        """Text conditioning. Token ids are made once per caption; when nothing in the text
+        encoder trains, its outputs are cached too (it is frozen and deterministic)."""
         from ..engine.tokens import expand_prompt
 
-        return expand_prompt(self.bundle, caption)
+        missing = [c for c in dict.fromkeys(captions) if c not in self._ids]
+        if missing:
+            ids = self.bundle.tokenize([expand_prompt(self.bundle, c) for c in missing])
+            self._ids.update(zip(missing, ids))
+        te = self.bundle.text_encoder
+        if self._cond is None:
+            return te(torch.stack([self._ids[c] for c in captions]).to(self.device))[0]
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cond]
+        if missing:
+            with torch.no_grad():
+                out = te(torch.stack([self._ids[c] for c in missing]).to(self.device))[0]
+            self._cond.update(zip(missing, out))
+        return torch.stack([self._cond[c] for c in captions])
 
     def step(self, step: int) -> float:
         s = self.settings

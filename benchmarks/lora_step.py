@@ -1,0 +1,183 @@
+"""LoRA trainer speed and memory against a reference loop written the way diffusers'
+examples/dreambooth/train_dreambooth_lora.py does it (peft LoRA on to_q/k/v/out, VAE encode +
+text encoder every step, plain MSE), on the same small UNet, batch and resolution.
+
+Each variant runs in its own process so peak memory (CUDA: max allocated; CPU: peak RSS) is
+its own. Prints a table; ratios, not absolute times, are the result.
+
+    .venv/bin/python benchmarks/lora_step.py [--steps 30] [--resolution 128] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# SD 1.5's UNet, VAE and text encoder at a quarter of their width (same depth, blocks and heads'
+# size), so the VAE / UNet / text-encoder cost shares are those of the real model
+UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[80, 160, 320, 320],
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=192,
+            attention_head_dim=8, norm_num_groups=16)
+VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+           up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 64, 128, 128], layers_per_block=2,
+           latent_channels=4, norm_num_groups=32, sample_size=128, scaling_factor=0.18215)
+TEXT = dict(vocab_size=49408, hidden_size=192, intermediate_size=768, num_hidden_layers=12, num_attention_heads=3,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=192, bos_token_id=0, eos_token_id=2,
+            pad_token_id=1)
+IMAGES = 8  # one "epoch"
+
+
+def bundle():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from unconfused.engine.models import bundle_from_parts
+
+    torch.manual_seed(0)
+    return bundle_from_parts(UNet2DConditionModel(**UNET), AutoencoderKL(**VAE),
+                             CLIPTextModel(CLIPTextConfig(**TEXT)), family="sd1", name="bench")
+
+
+def photos():
+    from unconfused.engine.concepts import Concept, make_concept_set
+    from unconfused.trainers.smoke import synthetic_photos
+
+    return make_concept_set([Concept("<a>", "dog", synthetic_photos(0, IMAGES // 2, 160)),
+                             Concept("<b>", "cat", synthetic_photos(1, IMAGES // 2, 160))])
+
+
+def reference(args, dev) -> list[float]:
+    """diffusers' dreambooth-LoRA training step, as that script writes it."""
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+
+    from unconfused.engine.training_data import examples_from_concept_set, fit_square
+
+    b = bundle()
+    unet, vae, te, tok = b.unet.to(dev), b.vae.to(dev), b.text_encoder.to(dev), b.tokenizer
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    sched = get_scheduler("constant", opt, num_warmup_steps=0, num_training_steps=args.steps)
+    noise_scheduler = b.noise_scheduler()
+    ex = examples_from_concept_set(photos())
+    pixels = torch.stack([fit_square(e.image.permute(2, 0, 1), args.resolution) * 2 - 1 for e in ex])
+    ids = tok([e.caption for e in ex], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
+    unet.train()
+    times = []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        idx = torch.randint(len(ex), (args.batch,))
+        px = pixels[idx].to(dev)
+        if torch.rand(()) < 0.5:
+            px = px.flip(-1)  # the script's RandomHorizontalFlip
+        model_input = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(model_input)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), device=dev)
+        noisy = noise_scheduler.add_noise(model_input, noise, t)
+        ehs = te(ids[idx].to(dev))[0]
+        pred = unet(noisy, t, ehs).sample
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ours(args, dev, cache: bool, tokens: bool) -> list[float]:
+    from unconfused.engine import host
+    from unconfused.trainers.lora import LoraSettings, LoraTrainer
+
+    tmp = Path(args.tmp)
+    host.configure(models_dir=tmp / "models", output_dir=tmp / "out", temp_dir=tmp / "temp")
+    s = LoraSettings(name=f"bench-{cache}-{tokens}", steps=args.steps, resolution=args.resolution,
+                     batch_size=args.batch, cache_latents=cache, train_tokens=tokens, masked_loss=False,
+                     resume="restart", export=False, checkpoint_every=0, device=str(dev), precision="fp32")
+    tr = LoraTrainer(bundle(), photos(), s)
+    times = []
+    with host.training_mode():
+        for step in range(args.steps):
+            t0 = time.perf_counter()
+            tr.step(step)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def child(args) -> None:
+    from unconfused.engine import host
+
+    dev = host.device(args.device)
+    torch.manual_seed(0)
+    if args.variant == "reference":
+        times = reference(args, dev)
+    else:
+        times = ours(args, dev, cache=args.variant.startswith("ours-cached"), tokens=args.variant.endswith("tokens"))
+    warm = times[min(3, len(times) - 1):]
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"step_ms": 1000 * statistics.median(warm), "peak_mb": peak}))
+
+
+VARIANTS = {
+    "reference": "reference loop (VAE + text encoder every step)",
+    "ours-uncached": "ours, same work (VAE every step, no token training)",
+    "ours-cached": "ours, cached latents (no token training)",
+    "ours-cached-tokens": "ours, cached latents + token rows training (default)",
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--variant")
+    p.add_argument("--tmp", default="/tmp/unconfused-bench")
+    args = p.parse_args()
+    if args.variant:
+        return child(args)
+    rows = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", v, "--steps", str(args.steps), "--resolution",
+               str(args.resolution), "--batch", str(args.batch), "--device", args.device, "--tmp", args.tmp]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        rows[v] = json.loads(out)
+    ref = rows["reference"]
+    steps_per_epoch = IMAGES / args.batch
+    print(f"LoRA step benchmark: batch {args.batch}, {args.resolution}px, {args.steps} steps, device {args.device}, "
+          f"epoch = {IMAGES} images")
+    print(f"| variant | ms/step | x reference step | s/epoch | epoch speed-up | peak MB |")
+    print(f"|---|---|---|---|---|---|")
+    for v, r in rows.items():
+        print(f"| {VARIANTS[v]} | {r['step_ms']:.1f} | {r['step_ms'] / ref['step_ms']:.2f} | "
+              f"{r['step_ms'] * steps_per_epoch / 1000:.2f} | {ref['step_ms'] / r['step_ms']:.2f}x | "
+              f"{r['peak_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
