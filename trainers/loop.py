@@ -78,6 +78,7 @@ class Loop:
     losses: list[float] = field(default_factory=list)
     start_step: int = 0
     on_step: Callable[[int, float], None] | None = None  # e.g. validation images every N steps
+    is_main: bool = True  # with several processes (torchrun) only the main one writes checkpoints
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -89,7 +90,9 @@ class Loop:
         found = [(int(m.group(1)), p) for p in self.run_dir.glob("step_*.pt") if (m := CKPT_RE.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int) -> Path | None:
+        if not self.is_main:
+            return None
         payload = {
             "step": step, "config_hash": config_hash(self.config), "losses": list(self.losses),
             "trainables": {k: v.detach().cpu().clone() for k, v in self.state.get_trainables().items()},

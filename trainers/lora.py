@@ -29,6 +29,7 @@ from ..engine.files import atomic_save_image, safe_name
 from ..engine.preview import grid, line_chart
 from ..engine.tokens import add_concept_tokens, concept_embedding, token_rows
 from ..engine.training_data import DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
+from .distributed import device_for, world
 from .loop import Loop, LoopState, seed_everything
 
 log = logging.getLogger("unconfused")
@@ -220,7 +221,8 @@ class LoraTrainer:
         self.node = node
         self.class_words = dict(class_words or {})  # token -> class word, for datasets
         s = self.settings
-        self.device = host.device(s.device)
+        self.world = world()
+        self.device = device_for(self.world, host.device(s.device))
         if s.precision == "auto":
             self.weight_dtype = host.default_dtype(self.device)
         else:
@@ -316,7 +318,7 @@ class LoraTrainer:
                          LoopState(self._get_trainables, self._set_trainables, self.optimizer, self.lr_scheduler,
                                    self.generator),
                          checkpoint_every=s.checkpoint_every, keep_checkpoints=s.keep_checkpoints,
-                         on_step=self._on_step)
+                         on_step=self._on_step, is_main=self.world.is_main)
         self._ids: dict[str, torch.Tensor] = {}
         te_trains = s.train_tokens or s.text_encoder_lora
         self._cond: dict[str, torch.Tensor] | None = None if te_trains else {}
@@ -338,9 +340,10 @@ class LoraTrainer:
     # ------------------------------------------------------------ one step
     def _batch(self, data, n: int):
         """n examples drawn with the run's generator: latents [n,4,h,w], masks or None, captions."""
-        g = self.generator
-        idx = torch.randint(len(data), (n,), generator=g)
-        flip = (torch.rand(n, generator=g) < 0.5) if self.settings.flip else torch.zeros(n, dtype=torch.bool)
+        g, w = self.generator, self.world
+        idx = w.mine(torch.randint(len(data), (n * w.size,), generator=g), n)
+        flip = w.mine(torch.rand(n * w.size, generator=g) < 0.5, n) if self.settings.flip else \
+            torch.zeros(n, dtype=torch.bool)
         captions = [data.captions[i] for i in idx.tolist()]
         if data.latents is not None:
             lat = torch.stack([data.latents_flipped[i] if f else data.latents[i] for i, f in zip(idx.tolist(), flip)])
@@ -350,7 +353,7 @@ class LoraTrainer:
             vae = self.bundle.vae
             with torch.no_grad():
                 dist = vae.encode(px.to(self.device, self.weight_dtype)).latent_dist
-                noise = torch.randn(dist.mean.shape, generator=g).to(dist.mean)
+                noise = w.mine(torch.randn((n * w.size, *dist.mean.shape[1:]), generator=g), n).to(dist.mean)
                 lat = (dist.mean + dist.std * noise) * vae.config.scaling_factor
         masks = None
         if data.masks is not None and bool(data.has_mask[idx].any()):
@@ -359,13 +362,14 @@ class LoraTrainer:
         return lat, masks, captions
 
     def _loss(self, latents, masks, captions, weight: float) -> torch.Tensor:
-        s, g = self.settings, self.generator
+        s, g, w = self.settings, self.generator, self.world
         b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=g)
+        noise = w.mine(torch.randn((b * w.size, *latents.shape[1:]), generator=g), b)
         if s.noise_offset:
-            noise = noise + s.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=g)
+            noise = noise + s.noise_offset * w.mine(torch.randn((b * w.size, latents.shape[1], 1, 1), generator=g), b)
         noise = noise.to(latents)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g).to(self.device)
+        t = w.mine(torch.randint(0, self.scheduler.config.num_train_timesteps, (b * w.size,), generator=g), b)
+        t = t.to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         autocast = (torch.autocast(self.device.type, dtype=self.weight_dtype)
                     if self.weight_dtype != torch.float32 else contextlib.nullcontext())
@@ -411,6 +415,10 @@ class LoraTrainer:
             (loss / s.gradient_accumulation).backward()
             total += float(loss.detach()) / s.gradient_accumulation
         params = [p for p in self.trainable.values() if p.grad is not None]
+        if self.world.size > 1:  # every rank holds the same weights: average the gradients and the loss
+            loss_t = torch.tensor([total], device=self.device)
+            self.world.mean_([p.grad for p in params] + [loss_t])
+            total = float(loss_t)
         if s.max_grad_norm and params:
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         self.optimizer.step()
@@ -421,7 +429,8 @@ class LoraTrainer:
     # ------------------------------------------------------------ validation
     def _on_step(self, step: int, loss: float) -> None:
         s = self.settings
-        if s.validation_prompts and s.validation_every and step % s.validation_every == 0 and step < s.steps:
+        if (s.validation_prompts and s.validation_every and step % s.validation_every == 0 and step < s.steps
+                and self.world.is_main):
             self.validate(step)
 
     def validate(self, step: int) -> torch.Tensor:
@@ -456,14 +465,16 @@ class LoraTrainer:
                 self.loop.save_checkpoint(s.steps)  # a rerun of a finished run returns at once
             for p in self.trainable.values():
                 p.requires_grad_(False)
-            if s.validation_prompts:
+            if s.validation_prompts and self.world.is_main:
                 self.validate(s.steps)
         curve = line_chart(self.loop.losses, f"{self.node} loss ({s.name})")
-        atomic_save_image(self.run_dir / "loss.png", curve)
+        if self.world.is_main:
+            atomic_save_image(self.run_dir / "loss.png", curve)
         result = LoraResult(self.bundle, list(self.loop.losses), self.run_dir, validation=self.validation,
                             loss_curve=curve, resumed_from=start)
-        if s.export:
+        if s.export and self.world.is_main:
             result.exports = self.export()
+        self.world.barrier()
         self.bundle.to("cpu")
         host.empty_cache()
         return result
