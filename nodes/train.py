@@ -49,8 +49,8 @@ class UnconfusedTrainLoRA:
                                       "checkpoint when the settings match; restart: start over"}),
             },
             "optional": {
-                "dataset": (DATASET, {"tooltip": "An augmented dataset (CLIF Mix augmentations) to train on "
-                                                 "instead of the plain photos"}),
+                "dataset": (DATASET, {"tooltip": "CLIF's augmented dataset: its Mix pairs (two concepts side "
+                                                 "by side) are trained on together with the photos"}),
                 "validation_prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One prompt per "
                                                   "line, using the tokens, e.g. <alice> hugging <my-dog>"}),
                 "validation_every": _int(_D.validation_every, 0, 100000, "Validation images every N steps "
@@ -101,8 +101,11 @@ class UnconfusedTrainLoRA:
     def train(self, model, concept_set, dataset=None, validation_prompts: str = "", **kw):
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
         settings = T.LoraSettings(**kw, validation_prompts=prompts)
-        if dataset is not None:  # CLIF's augmented dataset; the concept set gives the class words
-            data = dataset.examples if hasattr(dataset, "examples") else dataset
+        if dataset is not None:  # CLIF stage 2: the concept photos plus the dataset's Mix pairs
+            from ..engine.training_data import examples_from_concept_set
+
+            data = examples_from_concept_set(concept_set, settings.captions, settings.template, node=self.NODE_ID)
+            data += list(dataset.examples(("mix",)))
         else:
             data = concept_set
         result = T.train_lora(model, data, settings,
