@@ -11,7 +11,6 @@ its own. Prints a table; ratios, not absolute times, are the result.
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import resource
 import statistics
