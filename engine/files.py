@@ -23,9 +23,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._\- ]+")
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it to `path` if the block succeeds."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if not tmp.exists():
             raise UnconfusedError(f"nothing was written to {final}")

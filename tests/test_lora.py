@@ -252,3 +252,32 @@ def test_node_trains_under_comfyui_inference_mode():
     assert curve.ndim == 4 and "embedding:node_a" in info
     assert len(out["ui"]["images"]) == 3  # two validation images + the loss curve
     assert (host.model_folders("loras")[0] / "node.safetensors").is_file()
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "output-is-a-file"
+    blocker.write_text("not a folder")
+    host.configure(output_dir=blocker)
+    with pytest.raises(UnconfusedError, match=r"input 'name'.*writable"):
+        LoraTrainer(tiny_bundle(), concept_set(), settings(name="ro"))
+
+
+def test_disk_full_during_export_loses_nothing_and_a_rerun_finishes(monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    s = settings(name="full-disk", steps=2, export=True)
+    with pytest.raises(UnconfusedError, match="No space left on device.*disk is not full"):
+        train_lora(tiny_bundle(), concept_set(), s)
+    loras = host.model_folders("loras")[0]
+    assert loras.is_dir() and not list(loras.iterdir())  # no half-written file, no temp file
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    again = train_lora(tiny_bundle(), concept_set(), settings(name="full-disk", steps=2, export=True, resume="auto"))
+    assert again.resumed_from == 2 and again.exports["lora"].is_file()  # the trained steps were kept

@@ -82,7 +82,12 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UnconfusedError(f"cannot create the run folder {self.run_dir} ({e.strerror or e}); check that the "
+                                  "output folder is writable and the disk is not full", node=self.name,
+                                  input="name") from e
         self._limiter = host.RateLimiter(0.25)
 
     # -------------------------------------------------------------- checkpoints
