@@ -1,0 +1,274 @@
+"""CLIF augmentation nodes: the builder (G-Aug, R-Aug, M-Aug into a dataset folder), a loader for
+a dataset folder, and a preview of a dataset's pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..engine import augment as A
+from ..engine import host
+from ..engine.common_concepts import default_common_text, parse_list, REGION_VOCABULARY
+from ..engine.concepts import pil_to_tensor
+from ..engine.dataset import Dataset
+from ..engine.errors import UnconfusedError
+from ..engine.files import safe_name
+from .common import CATEGORY, CLIP_MODEL, CONCEPT_SET, DATASET, MODEL_BUNDLE, SAM_MODEL, with_preview
+
+DATASETS_SUBFOLDER = "unconfused/datasets"
+KIND_CHOICES = ["all", "global", "region", "mix"]
+_S = A.AugmentSettings()
+_B = A.BankSpec()
+
+
+def _int(default, lo, hi, tip, step=1):
+    return ("INT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tip})
+
+
+def _float(default, lo, hi, step, tip):
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False, "tooltip": tip})
+
+
+def dataset_folder(name: str, *, node: str, input: str = "name") -> Path:
+    """A dataset's folder: a bare name is under output/unconfused/datasets; an absolute path is used as is."""
+    if not (name or "").strip():
+        raise UnconfusedError("give the dataset a name", node=node, input=input)
+    path = Path(name.strip()).expanduser()
+    if path.is_absolute():
+        return path
+    return host.output_dir() / DATASETS_SUBFOLDER / safe_name(name, input=input, node=node)
+
+
+def region_tools(sam_model, clip_model, *, node: str):
+    """The R-Aug region proposer (SAM automatic mode) and labeller (CLIP zero-shot) from the
+    mask stage's engine modules."""
+    try:
+        from ..engine import clip_scoring, sam
+    except ImportError as e:
+        raise UnconfusedError("R-Aug needs the SAM and CLIP modules of the masks stage, which this install does "
+                              "not have; set region_pairs to 0", node=node, input="region_pairs") from e
+    propose = getattr(sam, "propose_regions", None) or getattr(sam, "automatic_masks", None)
+    label = getattr(clip_scoring, "label_regions", None) or getattr(clip_scoring, "zero_shot_labels", None)
+    if propose is None or label is None:
+        raise UnconfusedError("this install's masks stage has no automatic region proposal / region labelling; "
+                              "set region_pairs to 0", node=node, input="region_pairs")
+
+    def proposer(rgb, mask):
+        return propose(sam_model, rgb, mask)
+
+    def labeller(crops, vocabulary):
+        return label(clip_model, crops, vocabulary)
+
+    return proposer, labeller
+
+
+class UnconfusedAugmentBuilder:
+    """CLIF's augmented dataset: many image-text pairs made from each concept's cut-outs."""
+
+    NODE_ID = A.NODE
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "concept_set": (CONCEPT_SET, {"tooltip": "Concepts with masks (from the SAM segment node, or your "
+                                                         "own): the masks give the cut-outs"}),
+                "name": ("STRING", {"default": "clif", "tooltip": "Dataset folder under output/unconfused/datasets. "
+                                    "Same name + same settings = resume"}),
+                "seed": _int(0, 0, 2**31 - 1, "Every pair is made from (seed, kind, index)"),
+                "global_pairs": _int(_S.global_pairs, 0, 1_000_000, "G-Aug pairs: a concept with common concepts "
+                                     "(paper: about 40,000)"),
+                "region_pairs": _int(_S.region_pairs, 0, 1_000_000, "R-Aug pairs: a concept's labelled parts "
+                                     "(paper: about 10,000); needs sam_model and clip_model"),
+                "mix_per_pair": _int(_S.mix_per_pair, 0, 10_000, "M-Aug pairs per pair of concepts (two concepts "
+                                     "side by side; paper: 612 for 18 concepts = 4 per pair)"),
+                "canvas": _int(_S.canvas, 64, 2048, "Pair image size (square)", step=8),
+                "resume": (["auto", "restart"], {"default": "auto", "tooltip": "auto: finish or reuse the dataset "
+                                                  "of this name; restart: make it again"}),
+            },
+            "optional": {
+                "model": (MODEL_BUNDLE, {"tooltip": "The base model: generates the common-concept bank (cached; "
+                                                    "a rerun makes only what is missing)"}),
+                "bank_folder": ("STRING", {"default": "", "tooltip": "Instead of generating: a folder of common-"
+                                           "concept images (one subfolder per concept, or files named after it); "
+                                           "relative paths are under ComfyUI's input folder"}),
+                "common_concepts": ("STRING", {"multiline": True, "default": default_common_text(),
+                                               "tooltip": "Common concepts for the bank, one per line, with their "
+                                                          "article ('a policeman')"}),
+                "images_per_common": _int(_B.per_concept, 1, 100, "Bank images per common concept (paper: 20)"),
+                "bank_steps": _int(_B.steps, 1, 150, "Sampling steps of the bank images"),
+                "bank_cfg": _float(_B.cfg, 0.0, 30.0, 0.5, "Guidance scale of the bank images"),
+                "bank_size": _int(_B.size, 64, 2048, "Bank image size (512 for SD1, 768 for SD2-v)", step=8),
+                "bank_matte": (A.MATTES, {"default": A.MATTES[0], "tooltip": "How bank images are cut out: their "
+                               "plain background is removed, or the whole image is used"}),
+                "sam_model": (SAM_MODEL, {"tooltip": "For R-Aug: over-segments each cut-out (automatic mode)"}),
+                "clip_model": (CLIP_MODEL, {"tooltip": "For R-Aug: labels each region with a vocabulary word"}),
+                "vocabulary": ("STRING", {"multiline": True, "default": "", "tooltip": "Your words for the "
+                                          "concepts' parts (e.g. from the SID captioner), comma or line separated"}),
+                "use_default_vocabulary": ("BOOLEAN", {"default": True, "tooltip": "Also the built-in parts list "
+                                           "(hair, hat, necklace, ...)"}),
+                "min_common": _int(_S.min_common, 0, 8, "G-Aug: fewest common concepts next to the concept"),
+                "max_common": _int(_S.max_common, 0, 8, "G-Aug: most common concepts next to the concept"),
+                "region_common": _int(_S.region_common, 0, 8, "R-Aug: most common concepts in a pair"),
+                "regions_per_pair": _int(_S.regions_per_pair, 1, 8, "R-Aug: most parts of the concept in a pair"),
+                "min_scale": _float(_S.min_scale, 0.05, 1.0, 0.05, "Smallest element height (fraction of canvas)"),
+                "max_scale": _float(_S.max_scale, 0.05, 1.0, 0.05, "Largest element height (fraction of canvas)"),
+                "min_area": _float(_S.min_area, 0.0, 1.0, 0.01, "A usable cut-out covers at least this fraction "
+                                   "of its photo (the paper: 10%)"),
+                "min_regions": _int(_S.min_regions, 1, 50, "R-Aug: wanted parts per concept (a note if fewer)"),
+                "max_regions": _int(_S.max_regions, 1, 50, "R-Aug: most parts kept per concept"),
+                "with_class_word": ("BOOLEAN", {"default": _S.with_class_word, "tooltip": "Captions say "
+                                    "'<alice> woman' instead of '<alice>'"}),
+                "flip": ("BOOLEAN", {"default": _S.flip, "tooltip": "Random horizontal flips of the elements"}),
+                "templates": ("STRING", {"multiline": True, "default": "\n".join(A.DEFAULT_TEMPLATES),
+                                         "tooltip": "Caption templates, one per line; {} is where the names go"}),
+                "preview_count": _int(8, 0, 64, "Pairs shown in the preview"),
+                "device": (["auto", "cuda", "cpu", "mps"], {"default": "auto", "tooltip": "Where the bank is "
+                                                            "generated"}),
+            },
+        }
+
+    RETURN_TYPES = (DATASET, "STRING", "IMAGE")
+    RETURN_NAMES = ("dataset", "info", "preview")
+    FUNCTION = "build"
+    CATEGORY = f"{CATEGORY}/augment"
+    OUTPUT_NODE = True
+
+    def build(self, concept_set, name, seed, global_pairs, region_pairs, mix_per_pair, canvas, resume="auto",
+              model=None, bank_folder="", common_concepts=None, images_per_common=_B.per_concept,
+              bank_steps=_B.steps, bank_cfg=_B.cfg, bank_size=_B.size, bank_matte=A.MATTES[0], sam_model=None,
+              clip_model=None, vocabulary="", use_default_vocabulary=True, templates=None, preview_count=8,
+              device="auto", **kw):
+        node = self.NODE_ID
+        words = (list(REGION_VOCABULARY) if use_default_vocabulary else []) + parse_list(vocabulary)
+        words = list(dict.fromkeys(words))
+        temps = [t.strip() for t in (templates.splitlines() if templates is not None else A.DEFAULT_TEMPLATES)
+                 if t.strip()]
+        settings = A.AugmentSettings(seed=seed, canvas=canvas, global_pairs=global_pairs, region_pairs=region_pairs,
+                                     mix_per_pair=mix_per_pair, templates=temps, vocabulary=words, **kw)
+        settings.check(len(concept_set.concepts), node)
+        counts = settings.counts(len(concept_set.concepts))
+        needs_bank = counts["global"] > 0 or (counts["region"] > 0 and settings.region_common > 0)
+        bank = None
+        if needs_bank:
+            if (bank_folder or "").strip():
+                path = Path(bank_folder.strip()).expanduser()
+                bank = A.bank_from_folder(path if path.is_absolute() else host.input_dir() / path, matte=bank_matte,
+                                          max_side=canvas, node=node)
+            elif model is not None:
+                phrases = parse_list(common_concepts if common_concepts is not None else default_common_text())
+                spec = A.BankSpec(phrases=phrases, per_concept=images_per_common, seed=seed, steps=bank_steps,
+                                  cfg=bank_cfg, size=bank_size)
+                bank = A.generate_bank(model, spec, matte=bank_matte, max_side=canvas, device=host.device(device),
+                                       node=node)
+            else:
+                raise UnconfusedError("G-Aug needs common concepts: connect the model (the bank is generated with "
+                                      "it) or give bank_folder; or set global_pairs to 0", node=node, input="model")
+        proposer = labeller = None
+        if counts["region"] > 0:
+            if sam_model is None or clip_model is None:
+                missing = "sam_model" if sam_model is None else "clip_model"
+                raise UnconfusedError(f"R-Aug needs {missing}: connect the SAM and CLIP model loaders "
+                                      "(Unconfused/masks), or set region_pairs to 0", node=node, input=missing)
+            proposer, labeller = region_tools(sam_model, clip_model, node=node)
+        folder = dataset_folder(name, node=node)
+        result = A.build_dataset(concept_set, folder, settings, bank=bank, proposer=proposer, labeller=labeller,
+                                 resume=(resume == "auto"), node=node)
+        ds = Dataset(folder, node=node)
+        info = result.info() + ("\nbank: " + bank.describe() if bank is not None else "")
+        images = []
+        if preview_count > 0:
+            images = [A.preview(ds, count=preview_count, seed=seed)]
+        preview = pil_to_tensor(images[0])[None] if images else _blank()
+        out = with_preview((ds, info, preview), images, "unconfused_augment")
+        out["ui"]["text"] = [info]
+        return out
+
+
+def _blank():
+    import torch
+
+    return torch.zeros(1, 64, 64, 3)
+
+
+class UnconfusedLoadDataset:
+    """An augmented dataset folder made earlier (by the builder, or copied from another machine)."""
+
+    NODE_ID = "UnconfusedLoadDataset"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "name": ("STRING", {"default": "clif", "tooltip": "A dataset under output/unconfused/datasets, or an "
+                                "absolute folder path"}),
+            "allow_incomplete": ("BOOLEAN", {"default": False, "tooltip": "Use a dataset whose build was cut off "
+                                             "(its pairs are all usable, but fewer than asked for)"}),
+        }}
+
+    RETURN_TYPES = (DATASET, "STRING")
+    RETURN_NAMES = ("dataset", "info")
+    FUNCTION = "load"
+    CATEGORY = f"{CATEGORY}/augment"
+
+    @classmethod
+    def IS_CHANGED(cls, name, allow_incomplete=False):
+        try:
+            folder = dataset_folder(name, node=cls.NODE_ID)
+            return f"{(folder / 'manifest.json').stat().st_mtime_ns}:{(folder / 'records.jsonl').stat().st_size}"
+        except (OSError, UnconfusedError):
+            return float("nan")
+
+    def load(self, name, allow_incomplete=False):
+        node = self.NODE_ID
+        folder = dataset_folder(name, node=node)
+        if not (folder / "manifest.json").is_file():
+            raise UnconfusedError(f"there is no dataset {folder}; build one with the CLIF Augmentation Builder "
+                                  "(or give the folder's full path)", node=node, input="name")
+        ds = Dataset(folder, node=node, input="name")
+        if not ds.complete and not allow_incomplete:
+            raise UnconfusedError(f"{ds.describe()}: run the builder again with the same settings to finish it, or "
+                                  "turn on allow_incomplete", node=node, input="name")
+        return (ds, ds.describe())
+
+
+class UnconfusedDatasetPreview:
+    """A sample grid of a dataset's pairs with their captions (and masks tinted)."""
+
+    NODE_ID = "UnconfusedDatasetPreview"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": (DATASET,),
+            "count": _int(12, 1, 64, "Pairs to show"),
+            "kind": (KIND_CHOICES, {"default": "all", "tooltip": "global = G-Aug, region = R-Aug, mix = M-Aug"}),
+            "seed": _int(0, 0, 2**31 - 1, "Which pairs are picked"),
+            "show_masks": ("BOOLEAN", {"default": True, "tooltip": "Tint each element's mask"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("grid",)
+    FUNCTION = "show"
+    CATEGORY = f"{CATEGORY}/augment"
+    OUTPUT_NODE = True
+
+    def show(self, dataset, count=12, kind="all", seed=0, show_masks=True):
+        kinds = () if kind == "all" else (kind,)
+        try:
+            sheet = A.preview(dataset, count=count, kinds=kinds, seed=seed, masks=show_masks)
+        except UnconfusedError as e:
+            raise UnconfusedError(str(e).split(": ", 1)[-1], node=self.NODE_ID, input="kind") from e
+        out = with_preview((pil_to_tensor(sheet)[None],), [sheet], "unconfused_dataset")
+        out["ui"]["text"] = [dataset.describe()]
+        return out
+
+
+NODE_CLASS_MAPPINGS = {
+    UnconfusedAugmentBuilder.NODE_ID: UnconfusedAugmentBuilder,
+    UnconfusedLoadDataset.NODE_ID: UnconfusedLoadDataset,
+    UnconfusedDatasetPreview.NODE_ID: UnconfusedDatasetPreview,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    UnconfusedAugmentBuilder.NODE_ID: "CLIF Augmentation Builder (Unconfused)",
+    UnconfusedLoadDataset.NODE_ID: "Load Augmented Dataset (Unconfused)",
+    UnconfusedDatasetPreview.NODE_ID: "Preview Augmented Dataset (Unconfused)",
+}
