@@ -129,6 +129,16 @@ def concept_cutouts(concept_set: ConceptSet, *, min_area: float, max_side: int, 
     return out
 
 
+def cutout_notes(concept_set: ConceptSet, cutouts: dict[str, list]) -> list[str]:
+    notes = []
+    for c in concept_set.concepts:
+        n = len(cutouts.get(c.token, []))
+        if n < len(c.images):
+            notes.append(f"{c.token}: {len(c.images) - n} of {len(c.images)} photos have no usable cut-out (mask under "
+                         "min_area) and are not used")
+    return notes
+
+
 # ------------------------------------------------------------------ plain-background matte
 def matte_plain_background(image: np.ndarray, *, border: float = 0.04, tolerance: int = 28
                            ) -> np.ndarray | None:
@@ -203,21 +213,24 @@ class Bank:
             return None
         return self.cache_dir / "mattes" / f"{item.key}.png"
 
-    def _mask(self, item: BankItem, rgb: np.ndarray) -> np.ndarray | None:
+    def _mask(self, item: BankItem, rgb: np.ndarray | None = None) -> np.ndarray | None:
+        """The item's cut-out mask (`rgb` is read when needed and not given)."""
         if item.mask is not None:
             with Image.open(item.mask) as m:
                 m = m.convert("L")
-                if m.size != (rgb.shape[1], rgb.shape[0]):
-                    m = m.resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.NEAREST)
+                size = (rgb.shape[1], rgb.shape[0]) if rgb is not None else _image_size(item.image)
+                if m.size != size:
+                    m = m.resize(size, Image.Resampling.NEAREST)
                 return np.asarray(m) >= 128
         if self.matte == "whole image":
-            return np.ones(rgb.shape[:2], dtype=bool)
+            w, h = _image_size(item.image) if rgb is None else (rgb.shape[1], rgb.shape[0])
+            return np.ones((h, w), dtype=bool)
         cached = self._mask_path(item)
         if cached is not None and cached.is_file():
             with Image.open(cached) as m:
                 arr = np.asarray(m.convert("L"))
             return None if arr.max() == 0 and arr.shape == (1, 1) else arr >= 128
-        fg = matte_plain_background(rgb)
+        fg = matte_plain_background(rgb if rgb is not None else self._read(item))
         if cached is not None:  # remember the result, including "no plain background" (a 1x1 black file)
             atomic_save_image(cached, Image.fromarray((fg * 255).astype(np.uint8)) if fg is not None
                               else Image.new("L", (1, 1), 0), compress_level=1)
@@ -238,8 +251,14 @@ class Bank:
         kept = []
         try:
             for it in self.items:
-                rgb = self._read(it)
-                if self._mask(it, rgb) is not None:
+                try:
+                    ok = self._mask(it) is not None
+                except UnconfusedError:
+                    raise
+                except Exception as e:  # PIL raises many types for damaged files
+                    raise UnconfusedError(f"cannot read the bank image {it.image} or its mask: {e}", node=self.node,
+                                          input=self.input) from e
+                if ok:
                     kept.append(it)
                 else:
                     self.skipped.append(str(it.image))
@@ -275,6 +294,11 @@ class Bank:
         if self.skipped:
             s += f"; {len(self.skipped)} skipped (no plain background)"
         return s
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
 
 
 def _label_from_stem(stem: str) -> str:
@@ -763,7 +787,7 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
     recorded.update(extra_settings or {})
     writer = DatasetWriter(folder, seed=settings.seed, settings=recorded, concepts=concept_manifest(concept_set),
                            resume=resume, node=node)
-    notes: list[str] = []
+    notes: list[str] = cutout_notes(concept_set, cutouts)
     complete = False
     try:
         regions = None
@@ -802,7 +826,11 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
             bar.close()
         complete = True
     finally:
-        writer.close(complete=complete)
+        try:
+            writer.close(complete=complete)
+        except Exception:  # e.g. the disk is full: keep the first error; the manifest already says incomplete
+            if complete:
+                raise
     if bank is not None and bank.skipped:
         notes.append(f"{len(bank.skipped)} common-concept images had no plain background and were not used")
     if len(writer) != sum(counts.values()):
