@@ -38,27 +38,46 @@ def dataset_folder(name: str, *, node: str, input: str = "name") -> Path:
     return host.output_dir() / DATASETS_SUBFOLDER / safe_name(name, input=input, node=node)
 
 
-def region_tools(sam_model, clip_model, *, node: str):
-    """The R-Aug region proposer (SAM automatic mode) and labeller (CLIP zero-shot) from the
-    mask stage's engine modules."""
-    try:
-        from ..engine import clip_scoring, sam
-    except ImportError as e:
-        raise UnconfusedError("R-Aug needs the SAM and CLIP modules of the masks stage, which this install does "
-                              "not have; set region_pairs to 0", node=node, input="region_pairs") from e
-    propose = getattr(sam, "propose_regions", None) or getattr(sam, "automatic_masks", None)
-    label = getattr(clip_scoring, "label_regions", None) or getattr(clip_scoring, "zero_shot_labels", None)
-    if propose is None or label is None:
-        raise UnconfusedError("this install's masks stage has no automatic region proposal / region labelling; "
-                              "set region_pairs to 0", node=node, input="region_pairs")
+# Names the masks stage may give its automatic-mode proposal and its zero-shot labelling: a method
+# of the loaded model (the socket value) or a function of engine/sam.py / engine/clip_scoring.py.
+PROPOSE_NAMES = ("propose_regions", "automatic_masks", "generate_regions", "over_segment")
+LABEL_NAMES = ("label_regions", "zero_shot_labels", "label_crops", "classify")
 
-    def proposer(rgb, mask):
-        return propose(sam_model, rgb, mask)
+
+def _find(model, module_name: str, names: tuple[str, ...]):
+    for n in names:
+        fn = getattr(model, n, None)
+        if callable(fn):
+            return lambda *a, _fn=fn: _fn(*a)
+    try:
+        import importlib
+
+        module = importlib.import_module(f"..engine.{module_name}", __package__)
+    except ImportError:
+        return None
+    for n in names:
+        fn = getattr(module, n, None)
+        if callable(fn):
+            return lambda *a, _fn=fn: _fn(model, *a)
+    return None
+
+
+def region_tools(sam_model, clip_model, *, node: str):
+    """The R-Aug region proposer (SAM automatic mode) and labeller (CLIP zero-shot) of the masks
+    stage, as the plain functions `engine.augment` takes:
+    proposer(image [H,W,3], mask [H,W]) -> masks; labeller(crops, words) -> [(word, score)]."""
+    propose = _find(sam_model, "sam", PROPOSE_NAMES)
+    label = _find(clip_model, "clip_scoring", LABEL_NAMES)
+    if propose is None or label is None:
+        what = "automatic region proposal (SAM)" if propose is None else "region labelling (CLIP)"
+        raise UnconfusedError(f"this install's masks stage has no {what} for R-Aug; set region_pairs to 0",
+                              node=node, input="sam_model" if propose is None else "clip_model")
 
     def labeller(crops, vocabulary):
-        return label(clip_model, crops, vocabulary)
+        out = label(crops, vocabulary)
+        return [(o[0], float(o[1])) if isinstance(o, (tuple, list)) else (o, 1.0) for o in out]
 
-    return proposer, labeller
+    return propose, labeller
 
 
 class UnconfusedAugmentBuilder:

@@ -341,3 +341,45 @@ def test_nodes_with_real_photos_and_generated_bank(tmp_path, tiny, dreambooth_di
         node.build(concept_set=cs, name="nodes2", seed=1, global_pairs=1, region_pairs=2, mix_per_pair=0,
                    canvas=CANVAS, resume="auto", model=tiny, common_concepts="a dog", images_per_common=1,
                    bank_steps=2, bank_size=64, bank_matte="whole image")
+
+
+def test_builder_node_accepts_every_declared_input(tmp_path):
+    """Every input the node declares (with its default) reaches the engine: no typo between the
+    socket names and the settings."""
+    from unconfused.nodes import augment as N
+
+    spec = N.UnconfusedAugmentBuilder.INPUT_TYPES()
+    kwargs = {k: v[1]["default"] for part in ("required", "optional") for k, v in spec[part].items()
+              if len(v) > 1 and "default" in v[1]}
+    assert set(kwargs) | {"concept_set", "model", "sam_model", "clip_model"} == \
+        set(spec["required"]) | set(spec["optional"])
+    bank_folder(tmp_path / "input" / "bank")
+    kwargs.update(global_pairs=2, region_pairs=0, mix_per_pair=1, canvas=CANVAS, preview_count=2,
+                  bank_folder=str(tmp_path / "input" / "bank"), vocabulary="antenna, visor")
+    out = N.UnconfusedAugmentBuilder().build(concept_set=make_concept_set([band_concept("<a>"), band_concept("<b>")]),
+                                             **kwargs)
+    ds = out["result"][0]
+    assert len(ds) == 3 and ds.manifest["settings"]["vocabulary"][-2:] == ["antenna", "visor"]
+    assert ds.manifest["settings"]["max_common"] == A.AugmentSettings().max_common
+
+
+def test_region_tools_adapt_the_masks_stage(tmp_path, monkeypatch):
+    """The node turns the SAM / CLIP socket values into the engine's proposer and labeller."""
+    from unconfused.nodes import augment as N
+
+    class Sam:
+        def propose_regions(self, rgb, mask):
+            return band_proposer(rgb, mask)
+
+    class Clip:
+        def label_regions(self, crops, words):
+            return colour_labeller(crops, words)
+
+    proposer, labeller = N.region_tools(Sam(), Clip(), node="N")
+    cs = make_concept_set([band_concept("<a>"), band_concept("<b>")])
+    res = A.build_dataset(cs, tmp_path / "r", settings(global_pairs=0, region_pairs=4, mix_per_pair=0,
+                                                       region_common=0), proposer=proposer, labeller=labeller)
+    assert res.counts == {"region": 4}
+    monkeypatch.setattr(N, "LABEL_NAMES", ("_no_such_labeller",))
+    with pytest.raises(UnconfusedError, match=r"input 'clip_model'.*region labelling"):
+        N.region_tools(Sam(), object(), node="N")
