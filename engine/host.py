@@ -14,6 +14,7 @@ the path is never picked up by accident.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -324,14 +325,56 @@ def add_listener(fn: Callable[[str, dict], None]) -> None:
     _standalone.listeners.append(fn)
 
 
-def send(event: str, data: dict) -> None:
-    """Send `unconfused.<event>` to the browser (inside ComfyUI) and to local listeners."""
-    name = EVENT_PREFIX + event
+_running_node: contextvars.ContextVar[str | None] = contextvars.ContextVar("unconfused_running_node",
+                                                                         default=None)
+
+
+@contextlib.contextmanager
+def running_node(unique_id: Any) -> Iterator[None]:
+    """Tell the engine which graph node is running (ComfyUI's hidden input UNIQUE_ID), so every
+    message sent inside the block carries `node_id` and the browser can find the node:
+
+        def train(self, ..., unique_id=None):
+            with host.running_node(unique_id):
+                ...
+    """
+    token = _running_node.set(None if unique_id is None else str(unique_id))
+    try:
+        yield
+    finally:
+        _running_node.reset(token)
+
+
+def current_node() -> str | None:
+    """The graph node id set by `running_node`, or None (CLI, tests, a node that set none)."""
+    return _running_node.get()
+
+
+def _prompt_server():
     server = _comfy("server")
     if server is not None and getattr(server, "PromptServer", None) is not None:
-        instance = getattr(server.PromptServer, "instance", None)
-        if instance is not None:
-            instance.send_sync(name, data, getattr(instance, "client_id", None))
+        return getattr(server.PromptServer, "instance", None)
+    return None
+
+
+def has_receivers() -> bool:
+    """Whether a message would reach anyone (a browser through ComfyUI, or a local listener);
+    senders skip costly work (pictures) when not."""
+    return _prompt_server() is not None or bool(_standalone.listeners)
+
+
+def send(event: str, data: dict) -> None:
+    """Send `unconfused.<event>` to the browser (inside ComfyUI) and to local listeners.
+
+    Inside a `running_node` block a message without `node_id` gets the running graph node's id
+    (the helpers of engine/messages.py always set it, None outside a node)."""
+    name = EVENT_PREFIX + event
+    node_id = current_node()
+    if node_id is not None and "node_id" not in data:
+        data = {"node_id": node_id, **data}
+    instance = _prompt_server()
+    if instance is not None:
+        instance.send_sync(name, data, getattr(instance, "client_id", None))
     for fn in list(_standalone.listeners):
         fn(name, data)
 

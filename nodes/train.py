@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..engine import host
 from ..engine.concepts import pil_to_tensor
 from ..engine.errors import UnconfusedError
 from ..trainers import lora as T
@@ -90,6 +91,8 @@ class UnconfusedTrainLoRA:
                                        "tokens to models/embeddings"}),
                 "device": (["auto", "cuda", "cpu", "mps"], {"default": _D.device}),
             },
+            # which node of the graph runs: live messages carry it so the browser finds the node
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     RETURN_TYPES = (MODEL_BUNDLE, "IMAGE", "IMAGE", "STRING")
@@ -98,7 +101,11 @@ class UnconfusedTrainLoRA:
     CATEGORY = f"{CATEGORY}/train"
     OUTPUT_NODE = True
 
-    def train(self, model, concept_set, dataset=None, validation_prompts: str = "", **kw):
+    def train(self, model, concept_set, dataset=None, validation_prompts: str = "", unique_id=None, **kw):
+        with host.running_node(unique_id):
+            return self._train(model, concept_set, dataset, validation_prompts, **kw)
+
+    def _train(self, model, concept_set, dataset, validation_prompts: str, **kw):
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
         settings = T.LoraSettings(**kw, validation_prompts=prompts)
         if dataset is not None:  # CLIF stage 2: the concept photos plus the dataset's Mix pairs

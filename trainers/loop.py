@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..engine import host
+from ..engine import host, messages
 from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_path, atomic_write_json
 
@@ -185,5 +185,4 @@ class Loop:
         elapsed = time.perf_counter() - t0
         eta = elapsed / max(done_here, 1) * (self.total_steps - step)
         lr = self.state.optimizer.param_groups[0]["lr"]
-        host.send("train", {"node": self.name, "step": step, "total": self.total_steps, "loss": loss, "lr": lr,
-                            "eta_seconds": round(eta, 1)})
+        messages.send_train(self.name, step, self.total_steps, loss, lr, eta)

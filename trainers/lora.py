@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..engine import host
+from ..engine import host, messages
 from ..engine import losses as L
 from ..engine.concepts import ConceptSet
 from ..engine.errors import UnconfusedError
@@ -444,7 +444,7 @@ class LoraTrainer:
                             desc=f"validation at step {step}")
         sheet = grid([_pil(i) for i in imgs], [f"step {step}: {p}" for p in s.validation_prompts], cell=256)
         atomic_save_image(self.run_dir / "validation" / f"step_{step:06d}.png", sheet)
-        host.send("validation", {"node": self.node, "step": step, "prompts": list(s.validation_prompts)})
+        messages.send_validation(self.node, step, list(s.validation_prompts), list(imgs))
         self.validation = imgs
         self.validation_history.append((step, imgs))
         return imgs
