@@ -29,7 +29,9 @@ import itertools
 import json
 import os
 import zlib
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -198,6 +200,7 @@ class Bank:
         self.items = list(items)
         self.skipped: list[str] = []
         self._cache: OrderedDict[int, Piece] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -273,9 +276,10 @@ class Bank:
         self.items = kept
 
     def piece(self, i: int) -> Piece:
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
+        with self._lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
         it = self.items[i]
         rgb = self._read(it)
         mask = self._mask(it, rgb)
@@ -283,9 +287,10 @@ class Bank:
             raise UnconfusedError(f"the bank image {it.image} changed since the bank was prepared; run again",
                                   node=self.node, input=self.input)
         p = Piece(cutout(rgb, mask, self.max_side), it.label, it.phrase, None, f"bank:{it.label}/{it.key}")
-        self._cache[i] = p
-        if len(self._cache) > 64:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[i] = p
+            if len(self._cache) > 64:
+                self._cache.popitem(last=False)
         return p
 
     def describe(self) -> str:
@@ -763,7 +768,7 @@ def _load_regions(folder: Path) -> dict[str, RegionSet] | None:
 def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: AugmentSettings, *,
                   bank: Bank | None = None, proposer: RegionProposer | None = None,
                   labeller: Labeller | None = None, resume: bool = True, extra_settings: dict | None = None,
-                  node: str = NODE) -> BuildResult:
+                  workers: int | None = None, node: str = NODE) -> BuildResult:
     """Write (or finish) the augmented dataset in `folder`. On Cancel or an error the manifest
     says `complete: false` and a rerun with the same inputs continues."""
     folder = Path(folder)
@@ -808,21 +813,41 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
                                       input="region_pairs")
         builder = Builder(concept_set, bank if needs_bank else None, settings, regions, cutouts=cutouts, node=node)
         done = {r.id for r in writer.records}
+        todo = [(k, i) for k in ("global", "region", "mix") for i in range(counts[k]) if f"{k}_{i:06d}" not in done]
         total = sum(counts.values())
         made = 0
         bar = host.progress(total, "augmenting")
+        # Pairs are composed by a few threads ahead of the writer (PIL releases the GIL while it
+        # resizes and encodes) and written strictly in order, so the files and the resume point are
+        # the same as one thread's; at most `2 x workers` pairs are in memory.
+        workers = max(1, min(int(workers or os.cpu_count() or 1), 8))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="unconfused-augment") if workers > 1 else None
+        window: deque = deque()
+        jobs = iter(todo)
+
+        def submit() -> None:
+            job = next(jobs, None)
+            if job is not None:
+                window.append((job, pool.submit(builder.make, *job) if pool else None))
+
         try:
-            bar.set(len(done & {f"{k}_{i:06d}" for k, c in counts.items() for i in range(c)}))
-            for kind in ("global", "region", "mix"):
-                for i in range(counts[kind]):
-                    if f"{kind}_{i:06d}" in done:
-                        continue
-                    host.check_cancel()
-                    image, caption, tokens, masks, source = builder.make(kind, i)
-                    writer.add(kind, i, image, caption, tokens, masks, source)
-                    made += 1
-                    bar.update()
+            bar.set(total - len(todo))
+            for _ in range(2 * workers):
+                submit()
+            while window:
+                (kind, i), fut = window.popleft()
+                host.check_cancel()
+                image, caption, tokens, masks, source = fut.result() if fut else builder.make(kind, i)
+                submit()
+                writer.add(kind, i, image, caption, tokens, masks, source)
+                made += 1
+                bar.update()
         finally:
+            for _, fut in window:
+                if fut:
+                    fut.cancel()
+            if pool:
+                pool.shutdown(wait=True)
             bar.close()
         complete = True
     finally:
