@@ -1,0 +1,168 @@
+"""DenseCRF quality and speed, plus SAM automatic-mode speed.
+
+    .venv/bin/python benchmarks/crf_quality.py [--n 60] [--size 256]
+
+Quality: composites of real DreamBooth photos - a random blob cut from one photo pasted onto another,
+so the true mask is known. The true mask is degraded the way cross-attention masks are (area-pooled
+to 16x16 or 32x32 and upsampled, blurred, threshold shifted), refined by `engine.crf.refine` with
+CutLER's defaults, and the IoU against the truth is measured before (degraded mask > 0.5) and after.
+
+Speed: CRF seconds per image at 512x512 and at 64x64 with 2-4 labels; SAM automatic mode with the
+tiny random-weight test SAM, and the ViT-B image-encoder pass (the dominant cost of real SAM) with
+random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UNCONFUSED_SHARED", REPO.parent / "shared"))
+DREAMBOOTH = SHARED / "datasets" / "dreambooth"
+DEGRADATIONS = ["lowres16", "lowres32", "lowres16+blur", "lowres32+up", "lowres32+down"]
+
+
+def photos(size: int, folder: Path = DREAMBOOTH) -> list[torch.Tensor]:
+    out = []
+    for path in sorted(folder.glob("*/*.jpg")):
+        img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0))
+    return out
+
+
+def blob(size: int, rng: np.random.Generator) -> torch.Tensor:
+    """A random smooth star-convex shape covering roughly 10-35% of the image."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    cy, cx = rng.uniform(0.35, 0.65, 2)
+    r0 = rng.uniform(0.18, 0.32)
+    ang = np.arctan2(yy - cy, xx - cx)
+    r = r0 * (1 + sum(rng.uniform(-0.18, 0.18) * np.cos(k * ang + rng.uniform(0, 6.28)) for k in range(2, 5)))
+    return torch.from_numpy((np.hypot(yy - cy, xx - cx) <= r).astype(np.float32))
+
+
+def make_composites(n: int, size: int = 256, seed: int = 0, pool: list[torch.Tensor] | None = None):
+    """[(image [S,S,3], true mask [S,S])]: a blob of one photo pasted onto another."""
+    pool = pool if pool is not None else photos(size)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.choice(len(pool), 2, replace=False)
+        m = blob(size, rng)
+        img = pool[a] * (1 - m[..., None]) + pool[b] * m[..., None]
+        out.append((img, m))
+    return out
+
+
+def degrade(mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """How attention masks go wrong: low resolution (area-pooled to 16 or 32 px, upsampled bilinearly),
+    plus blur (sigma = 1/25 of the image) or a threshold shift (+-0.25, a too low / too high cut)."""
+    s = mask.shape[-1]
+    m = mask[None, None]
+    for part in kind.split("+"):
+        if part.startswith("lowres"):
+            r = int(part[6:])
+            m = F.interpolate(F.adaptive_avg_pool2d(m, r), size=(s, s), mode="bilinear", align_corners=False)
+        elif part == "blur":
+            sigma = s / 25
+            k = int(sigma * 3) * 2 + 1
+            x = torch.arange(k, dtype=torch.float32) - k // 2
+            g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+            g = g / g.sum()
+            m = F.conv2d(F.pad(m, (k // 2,) * 4, mode="replicate"), g.view(1, 1, 1, k))
+            m = F.conv2d(m, g.view(1, 1, k, 1))
+        elif part in ("up", "down"):
+            m = (m + (0.25 if part == "up" else -0.25)).clamp(0, 1)
+    return m[0, 0].clamp(0, 1)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a > 0.5, b > 0.5
+    return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+
+def quality(n: int, size: int, seed: int = 0, settings=None) -> dict:
+    from unconfused.engine import crf
+
+    rows = {k: ([], []) for k in DEGRADATIONS}
+    for j, (img, m) in enumerate(make_composites(n, size, seed)):
+        kind = DEGRADATIONS[j % len(DEGRADATIONS)]
+        d = degrade(m, kind)
+        r = crf.refine(img, d, settings)[0]
+        rows[kind][0].append(iou(d, m))
+        rows[kind][1].append(iou(r, m))
+    before = [v for b, _ in rows.values() for v in b]
+    after = [v for _, a in rows.values() for v in a]
+    return {"n": len(before), "before": float(np.mean(before)), "after": float(np.mean(after)),
+            "improved": float(np.mean(np.array(after) > np.array(before))),
+            "by_kind": {k: (float(np.mean(b)), float(np.mean(a)), len(b)) for k, (b, a) in rows.items() if b}}
+
+
+def crf_speed(size: int, labels: int, repeats: int = 3) -> float:
+    from unconfused.engine import crf
+
+    img, _ = make_composites(1, size, 1, pool=photos(size)[:4])[0]
+    masks = torch.stack([blob(size, np.random.default_rng(k)) for k in range(labels - 1)]) * 0.8
+    crf.refine(img, masks)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        crf.refine(img, masks)
+    return (time.perf_counter() - t) / repeats
+
+
+def sam_speed() -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from sam_helpers import TINY_SAM, tiny_sam
+
+    from unconfused.engine import sam as S
+
+    img = photos(512)[0]
+    model = S.SamModel(tiny_sam(), S.SamConfig(**TINY_SAM))
+    out = {}
+    for pps in (8, 16):
+        t = time.perf_counter()
+        regs = S.automatic_regions(model, [img], points_per_side=pps, progress=False)
+        out[f"tiny automatic pps={pps}"] = (time.perf_counter() - t, len(regs))
+    cfg = S.SamConfig(*S.VARIANTS["vit_b"], variant="vit_b")
+    sam = S.build_sam(cfg)
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        sam.image_encoder(x)
+        out["vit_b image encoder (1024px, random weights)"] = (time.perf_counter() - t, None)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--no-sam", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    q = quality(args.n, args.size)
+    print(f"CRF quality, {q['n']} composites at {args.size}px: mean IoU {q['before']:.3f} -> {q['after']:.3f} "
+          f"({q['improved']:.0%} improved)")
+    print("| degradation | n | IoU before | IoU after |\n|---|---|---|---|")
+    for k, (b, a, n) in q["by_kind"].items():
+        print(f"| {k} | {n} | {b:.3f} | {a:.3f} |")
+    print("\n| CRF size | labels (masks + background) | s/image |\n|---|---|---|")
+    for size in (512, 64):
+        for labels in (2, 3, 4):
+            print(f"| {size}x{size} | {labels} | {crf_speed(size, labels):.4f} |")
+    if not args.no_sam:
+        print("\n| SAM | seconds | regions |\n|---|---|---|")
+        for k, (t, n) in sam_speed().items():
+            print(f"| {k} | {t:.2f} | {'' if n is None else n} |")
+
+
+if __name__ == "__main__":
+    main()
