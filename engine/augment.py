@@ -111,9 +111,9 @@ def concept_cutouts(concept_set: ConceptSet, *, min_area: float, max_side: int, 
     out: dict[str, list[tuple[int, Image.Image]]] = {}
     for c in concept_set.concepts:
         if c.masks is None:
-            raise UnconfusedError(f"concept {c.token} has no masks, so it cannot be cut out of its photos; connect "
-                                  "the SAM segment node (Unconfused/masks) between the concepts and this node, or "
-                                  "give masks on the Concept node", node=node, input=input)
+            raise UnconfusedError(f"concept {c.token} has no masks, so it cannot be cut out of its photos; put the "
+                                  "Concept Cut-out SAM+CLIP node (Unconfused/masks) after its Concept node, or give "
+                                  "masks on the Concept node", node=node, input=input)
         found = []
         for i, (img, m) in enumerate(zip(c.images, c.masks)):
             mb = m.detach().float().cpu().numpy() >= 0.5
@@ -125,8 +125,8 @@ def concept_cutouts(concept_set: ConceptSet, *, min_area: float, max_side: int, 
         if not found:
             best = max(float((m >= 0.5).float().mean()) for m in c.masks)
             raise UnconfusedError(f"no mask of {c.token} covers at least {min_area:.0%} of its photo (the largest "
-                                  f"covers {best:.1%}): there is no usable cut-out. Check the SAM segment node's "
-                                  "masks for this concept (or give masks), or lower min_area", node=node, input=input)
+                                  f"covers {best:.1%}): there is no usable cut-out. Check this concept's masks (the "
+                                  "Concept Cut-out SAM+CLIP node's preview), give masks, or lower min_area", node=node, input=input)
         out[c.token] = found
     return out
 
@@ -706,7 +706,7 @@ class Builder:
             raise ValueError(kind)
         image, masks, layout = compose(pieces, s.canvas, rng, scale=(s.min_scale, s.max_scale), flip=s.flip)
         template = s.templates[int(rng.integers(len(s.templates)))]
-        caption = template.format(join_phrases([p.phrase for p in pieces]))
+        caption = template.replace("{}", join_phrases([p.phrase for p in pieces]), 1)
         tokens = []
         for p in pieces:
             if p.token and p.token not in tokens:

@@ -48,7 +48,7 @@ def _find(model, module_name: str, names: tuple[str, ...]):
     for n in names:
         fn = getattr(model, n, None)
         if callable(fn):
-            return lambda *a, _fn=fn: _fn(*a)
+            return lambda *a, _fn=fn, **kw: _fn(*a, **kw)
     try:
         import importlib
 
@@ -58,11 +58,11 @@ def _find(model, module_name: str, names: tuple[str, ...]):
     for n in names:
         fn = getattr(module, n, None)
         if callable(fn):
-            return lambda *a, _fn=fn: _fn(model, *a)
+            return lambda *a, _fn=fn, **kw: _fn(model, *a, **kw)
     return None
 
 
-def region_tools(sam_model, clip_model, *, node: str):
+def region_tools(sam_model, clip_model, *, node: str, **sam_settings):
     """The R-Aug region proposer (SAM automatic mode) and labeller (CLIP zero-shot) of the masks
     stage, as the plain functions `engine.augment` takes:
     proposer(image [H,W,3], mask [H,W]) -> masks; labeller(crops, words) -> [(word, score)]."""
@@ -73,11 +73,14 @@ def region_tools(sam_model, clip_model, *, node: str):
         raise UnconfusedError(f"this install's masks stage has no {what} for R-Aug; set region_pairs to 0",
                               node=node, input="sam_model" if propose is None else "clip_model")
 
+    def proposer(rgb, mask):
+        return propose(rgb, mask, **sam_settings)
+
     def labeller(crops, vocabulary):
         out = label(crops, vocabulary)
         return [(o[0], float(o[1])) if isinstance(o, (tuple, list)) else (o, 1.0) for o in out]
 
-    return propose, labeller
+    return proposer, labeller
 
 
 class UnconfusedAugmentBuilder:
@@ -89,8 +92,8 @@ class UnconfusedAugmentBuilder:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "concept_set": (CONCEPT_SET, {"tooltip": "Concepts with masks (from the SAM segment node, or your "
-                                                         "own): the masks give the cut-outs"}),
+                "concept_set": (CONCEPT_SET, {"tooltip": "Concepts with masks (from the Concept Cut-out SAM+CLIP "
+                                                         "node, or your own): the masks give the cut-outs"}),
                 "name": ("STRING", {"default": "clif", "tooltip": "Dataset folder under output/unconfused/datasets. "
                                     "Same name + same settings = resume"}),
                 "seed": _int(0, 0, 2**31 - 1, "Every pair is made from (seed, kind, index)"),
@@ -119,8 +122,10 @@ class UnconfusedAugmentBuilder:
                 "bank_size": _int(_B.size, 64, 2048, "Bank image size (512 for SD1, 768 for SD2-v)", step=8),
                 "bank_matte": (A.MATTES, {"default": A.MATTES[0], "tooltip": "How bank images are cut out: their "
                                "plain background is removed, or the whole image is used"}),
-                "sam_model": (SAM_MODEL, {"tooltip": "For R-Aug: over-segments each cut-out (automatic mode)"}),
-                "clip_model": (CLIP_MODEL, {"tooltip": "For R-Aug: labels each region with a vocabulary word"}),
+                "sam_model": (SAM_MODEL, {"tooltip": "For R-Aug (SAM Loader): over-segments each cut-out "
+                                  "(automatic mode)"}),
+                "clip_model": (CLIP_MODEL, {"tooltip": "For R-Aug (CLIP Scorer Loader): labels each region "
+                                    "with a vocabulary word"}),
                 "vocabulary": ("STRING", {"multiline": True, "default": "", "tooltip": "Your words for the "
                                           "concepts' parts (e.g. from the SID captioner), comma or line separated"}),
                 "use_default_vocabulary": ("BOOLEAN", {"default": True, "tooltip": "Also the built-in parts list "
@@ -186,7 +191,7 @@ class UnconfusedAugmentBuilder:
         if counts["region"] > 0:
             if sam_model is None or clip_model is None:
                 missing = "sam_model" if sam_model is None else "clip_model"
-                raise UnconfusedError(f"R-Aug needs {missing}: connect the SAM and CLIP model loaders "
+                raise UnconfusedError(f"R-Aug needs {missing}: connect SAM Loader and CLIP Scorer Loader "
                                       "(Unconfused/masks), or set region_pairs to 0", node=node, input=missing)
             proposer, labeller = region_tools(sam_model, clip_model, node=node)
         folder = dataset_folder(name, node=node)

@@ -210,7 +210,7 @@ def test_bad_inputs_are_named(tmp_path):
     bank = A.bank_from_folder(bank_folder(tmp_path / "bank"))
     a, b = band_concept("<a>"), band_concept("<b>")
     no_masks = Concept("<a>", "toy", a.images)
-    with pytest.raises(UnconfusedError, match=r"input 'concept_set'.*<a> has no masks.*SAM segment node"):
+    with pytest.raises(UnconfusedError, match=r"input 'concept_set'.*<a> has no masks.*Concept Cut-out SAM\+CLIP"):
         A.build_dataset(make_concept_set([no_masks, b]), tmp_path / "x", settings(region_pairs=0), bank=bank)
     tiny = Concept("<a>", "toy", a.images, masks=[torch.zeros(96, 96) for _ in a.images])
     with pytest.raises(UnconfusedError, match=r"input 'concept_set'.*no usable cut-out"):
@@ -383,3 +383,31 @@ def test_region_tools_adapt_the_masks_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(N, "LABEL_NAMES", ("_no_such_labeller",))
     with pytest.raises(UnconfusedError, match=r"input 'clip_model'.*region labelling"):
         N.region_tools(Sam(), object(), node="N")
+
+
+def test_region_aug_with_the_masks_stage_models(tmp_path):
+    """R-Aug through the real SAM automatic mode and open_clip labeller of the masks stage (small
+    random-weight models, loose SAM thresholds so random weights still propose regions)."""
+    pytest.importorskip("segment_anything")
+    open_clip = pytest.importorskip("open_clip")
+    from sam_helpers import TINY_SAM, register_tiny_clip, tiny_sam
+
+    from unconfused.engine.clip_scoring import ClipScorer
+    from unconfused.engine.sam import SamConfig, SamModel
+    from unconfused.nodes import augment as N
+
+    name = register_tiny_clip()
+    torch.manual_seed(0)
+    clip = ClipScorer(open_clip.create_model(name, pretrained=None), name, device="cpu")
+    sam = SamModel(tiny_sam(), SamConfig(**TINY_SAM), device="cpu")
+    proposer, labeller = N.region_tools(sam, clip, node="N", points_per_side=4, pred_iou_thresh=0.0,
+                                        stability_thresh=0.0)
+    cs = make_concept_set([band_concept("<a>", n=1), band_concept("<b>", n=1)])
+    res = A.build_dataset(cs, tmp_path / "sam", settings(global_pairs=0, region_pairs=3, mix_per_pair=0,
+                                                         region_common=0, min_regions=1),
+                          proposer=proposer, labeller=labeller)
+    assert res.counts == {"region": 3}
+    words = {"hat", "shirt", "pants", "wheel"}
+    for r in read_records(tmp_path / "sam"):
+        assert r.masks and all(k.split("'s ", 1)[1] in words for k in r.masks)
+        assert all(k in r.caption for k in r.masks)
