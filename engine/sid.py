@@ -407,8 +407,6 @@ def check_caption(text: str, token: str, class_word: str, *, mode: str = "subjec
     if fixed != t:
         changes.append(f"wrote 'a' before {subject!r}")
         t = fixed
-    if t and t[0].islower() and not t.startswith(token):
-        t = t[0].upper() + t[1:]
 
     # 9. Notes that do not flag.
     others = re.findall(rf"(?i)\b(?:{all_class_alt})\b", t.replace(subject, ""))

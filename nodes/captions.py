@@ -1,0 +1,147 @@
+"""SID captioner node: one selectively informative caption per reference photo of a concept."""
+
+from __future__ import annotations
+
+from ..engine import host, sid, vlm
+from ..engine.concepts import tensor_to_pil
+from ..engine.errors import UnconfusedError
+from ..engine.preview import grid
+from .common import CATEGORY, CONCEPT, with_preview
+
+BACKENDS = ["openai-compatible", "local transformers", "manual", "template (Case 1 baseline)"]
+NO_LOCAL = "(no model in models/LLM)"
+
+
+def _local_choices() -> list[str]:
+    try:
+        names = vlm.list_local_models()
+    except Exception:
+        names = []
+    return names or [NO_LOCAL]
+
+
+class UnconfusedSIDCaptioner:
+    """Captions a concept's photos the SID way (paper Case 3) and validates/repairs every caption."""
+
+    NODE_ID = "UnconfusedSIDCaptioner"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "concept": (CONCEPT,),
+                "backend": (BACKENDS, {"default": BACKENDS[0], "tooltip":
+                            "openai-compatible: a chat-completions server with image input (OpenAI, Ollama, "
+                            "LM Studio, vLLM, llama.cpp). local transformers: a model folder in models/LLM. "
+                            "manual: your captions below (or the concept's own) are checked and repaired. "
+                            "template: 'a photo of <token> <class>' (the baseline to compare SID with)"}),
+                "mode": (sid.MODES, {"default": "subject", "tooltip":
+                         "subject: an object, pet or person. style: a painting/cartoon style (captions start "
+                         "'A painting in the style of <token> <class>' and describe content, not style)"}),
+                "describe_pose": ("BOOLEAN", {"default": False, "tooltip":
+                                  "Also describe the subject's pose and facial expression (paper D.2: lets prompts "
+                                  "change a strong expression of the photos)"}),
+                "instruction": ("STRING", {"multiline": True, "default": sid.SUBJECT_INSTRUCTION, "tooltip":
+                                "What the model is told. {subject} = '<token> <class>', {class_word}. In style "
+                                "mode this default text is replaced by the style instruction"}),
+                "base_url": ("STRING", {"default": "http://127.0.0.1:11434/v1", "tooltip":
+                             "OpenAI-compatible base URL: https://api.openai.com/v1, Ollama "
+                             "http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1"}),
+                "model": ("STRING", {"default": "llava", "tooltip": "Model name on that server (gpt-4o, llava, "
+                                                                  "qwen2.5vl, ...)"}),
+                "api_key_env": ("STRING", {"default": "OPENAI_API_KEY", "tooltip":
+                                "NAME of the environment variable holding the API key (never the key itself: "
+                                "this text is saved in the workflow). Unset/empty = no key (local servers)"}),
+                "local_model": (_local_choices(), {"tooltip": "A transformers vision-language model folder in "
+                                                              "models/LLM (loaded offline, unloaded after use)"}),
+                "device": (host.DEVICE_CHOICES, {"default": "auto"}),
+                "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto"}),
+                "manual_captions": ("STRING", {"multiline": True, "default": "", "tooltip":
+                                    "manual backend: one caption per photo, one per line (empty = the concept's "
+                                    "own captions, e.g. edited .txt sidecars)"}),
+                "on_flagged": (sid.ON_FLAGGED, {"default": sid.ON_FLAGGED[0], "tooltip":
+                               "A caption that cannot be repaired (no subject, describes the subject, refusal): "
+                               "train on the template caption instead, keep it, or stop"}),
+                "template": ("STRING", {"default": sid.BASELINE_TEMPLATE, "tooltip":
+                             "Baseline/fallback caption; {subject} = '<token> <class>'"}),
+            },
+            "optional": {
+                "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0,
+                                      "tooltip": "seconds per request"}),
+                "retries": ("INT", {"default": 4, "min": 0, "max": 20, "tooltip":
+                            "retries on 429/5xx/timeouts, with exponential backoff"}),
+                "concurrency": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "requests at a time"}),
+                "max_tokens": ("INT", {"default": 300, "min": 16, "max": 4096}),
+                "temperature": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 2.0, "step": 0.05}),
+                "max_image_side": ("INT", {"default": 1024, "min": 64, "max": 4096, "tooltip":
+                                   "images are downscaled to this longer side before sending"}),
+            },
+        }
+
+    RETURN_TYPES = (CONCEPT, "STRING", "STRING", "INT")
+    RETURN_NAMES = ("concept", "captions", "report", "flagged")
+    FUNCTION = "caption"
+    CATEGORY = f"{CATEGORY}/captions"
+
+    def caption(self, concept, backend, mode, describe_pose, instruction, base_url, model, api_key_env,
+                local_model, device, precision, manual_captions, on_flagged, template, timeout=120.0, retries=4,
+                concurrency=4, max_tokens=300, temperature=0.2, max_image_side=1024):
+        node = self.NODE_ID
+        n = len(concept.images)
+        if backend not in BACKENDS:
+            raise UnconfusedError(f"unknown backend '{backend}'; use one of {BACKENDS}", node=node, input="backend")
+        fallback = sid.STYLE_BASELINE_TEMPLATE if mode == "style" and template == sid.BASELINE_TEMPLATE else template
+        sid.template_caption(concept.token, concept.class_word, fallback, node=node)  # check the template early
+        text = sid.build_instruction(concept.token, concept.class_word, mode=mode, describe_pose=describe_pose,
+                                     text=instruction, node=node)
+        pils = [tensor_to_pil(img) for img in concept.images]
+        if backend == "template (Case 1 baseline)":
+            raw = [sid.template_caption(concept.token, concept.class_word, fallback, node=node)] * n
+        elif backend == "manual":
+            lines = [ln.strip() for ln in (manual_captions or "").splitlines() if ln.strip()]
+            if not lines:
+                if not concept.captions:
+                    raise UnconfusedError("no captions: write one caption per photo (one per line) into "
+                                          "manual_captions, or give a concept that has captions", node=node,
+                                          input="manual_captions")
+                lines = list(concept.captions)
+            if len(lines) != n:
+                raise UnconfusedError(f"{len(lines)} caption lines for {n} photos of {concept.token}: write one "
+                                      "caption per photo, one per line, in the photos' order", node=node,
+                                      input="manual_captions")
+            raw = lines
+        else:
+            bar = host.progress(n, f"SID captions for {concept.token}")
+            try:
+                if backend == "openai-compatible":
+                    client = vlm.OpenAIBackend(base_url, model, api_key_env, timeout=float(timeout),
+                                               retries=int(retries), concurrency=int(concurrency),
+                                               max_tokens=int(max_tokens), temperature=float(temperature),
+                                               max_image_side=int(max_image_side), node=node)
+                else:
+                    if local_model == NO_LOCAL or not local_model:
+                        raise UnconfusedError("no vision-language model folder was found: put a transformers model "
+                                              "folder (config.json, weights, processor files) into models/LLM/<name>, "
+                                              "refresh the page and pick it", node=node, input="local_model")
+                    client = vlm.LocalBackend(local_model, device=device, precision=precision,
+                                              max_new_tokens=int(max_tokens), node=node)
+                raw = client.caption(pils, [text] * n, on_done=lambda i: bar.update(1))
+            finally:
+                bar.close()
+        checks = sid.check_captions(raw, concept.token, concept.class_word, mode=mode, allow_pose=describe_pose)
+        captions = sid.resolve_flagged(checks, concept.token, concept.class_word, on_flagged=on_flagged,
+                                       template=fallback, node=node)
+        flagged = sum(c.flagged for c in checks)
+        report = sid.report(checks, concept.token)
+        out = concept.with_captions(captions)
+        labels = [f"#{c.index} {c.status.upper() if c.flagged else c.status}: {cap}"
+                  for c, cap in zip(checks, captions)]
+        sheet = grid(pils, labels, cell=256, columns=4, caption_lines=6, marks=[c.flagged for c in checks])
+        result = with_preview((out, "\n".join(captions), report, flagged), [sheet], "sid")
+        result["ui"]["text"] = [report]
+        return result
+
+
+_NODES = [UnconfusedSIDCaptioner]
+NODE_CLASS_MAPPINGS = {n.NODE_ID: n for n in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {"UnconfusedSIDCaptioner": "SID Captioner (Unconfused)"}
