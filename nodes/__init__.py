@@ -1,8 +1,8 @@
 """ComfyUI nodes: one module per stage, each a thin layer over the engine."""
 
-from . import augment, concepts, masks, models, sample, train
+from . import augment, captions, concepts, masks, models, sample, train
 
-_MODULES = [models, concepts, train, sample, augment, masks]
+_MODULES = [models, concepts, train, sample, augment, masks, captions]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
