@@ -202,6 +202,8 @@ class SamModel:
         self.device_choice = device
         self.precision = precision
         self.name = name
+        # automatic-mode settings `propose_regions` uses (R-Aug over-segmentation); SAM's defaults
+        self.proposal_settings: dict = {}
 
     @property
     def variant(self) -> str:
@@ -232,7 +234,7 @@ class SamModel:
     # --- the R-Aug proposer the augmentation builder looks for (nodes/augment.py region_tools)
     def propose_regions(self, image: torch.Tensor, mask: torch.Tensor | None = None, **settings) -> list[torch.Tensor]:
         """Automatic over-segmentation of one image [H,W,3]; regions (bool [H,W]) inside `mask` if given."""
-        regs = automatic_regions(self, [image], progress=False, **settings)
+        regs = automatic_regions(self, [image], progress=False, **{**self.proposal_settings, **settings})
         out = []
         inside = None if mask is None else (mask.detach().float().cpu() >= 0.5)
         for r in regs.regions:
@@ -492,7 +494,7 @@ def concept_cutout(model: SamModel | None, images: Sequence[torch.Tensor], class
     return choices, Regions(out_regions, [tuple(im.shape[:2]) for im in images], notes)
 
 
-def regions_to_masks(regions: Regions, index: int | None = None) -> torch.Tensor:
+def regions_to_masks(regions: Regions) -> torch.Tensor:
     """Per image, the union of its regions as a MASK batch [B, H, W] (all images must share a size)."""
     sizes = regions.image_sizes
     h, w = sizes[0]
