@@ -82,6 +82,7 @@ class UnconfusedSIDCaptioner:
     RETURN_NAMES = ("concept", "captions", "report", "flagged")
     FUNCTION = "caption"
     CATEGORY = f"{CATEGORY}/captions"
+    OUTPUT_NODE = True  # shows the captions preview even with nothing connected
 
     def caption(self, concept, backend, mode, describe_pose, instruction, base_url, model, api_key_env,
                 local_model, device, precision, manual_captions, on_flagged, template, timeout=120.0, retries=4,
