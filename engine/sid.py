@@ -194,14 +194,17 @@ def _class_alternatives(class_word: str) -> list[str]:
     return alts + plural
 
 
-def _token_variants(token: str) -> re.Pattern:
+def _token_variants(token: str, class_word: str = "") -> re.Pattern:
     """The token as written, or mangled the way VLMs mangle it: other case, brackets dropped or
     swapped ("<sks>", "sks", "[sks]", "(sks)", "< sks >"). The bare core must be a word of its own."""
     core = token.strip()
     inner = core.strip("<>[](){}")
     if not inner:
         return re.compile(re.escape(core), re.I)
-    pat = rf"(?:[<\[({{]\s*)?(?<![\w-]){re.escape(inner)}(?![\w-])(?:\s*[>\])}}])?"
+    if inner.lower() in class_word.lower().split():  # "<rc>" + "rc car": only bracketed spellings
+        pat = rf"[<\[({{]\s*{re.escape(inner)}\s*[>\])}}]"
+    else:
+        pat = rf"(?:[<\[({{]\s*)?(?<![\w-]){re.escape(inner)}(?![\w-])(?:\s*[>\])}}])?"
     if inner != core:
         pat = rf"{re.escape(core)}|{pat}"
     return re.compile(pat, re.I)
@@ -268,7 +271,7 @@ def check_caption(text: str, token: str, class_word: str, *, mode: str = "subjec
     cw = class_word.lower()
     class_alt = _word_alt([cw] + SYNONYMS.get(cw, []))  # singular: plural mentions are other things
     all_class_alt = _word_alt(_class_alternatives(class_word))
-    tok_re = _token_variants(token)
+    tok_re = _token_variants(token, class_word)
 
     # 1. Mangled token spellings -> the exact token.
     def fix_token(m: re.Match) -> str:

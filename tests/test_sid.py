@@ -63,6 +63,12 @@ TABLE = [
      "in the style of <vg> art showing", None),
     (STYLE, "A quiet harbour with three sailing boats and a lighthouse on a hill.", "repaired",
      "A painting in the style of <vg> art.", None),
+    (("<sg>", "sunglasses"), "A pair of pink sunglasses resting on a glossy magazine next to a red lipstick.",
+     "repaired", "A pair of <sg> sunglasses resting", "pink"),
+    (("<tb>", "teddy bear"), "A brown teddy bear sitting on a wooden shelf between two blue books.", "repaired",
+     "A <tb> teddy bear sitting", "brown"),
+    (("<rc>", "rc car"), "A red RC car on a dirt track with orange traffic cones.", "repaired",
+     "A <rc> rc car on a dirt track", "red"),
     # --- unrepairable: flagged
     (DOG, "", "flagged", None, None),
     (DOG, "I'm sorry, but I can't help with identifying this image.", "flagged", None, None),

@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,6 +158,18 @@ def test_answers_keep_the_image_order(server):
     assert b.caption([_img()] * 3, ["0", "1", "2"]) == ["0", "1", "2"]
     assert seen != ["0", "1", "2"]  # finished out of order, returned in order
     del orig
+
+
+def test_cancel_stops_waiting_requests(server):
+    from unconfused.engine.errors import Cancelled
+    server.default = ("sleep", 0.6, GOOD)
+    timer = threading.Timer(0.2, host.request_cancel)
+    timer.start()
+    t = time.monotonic()
+    with pytest.raises(Cancelled):
+        _backend(server, concurrency=1).caption([_img()] * 5, ["x"] * 5)
+    assert time.monotonic() - t < 1.0 and len(server.requests) <= 2
+    host.clear_cancel()
 
 
 # ---------------------------------------------------------------------------------------------- node
