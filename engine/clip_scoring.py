@@ -13,6 +13,7 @@ weights, normalisation constants).
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -218,6 +219,19 @@ def load_clip(path: str | Path, *, model_name: str = "auto", pretrained_tag: str
 
     path = Path(path)
     sd = read_state_dict(path, node=node, input=input)
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():  # an open_clip model config beside the weights: a custom architecture
+        try:
+            cfg = json.loads(sidecar.read_text())
+            assert isinstance(cfg, dict) and "vision_cfg" in cfg and "text_cfg" in cfg
+        except Exception:
+            raise UnconfusedError(f"'{sidecar.name}' beside the weights is not an open_clip model config (JSON with "
+                                  "embed_dim, vision_cfg, text_cfg); remove or fix it", node=node, input=input) from None
+        from open_clip import factory
+
+        factory._MODEL_CONFIGS[path.stem] = cfg
+        if model_name == "auto":
+            model_name = path.stem
     if model_name == "auto":
         model_name = detect_model_name(sd, name=path.name, node=node, input=input)
     elif model_name not in open_clip.list_models():

@@ -17,6 +17,7 @@ OpenCV) and the concept-picking rule.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -245,8 +246,12 @@ class SamModel:
 
 
 def load_sam(path: str | Path, *, device: str = "auto", precision: str = "auto", node: str = NODE_LOADER,
-             input: str = "sam_name", allow_custom: bool = False) -> SamModel:
+             input: str = "sam_name", allow_custom: bool | None = None) -> SamModel:
+    """Load a SAM checkpoint. Only vit_b/l/h unless `allow_custom` (or UNCONFUSED_SAM_ALLOW_CUSTOM=1, for
+    tests and experiments with other sizes of the same architecture)."""
     path = Path(path)
+    if allow_custom is None:
+        allow_custom = os.environ.get("UNCONFUSED_SAM_ALLOW_CUSTOM") == "1"
     sd = _state_dict_from_file(path, node=node, input=input)
     cfg = config_from_state_dict(sd, name=path.name, node=node, input=input, allow_custom=allow_custom)
     sam = build_sam(cfg)

