@@ -311,7 +311,9 @@ class LocalBackend:
                                                      {"type": "text", "text": instruction}]}]
             return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=True, return_tensors="pt")
-        return processor(images=image.convert("RGB"), text=instruction, return_tensors="pt")
+        image_token = getattr(processor, "image_token", None)  # no chat template: "<image>\n<instruction>"
+        text = f"{image_token}\n{instruction}" if isinstance(image_token, str) and image_token else instruction
+        return processor(images=image.convert("RGB"), text=text, return_tensors="pt")
 
     def caption(self, images: list[Image.Image], instructions: list[str],
                 on_done: Callable[[int], None] | None = None) -> list[str]:
@@ -325,7 +327,9 @@ class LocalBackend:
                     inputs = {k: (v.to(dev, dtype=model.dtype) if torch.is_floating_point(v) else v.to(dev))
                               for k, v in inputs.items() if hasattr(v, "to")}
                     ids = model.generate(**inputs, max_new_tokens=int(self.max_new_tokens), do_sample=False)
-                    new = ids[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else ids
+                    prompt_len = 0 if getattr(model.config, "is_encoder_decoder", False) or "input_ids" not in inputs \
+                        else inputs["input_ids"].shape[1]
+                    new = ids[:, prompt_len:]
                     out.append(processor.batch_decode(new, skip_special_tokens=True)[0].strip())
                     if on_done:
                         on_done(i)

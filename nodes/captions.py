@@ -135,8 +135,8 @@ class UnconfusedSIDCaptioner:
         flagged = sum(c.flagged for c in checks)
         report = sid.report(checks, concept.token)
         out = concept.with_captions(captions)
-        labels = [f"#{c.index} {c.status.upper() if c.flagged else c.status}: {cap}"
-                  for c, cap in zip(checks, captions)]
+        labels = [(f"#{c.index} FLAGGED ({'template used' if cap != c.caption else 'kept'}): {c.caption}"
+                   if c.flagged else f"#{c.index} {c.status}: {cap}") for c, cap in zip(checks, captions)]
         sheet = grid(pils, labels, cell=256, columns=4, caption_lines=6, marks=[c.flagged for c in checks])
         result = with_preview((out, "\n".join(captions), report, flagged), [sheet], "sid")
         result["ui"]["text"] = [report]

@@ -324,4 +324,7 @@ def test_local_backend_offline_and_unloaded(tmp_path, monkeypatch):
     # fp16 / explicit dtype choice reaches the loader
     vlm.LocalBackend("tiny-llava", device="cpu", precision="bf16", max_new_tokens=4).caption([_img()], ["a photo"])
     assert loaded[-1] == torch.bfloat16
-    assert folder.is_dir()
+    # a processor without a chat template: the "<image>\n<instruction>" prompt path
+    (folder / "chat_template.jinja").unlink()
+    out = vlm.LocalBackend("tiny-llava", device="cpu", max_new_tokens=4).caption([_img(), _img(40, 90)], ["a", "b"])
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
