@@ -150,3 +150,22 @@ def test_example_graph_runs_in_comfyui(comfy):
     assert set(mix["tokens"]) == {"<dog2>", "<cat>"} and "<dog2>" in mix["caption"] and "<cat>" in mix["caption"]
     with Image.open(folder / mix["masks"]["<cat>"]) as m:
         assert 50 < (np.asarray(m) > 127).sum() < 96 * 96 // 2  # the ellipse, not the whole photo
+
+
+def test_example_graph_matches_the_node_declarations():
+    """Every node of the example exists, gets all its required inputs and no unknown ones, and
+    every link points at an output of the right type."""
+    from unconfused import nodes
+
+    g = json.loads(EXAMPLE.read_text())
+    for nid, n in g.items():
+        cls = nodes.NODE_CLASS_MAPPINGS[n["class_type"]]
+        spec = cls.INPUT_TYPES()
+        required, optional = spec["required"], spec.get("optional", {})
+        assert set(required) <= set(n["inputs"]), (nid, set(required) - set(n["inputs"]))
+        assert set(n["inputs"]) <= set(required) | set(optional), (nid, set(n["inputs"]) - set(required) - set(optional))
+        for name, value in n["inputs"].items():
+            if isinstance(value, list):
+                src = nodes.NODE_CLASS_MAPPINGS[g[value[0]]["class_type"]]
+                want = (required.get(name) or optional.get(name))[0]
+                assert src.RETURN_TYPES[value[1]] == want, (nid, name)
