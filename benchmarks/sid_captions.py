@@ -1,0 +1,66 @@
+"""Benchmark of the SID captioner's plumbing (no real VLM is available offline here):
+
+- validation/repair throughput on the 43-caption table of tests/test_sid.py;
+- the OpenAI-compatible backend against a loopback chat-completions server that answers after a
+  fixed latency (standing in for a hosted model): wall time for the DreamBooth dog2 photos at
+  concurrency 1 / 4 / 8, and the request size per photo at two `max_image_side` values.
+
+    .venv/bin/python benchmarks/sid_captions.py [--latency 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UNCONFUSED_SHARED", REPO.parent / "shared"))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.5)
+    args = ap.parse_args()
+    from test_sid import TABLE
+    from vlm_helpers import GOOD, FakeServer
+
+    from unconfused.engine import sid, vlm
+
+    rows = [(who, text) for who, text, *_ in TABLE] * 50
+    t = time.perf_counter()
+    for (tok, cls), text in rows:
+        sid.check_caption(text, tok, cls, mode="style" if cls == "art" else "subject")
+    dt = time.perf_counter() - t
+    out = {"validation_captions_per_s": round(len(rows) / dt)}
+
+    photos = sorted((SHARED / "datasets" / "dreambooth" / "dog2").glob("*.jp*g"))
+    images = [Image.open(p).convert("RGB") for p in photos]
+    server = FakeServer()
+    server.default = ("sleep", args.latency, GOOD)
+    instruction = sid.build_instruction("<sks>", "dog")
+    try:
+        for side in (1024, 256):
+            b = vlm.OpenAIBackend(server.url, "m", "", max_image_side=side)
+            out[f"request_kb_at_{side}px"] = round(sum(len(json.dumps(b.request_body(im, instruction)))
+                                                       for im in images) / len(images) / 1024, 1)
+        for conc in (1, 4, 8):
+            b = vlm.OpenAIBackend(server.url, "m", "", concurrency=conc, max_image_side=512)
+            t = time.perf_counter()
+            caps = b.caption(images, [instruction] * len(images))
+            assert caps == [GOOD] * len(images)
+            out[f"{len(images)}_photos_latency_{args.latency}s_concurrency_{conc}_s"] = round(
+                time.perf_counter() - t, 2)
+    finally:
+        server.close()
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
