@@ -268,6 +268,14 @@ def test_plain_background_matte():
     assert fg is not None and (fg & truth).sum() / (fg | truth).sum() > 0.95
     noise = np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8)
     assert A.matte_plain_background(noise) is None
+    # a studio gradient with a vignette, and a thing standing on the bottom edge
+    yy, xx = np.mgrid[:96, :96]
+    grad = 170 + 60 * (xx / 95) - 30 * ((yy - 48) ** 2 + (xx - 48) ** 2) / 48 ** 2
+    img = np.repeat(grad[..., None], 3, axis=2).clip(0, 255).astype(np.uint8)
+    truth = (np.abs(xx - 45) < 14) & (yy > 30)
+    img[truth] = (40, 60, 160)
+    fg = A.matte_plain_background(img)
+    assert fg is not None and (fg & truth).sum() / (fg | truth).sum() > 0.95
 
 
 def test_bank_generation_is_cached_and_resumes(tmp_path, monkeypatch, tiny):
