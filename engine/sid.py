@@ -212,6 +212,14 @@ def _token_variants(token: str, class_word: str = "") -> re.Pattern:
 
 def _normalise_text(text: str, changes: list[str]) -> str:
     t = (text or "").replace("\r", "\n")
+    t2 = re.sub(r"(?is)<think>.*?(</think>|$)", "", t)  # reasoning models (Qwen3, DeepSeek-R1 style)
+    if t2 != t:
+        changes.append("removed the model's <think> reasoning")
+        t = t2
+    t2 = re.sub(r"(?m)^\s*(?:[-*\u2022]|\d+[.)])\s+", "", t)  # list bullets
+    if t2 != t:
+        changes.append("removed list bullets")
+        t = t2
     t2 = re.sub(r"[*_`#]+", "", t)  # markdown
     if t2 != t:
         changes.append("removed markdown")

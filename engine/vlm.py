@@ -22,6 +22,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ class OpenAIBackend:
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener().open(req, timeout=self.timeout) as resp:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as e:
             try:
@@ -134,6 +135,13 @@ class OpenAIBackend:
             except Exception:
                 data = b""
             return e.code, dict(e.headers or {}), data
+
+    def _opener(self) -> urllib.request.OpenerDirector:
+        """A server on this machine is reached directly even when HTTP(S)_PROXY is set."""
+        hostname = (urllib.parse.urlsplit(self.url).hostname or "").lower()
+        if hostname in ("localhost", "::1") or hostname.startswith("127."):
+            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener()
 
     def caption_one(self, image: Image.Image, instruction: str) -> str:
         """One caption; retries 429/5xx/timeouts with exponential backoff, raises UnconfusedError."""

@@ -69,6 +69,9 @@ TABLE = [
      "A <tb> teddy bear sitting", "brown"),
     (("<rc>", "rc car"), "A red RC car on a dirt track with orange traffic cones.", "repaired",
      "A <rc> rc car on a dirt track", "red"),
+    (DOG, "<think>The user wants a caption. The dog is brown.</think>A <sks> dog on a red rug by a piano.",
+     "repaired", "A <sks> dog on a red rug", "think"),
+    (DOG, "1. A <sks> dog on a red rug beside a black upright piano.", "repaired", "A <sks> dog on", "1."),
     # --- unrepairable: flagged
     (DOG, "", "flagged", None, None),
     (DOG, "I'm sorry, but I can't help with identifying this image.", "flagged", None, None),

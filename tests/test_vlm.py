@@ -71,6 +71,14 @@ def test_no_key_when_variable_unset(server, monkeypatch):
     assert "Authorization" not in server.requests[0]["headers"]
 
 
+def test_local_server_bypasses_a_proxy(server, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert _backend(server, retries=0).caption([_img()], ["x"]) == [GOOD]
+
+
 def test_429_then_success(server):
     server.script = [("status", 429, '{"error": "rate limited"}'), ("status", 503, "busy")]
     assert _backend(server, retries=3).caption([_img()], ["x"]) == [GOOD]
