@@ -55,7 +55,7 @@ def get_json(url: str, timeout: float = 10):
         return json.loads(r.read())
 
 
-def workflow() -> dict:
+def workflow(name: str = "browser", steps: int = STEPS, validation: str = "<tst> on a beach") -> dict:
     """The API-form graph: demo model + one concept from a folder -> LoRA trainer."""
     return {
         "1": {"class_type": "UnconfusedLoadCheckpoint",
@@ -64,10 +64,10 @@ def workflow() -> dict:
               "inputs": {"folder": "photos", "token": "<tst>", "class_word": "dog"}},
         "3": {"class_type": "UnconfusedConceptSet", "inputs": {"concept_1": ["2", 0]}},
         TRAIN_ID: {"class_type": "UnconfusedTrainLoRA",
-                   "inputs": {"model": ["1", 0], "concept_set": ["3", 0], "name": "browser", "steps": STEPS,
+                   "inputs": {"model": ["1", 0], "concept_set": ["3", 0], "name": name, "steps": steps,
                               "resolution": 64, "rank": 4, "alpha": 4.0, "unet_lr": 1e-4, "token_lr": 2e-4,
                               "masked_loss": False, "seed": 0, "resume": "restart",
-                              "validation_prompts": "<tst> on a beach", "validation_every": 0,
+                              "validation_prompts": validation, "validation_every": 0,
                               "checkpoint_every": 0, "export": False}},
     }
 
@@ -169,34 +169,61 @@ def test_live_training_feedback_in_the_browser(comfy_home, frontend):
             page.wait_for_function(
                 "() => window.app && window.app.graph && (window.app.extensions || []).some("
                 "e => e.name === 'unconfused.live')", timeout=120_000)
-            page.evaluate("""async (wf) => {
-                await window.app.loadApiJson(wf, 'unconfused-browser-test.json');
-                await window.app.queuePrompt(0, 1);
-            }""", workflow())
+
+            # 1. a short run: chart points, steps, the validation picture
+            queue(page, workflow())
             panel = f".unconfused-live[data-node-id='{TRAIN_ID}']"
             page.wait_for_selector(panel, state="attached", timeout=60_000)
             try:
-                page.wait_for_function(
-                    f"() => {{ const p = document.querySelector(\"{panel}\");"
-                    f" return p && p.dataset.step === '{STEPS}'; }}", timeout=300_000)
+                wait_panel(page, panel, f"p.dataset.step === '{STEPS}'", 300)
                 # the validation picture (sent after the last step) arrives and loads
-                page.wait_for_function(
-                    f"() => {{ const i = document.querySelector(\"{panel} img\");"
-                    " return i && i.complete && i.naturalWidth > 0; }", timeout=120_000)
+                wait_panel(page, panel, "(i => i && i.complete && i.naturalWidth > 0)(p.querySelector('img'))", 120)
             finally:
-                page.evaluate(SHOW_NODE, TRAIN_ID)
-                page.wait_for_timeout(500)
-                ARTIFACTS.mkdir(exist_ok=True)
-                page.screenshot(path=str(ARTIFACTS / f"browser-{frontend}.png"))
+                screenshot(page, frontend)
             info = page.evaluate(f"""() => {{
                 const p = document.querySelector("{panel}");
                 const c = p.querySelector("canvas");
                 return {{points: +p.dataset.points, total: +p.dataset.total, step: +p.dataset.step,
+                         panels: document.querySelectorAll(".unconfused-live").length,
                          status: p.querySelector(".unconfused-status").textContent,
                          canvas: [c.width, c.height], visible: p.getBoundingClientRect().height > 50,
                          img: p.querySelector("img").getAttribute("src"),
                          caption: p.querySelector("figcaption").textContent}};
             }}""")
+
+            # 2. the panel's Cancel is ComfyUI's own: the run stops and keeps a checkpoint
+            queue(page, workflow(name="browser-cancel", steps=5000, validation=""))
+            wait_panel(page, panel, "+p.dataset.step >= 2 && document.querySelectorAll('.unconfused-live').length === 1",
+                       120)
+            page.evaluate(SHOW_NODE, TRAIN_ID)
+            page.locator(panel + " button").click(timeout=20_000)
+            wait_panel(page, panel, "p.dataset.stopped.startsWith('cancelled')", 120)
+            cancelled = page.evaluate(f"() => document.querySelector(\"{panel}\").dataset.step")
+            screenshot(page, frontend + "-cancelled")
+
+            # 3. without DOM widgets (an older or trimmed frontend): drawn on the node, quietly
+            nodom = None
+            if frontend == "bundled":
+                # (LiteGraph copies LGraphNode's methods onto each registered type; core widgets need
+                # addDOMWidget, so it is made to refuse only our panel)
+                proto = "LiteGraph.registered_node_types.UnconfusedTrainLoRA.prototype"
+                page.evaluate(f"""() => {{
+                    const real = window.__ucfDom = {proto}.addDOMWidget;
+                    {proto}.addDOMWidget = function (name, ...rest) {{
+                        if (name === "unconfused_live") throw new Error("no DOM widgets here");
+                        return real.call(this, name, ...rest);
+                    }};
+                }}""")
+                queue(page, workflow(name="browser-nodom", steps=3, validation=""))
+                page.wait_for_function(f"() => window.app.graph.getNodeById({TRAIN_ID}).__unconfused?.step === 3",
+                                       timeout=120_000)
+                nodom = page.evaluate(f"""() => {{
+                    const n = window.app.graph.getNodeById({TRAIN_ID});
+                    {proto}.addDOMWidget = window.__ucfDom;
+                    return {{panels: n.widgets.filter(w => w.name === "unconfused_live").length,
+                             points: n.__unconfused.points.length}};
+                }}""")
+                screenshot(page, frontend + "-no-dom-widgets")
             browser.close()
     finally:
         proc.terminate()
@@ -205,10 +232,34 @@ def test_live_training_feedback_in_the_browser(comfy_home, frontend):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-    assert info["total"] == STEPS and info["step"] == STEPS, info
+    assert info["total"] == STEPS and info["step"] == STEPS and info["panels"] == 1, info
     assert 2 <= info["points"] <= STEPS, info  # the first and the last step at least; rate-limited
     assert f"step {STEPS}/{STEPS}" in info["status"] and "loss" in info["status"], info
     assert info["visible"] and info["canvas"][0] > 50, info
     assert "/view?" in info["img"] and "unconfused_live" in info["img"] and info["caption"] == "<tst> on a beach"
+    runs = comfy_home / "output" / "unconfused" / "runs" / "browser-cancel"
+    assert 2 <= int(cancelled) < 5000 and list(runs.glob("step_*.pt")), (cancelled, list(runs.iterdir()))
+    if nodom is not None:
+        assert nodom == {"panels": 0, "points": nodom["points"]} and nodom["points"] >= 2, nodom
     ours = [line for line in console if "unconfused" in line.lower()]
     assert not ours, "console messages from the extension:\n" + "\n".join(ours)
+
+
+def queue(page, wf: dict) -> None:
+    """Load the API-form graph into the page (node ids kept) and press Queue, as a user would."""
+    page.evaluate("""async (wf) => {
+        await window.app.loadApiJson(wf, 'unconfused-browser-test.json');
+        await window.app.queuePrompt(0, 1);
+    }""", wf)
+
+
+def wait_panel(page, panel: str, condition: str, seconds: float) -> None:
+    page.wait_for_function(f"() => {{ const p = document.querySelector(\"{panel}\"); return !!p && ({condition}); }}",
+                           timeout=seconds * 1000)
+
+
+def screenshot(page, name: str) -> None:
+    page.evaluate(SHOW_NODE, TRAIN_ID)
+    page.wait_for_timeout(500)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"))

@@ -18,16 +18,16 @@ const PANEL_HEIGHT = 250;
 const SMOOTHING = 0.9; // exponential moving average, bias-corrected (TensorBoard style)
 const MAX_POINTS = 5000; // older points are thinned out beyond this
 
-function warnOnce(what, err) {
+function warnOnce(what, err, level = "warn") {
   warnOnce.seen = warnOnce.seen || new Set();
   if (warnOnce.seen.has(what)) return;
   warnOnce.seen.add(what);
-  console.warn(`[unconfused] ${what}:`, err);
+  console[level](`[unconfused] ${what}:`, err);
 }
 
 function newState() {
   return { points: [], smooth: [], ema: 0, step: 0, total: 0, loss: null, lr: null, eta: null, node: "",
-           pictures: [], pictureKind: "", pictureStep: 0, done: false, panel: null };
+           pictures: [], pictureKind: "", pictureStep: 0, done: false, stopped: "", panel: null };
 }
 
 // Bias-corrected exponential moving average of the points (TensorBoard's smoothing).
@@ -59,7 +59,8 @@ function formatNumber(x) {
 function statusText(st) {
   if (!st.total) return "waiting for training to start";
   let text = `step ${st.step}/${st.total}  ·  loss ${formatNumber(st.loss)}  ·  lr ${formatNumber(st.lr)}`;
-  if (st.done) text += "  ·  done";
+  if (st.stopped) text += `  ·  ${st.stopped}`;
+  else if (st.done) text += "  ·  done";
   else if (st.eta != null) text += `  ·  ETA ${formatEta(st.eta)}`;
   return text;
 }
@@ -163,7 +164,8 @@ function renderPanel(st) {
   p.root.dataset.points = String(st.points.length);
   p.root.dataset.step = String(st.step);
   p.root.dataset.total = String(st.total);
-  p.cancel.disabled = st.done || !st.total;
+  p.cancel.disabled = st.done || !!st.stopped || !st.total;
+  p.root.dataset.stopped = st.stopped;
   const rect = p.canvas.getBoundingClientRect();
   const ratio = window.devicePixelRatio || 1;
   const w = Math.max(Math.round((rect.width || 300) * ratio), 50);
@@ -224,7 +226,8 @@ function attach(node) {
       renderPanel(st);
       return st;
     } catch (err) {
-      warnOnce("the live panel could not be added; drawing on the node instead", err);
+      // e.g. a frontend whose DOM widgets work differently: fall back quietly
+      warnOnce("the live panel could not be added; drawing on the node instead", err, "info");
     }
   }
   // No DOM widgets in this frontend: draw the text and the chart under the node's widgets.
@@ -300,6 +303,7 @@ function onTrain(data) {
   Object.assign(st, { step, total: Number(data.total) || st.total, loss, lr: Number(data.lr),
                       eta: data.eta_seconds == null ? null : Number(data.eta_seconds), node: data.node ?? "" });
   st.done = st.total > 0 && step >= st.total;
+  st.stopped = "";
   renderPanel(st);
   redraw(node);
 }
@@ -317,12 +321,22 @@ function onPictures(kind, data) {
   redraw(node);
 }
 
+// ComfyUI's own execution events: a Cancel (ours or the queue's) or an error ends the run.
+function onStopped(label, data) {
+  const node = findNode(data?.node_id);
+  const st = node?.__unconfused;
+  if (!st || !st.total || st.done) return;
+  st.stopped = label;
+  renderPanel(st);
+  redraw(node);
+}
+
 function listen(event, handler) {
-  api.addEventListener(`unconfused.${event}`, (e) => {
+  api.addEventListener(event, (e) => {
     try {
       handler(e?.detail ?? {});
     } catch (err) {
-      warnOnce(`handling unconfused.${event} failed`, err);
+      warnOnce(`handling ${event} failed`, err);
     }
   });
 }
@@ -331,9 +345,11 @@ app.registerExtension({
   name: "unconfused.live",
   async setup() {
     if (typeof api?.addEventListener !== "function") return;
-    listen("train", onTrain);
-    listen("validation", (d) => onPictures("validation", d));
-    listen("masks", (d) => onPictures("masks", d));
+    listen("unconfused.train", onTrain);
+    listen("unconfused.validation", (d) => onPictures("validation", d));
+    listen("unconfused.masks", (d) => onPictures("masks", d));
+    listen("execution_interrupted", (d) => onStopped("cancelled (resumes when queued again)", d));
+    listen("execution_error", (d) => onStopped("failed", d));
   },
   nodeCreated(node) {
     try {
