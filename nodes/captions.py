@@ -9,7 +9,7 @@ from ..engine.preview import grid
 from .common import CATEGORY, CONCEPT, with_preview
 
 BACKENDS = ["openai-compatible", "local transformers", "manual", "template (Case 1 baseline)"]
-NO_LOCAL = "(no model in models/LLM)"
+NO_LOCAL = "(none)"  # always offered, so a shared workflow validates on machines with and without models
 
 
 def _local_choices() -> list[str]:
@@ -17,7 +17,7 @@ def _local_choices() -> list[str]:
         names = vlm.list_local_models()
     except Exception:
         names = []
-    return names or [NO_LOCAL]
+    return [NO_LOCAL] + names
 
 
 class UnconfusedSIDCaptioner:
@@ -121,9 +121,11 @@ class UnconfusedSIDCaptioner:
                                                max_image_side=int(max_image_side), node=node)
                 else:
                     if local_model == NO_LOCAL or not local_model:
-                        raise UnconfusedError("no vision-language model folder was found: put a transformers model "
+                        found = [n for n in _local_choices() if n != NO_LOCAL]
+                        raise UnconfusedError(("pick one of " + ", ".join(found)) if found else
+                                              "no vision-language model folder was found: put a transformers model "
                                               "folder (config.json, weights, processor files) into models/LLM/<name>, "
-                                              "refresh the page and pick it", node=node, input="local_model")
+                                              "refresh the page (R) and pick it", node=node, input="local_model")
                     client = vlm.LocalBackend(local_model, device=device, precision=precision,
                                               max_new_tokens=int(max_tokens), node=node)
                 raw = client.caption(pils, [text] * n, on_done=lambda i: bar.update(1))

@@ -260,6 +260,9 @@ def test_node_stop_on_flagged_and_manual_and_template():
     assert res["result"][1] == "a painting in the style of <vg> art"
     with pytest.raises(UnconfusedError, match="input 'local_model'"):
         node.caption(concept, **_node_inputs(None, backend="local transformers", local_model="missing"))
+    with pytest.raises(UnconfusedError, match="input 'local_model'.*models/LLM"):
+        node.caption(concept, **_node_inputs(None, backend="local transformers", local_model="(none)"))
+    assert UnconfusedSIDCaptioner.INPUT_TYPES()["required"]["local_model"][0] == ["(none)"]
 
 
 # ---------------------------------------------------------------------------------------------- local
@@ -300,6 +303,7 @@ def build_tiny_llava(folder: Path) -> Path:
 def test_local_backend_offline_and_unloaded(tmp_path, monkeypatch):
     folder = build_tiny_llava(tmp_path / "models" / "LLM" / "tiny-llava")
     assert vlm.list_local_models() == ["tiny-llava"]
+    assert UnconfusedSIDCaptioner.INPUT_TYPES()["required"]["local_model"][0] == ["(none)", "tiny-llava"]
     import transformers
     loaded = []
     real = transformers.AutoModelForImageTextToText.from_pretrained
