@@ -798,6 +798,34 @@ def _load_regions(folder: Path) -> dict[str, RegionSet] | None:
     return out
 
 
+GROWABLE = ("global_pairs", "region_pairs")
+
+
+def _accept_larger_counts(folder: Path, seed: int, settings: dict, concepts: list[dict]) -> str | None:
+    """Let a dataset grow: when an existing dataset differs only by larger G-Aug / R-Aug counts
+    (pair i of a kind does not depend on the count), its manifest takes the new counts, so the
+    run adds the missing pairs instead of refusing. Returns what grew, or None."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        prev = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError:
+        return None
+    old = prev.get("settings") or {}
+    if prev.get("seed") != seed or prev.get("concepts") != concepts or set(old) != set(settings):
+        return None
+    if any(old[k] != settings[k] for k in settings if k not in GROWABLE):
+        return None
+    if any(settings[k] < old[k] for k in GROWABLE) or all(settings[k] == old[k] for k in GROWABLE):
+        return None
+    grown = ", ".join(f"{k} {old[k]} -> {settings[k]}" for k in GROWABLE if settings[k] != old[k])
+    prev["settings"] = settings
+    prev["complete"] = False
+    atomic_write_json(path, prev)
+    return grown
+
+
 def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: AugmentSettings, *,
                   bank: Bank | None = None, proposer: RegionProposer | None = None,
                   labeller: Labeller | None = None, resume: bool = True, extra_settings: dict | None = None,
@@ -823,9 +851,13 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
     recorded = asdict(settings)
     recorded["bank"] = bank.fingerprint() if (bank is not None and needs_bank) else None
     recorded.update(extra_settings or {})
-    writer = DatasetWriter(folder, seed=settings.seed, settings=recorded, concepts=concept_manifest(concept_set),
+    concepts_meta = concept_manifest(concept_set)
+    grown = _accept_larger_counts(folder, settings.seed, recorded, concepts_meta) if resume else None
+    writer = DatasetWriter(folder, seed=settings.seed, settings=recorded, concepts=concepts_meta,
                            resume=resume, node=node)
     notes: list[str] = cutout_notes(concept_set, cutouts)
+    if grown:
+        notes.append(f"grown: {grown}")
     complete = False
     try:
         regions = None

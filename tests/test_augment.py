@@ -193,7 +193,21 @@ def test_cancel_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert A.records_digest(tmp_path / "cut") == A.records_digest(tmp_path / "full")
     # other settings with the same name are refused, not mixed in
     with pytest.raises(UnconfusedError, match="other settings"):
-        build(tmp_path, "cut", global_pairs=7)
+        build(tmp_path, "cut", mix_per_pair=3)
+    with pytest.raises(UnconfusedError, match="other settings"):
+        build(tmp_path, "cut", global_pairs=5)  # shrinking is not growing
+    # larger G-Aug / R-Aug counts grow the dataset: only the new pairs are made, and the result is
+    # what a fresh run with the larger counts writes
+    res = build(tmp_path, "cut", global_pairs=8, region_pairs=7)
+    assert res.made == 3 and "global_pairs 6 -> 8" in res.info()
+    build(tmp_path, "fresh", global_pairs=8, region_pairs=7)
+    assert A.records_digest(tmp_path / "cut") != A.records_digest(tmp_path / "fresh")  # order on disk differs
+    assert sorted(read_records(tmp_path / "cut"), key=lambda r: r.id) == \
+        sorted(read_records(tmp_path / "fresh"), key=lambda r: r.id)
+    for r in read_records(tmp_path / "fresh"):
+        for rel in [r.image, *r.masks.values()]:
+            assert (tmp_path / "cut" / rel).read_bytes() == (tmp_path / "fresh" / rel).read_bytes()
+    assert Dataset(tmp_path / "cut").complete
 
 
 def test_mix_pairs_cover_every_pair(tmp_path):
