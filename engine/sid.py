@@ -293,10 +293,12 @@ def check_caption(text: str, token: str, class_word: str, *, mode: str = "subjec
 
     if not tok_exact.search(t):
         # 2. No token: the first mention of the class ("the brown dog", "a puppy") becomes the subject.
+        # (style mode: the class word "art" is no name for the style in the content - "an artist at work")
         stop_alt = "|".join(sorted((re.escape(w) for w in _STOP - {"and", "or"}), key=len, reverse=True))
-        m = re.search(rf"(?i)\b(?:(?P<det>{'|'.join(_DETERMINERS)})\s+)?"
-                      rf"(?P<mods>(?:(?!(?:{stop_alt})\b)[\w'-]+,?\s+){{0,4}}?)"
-                      rf"(?P<cls>{class_alt})\b(?!-)", t)
+        m = None if mode == "style" else re.search(
+            rf"(?i)\b(?:(?P<det>{'|'.join(_DETERMINERS)})\s+)?"
+            rf"(?P<mods>(?:(?!(?:{stop_alt})\b)[\w'-]+,?\s+){{0,4}}?)"
+            rf"(?P<cls>{class_alt})\b(?!-)", t)
         if m is None and mode == "style":
             t = f"A painting in the style of {subject}. " + t
             changes.append(f"added 'A painting in the style of {subject}' (the caption did not name the style)")
@@ -305,22 +307,13 @@ def check_caption(text: str, token: str, class_word: str, *, mode: str = "subjec
                             f"{class_word} appears; write '{subject}' where the {class_word} is described")
             return result("flagged")
         else:
-            mods = [w.strip(",") for w in m.group("mods").split()]
-            # modifiers that are really part of the sentence (prepositions, verbs) end the match early
-            cut = 0
-            for i, w in enumerate(mods):
-                if w.lower() in _STOP - {"and", "or"}:
-                    cut = i + 1
-            lead, attrs = mods[:cut], mods[cut:]
+            # the words between the determiner and the class word say how the subject looks
+            attrs = [w.strip(",") for w in m.group("mods").split()]
             det = m.group("det")
-            if lead and det:  # the determiner belonged to an earlier word ("a photo of brown dog")
-                prefix = m.group(0)[: m.start("mods") - m.start(0)] + " ".join(lead) + " "
-                det_out = ""
-            else:
-                prefix = ""
-                det_out = ""
-                if det:
-                    det_out = (("A " if det[0].isupper() else "a ") if det.lower() in ("a", "an") else det + " ")
+            prefix = ""
+            det_out = ""
+            if det:
+                det_out = (("A " if det[0].isupper() else "a ") if det.lower() in ("a", "an") else det + " ")
             new = f"{prefix}{det_out}{subject}"
             if m.start() == 0 and new[:1].islower() and not new.startswith(token):
                 new = new[0].upper() + new[1:]
@@ -420,7 +413,7 @@ def check_caption(text: str, token: str, class_word: str, *, mode: str = "subjec
         t = fixed
 
     # 9. Notes that do not flag.
-    others = re.findall(rf"(?i)\b(?:{all_class_alt})\b", t.replace(subject, ""))
+    others = [] if mode == "style" else re.findall(rf"(?i)\b(?:{all_class_alt})\b", t.replace(subject, ""))
     if others:
         warnings.append(f"also mentions {', '.join(repr(o) for o in dict.fromkeys(others))} - fine if that is "
                         f"another {class_word}, rewrite it if it is the subject")

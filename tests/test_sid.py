@@ -72,6 +72,8 @@ TABLE = [
     (DOG, "<think>The user wants a caption. The dog is brown.</think>A <sks> dog on a red rug by a piano.",
      "repaired", "A <sks> dog on a red rug", "think"),
     (DOG, "1. A <sks> dog on a red rug beside a black upright piano.", "repaired", "A <sks> dog on", "1."),
+    (STYLE, "An artist at work at an easel in a sunny studio with a cat on the floor.", "repaired",
+     "A painting in the style of <vg> art. An artist at work", None),
     # --- unrepairable: flagged
     (DOG, "", "flagged", None, None),
     (DOG, "I'm sorry, but I can't help with identifying this image.", "flagged", None, None),
