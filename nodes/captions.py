@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..engine import host, sid, vlm
 from ..engine.concepts import tensor_to_pil
 from ..engine.errors import UnconfusedError
 from ..engine.preview import grid
-from .common import CATEGORY, CONCEPT, with_preview
+from .common import CATEGORY, CONCEPT, CONCEPT_SET, with_preview
 
 BACKENDS = ["openai-compatible", "local transformers", "manual", "template (Case 1 baseline)"]
 NO_LOCAL = "(none)"  # always offered, so a shared workflow validates on machines with and without models
@@ -87,64 +89,133 @@ class UnconfusedSIDCaptioner:
     def caption(self, concept, backend, mode, describe_pose, instruction, base_url, model, api_key_env,
                 local_model, device, precision, manual_captions, on_flagged, template, timeout=120.0, retries=4,
                 concurrency=4, max_tokens=300, temperature=0.2, max_image_side=1024):
-        node = self.NODE_ID
-        n = len(concept.images)
-        if backend not in BACKENDS:
-            raise UnconfusedError(f"unknown backend '{backend}'; use one of {BACKENDS}", node=node, input="backend")
-        fallback = sid.STYLE_BASELINE_TEMPLATE if mode == "style" and template == sid.BASELINE_TEMPLATE else template
-        sid.template_caption(concept.token, concept.class_word, fallback, node=node)  # check the template early
-        text = sid.build_instruction(concept.token, concept.class_word, mode=mode, describe_pose=describe_pose,
-                                     text=instruction, node=node)
-        pils = [tensor_to_pil(img) for img in concept.images]
-        if backend == "template (Case 1 baseline)":
-            raw = [sid.template_caption(concept.token, concept.class_word, fallback, node=node)] * n
-        elif backend == "manual":
-            lines = [ln.strip() for ln in (manual_captions or "").splitlines() if ln.strip()]
-            if not lines:
-                if not concept.captions:
-                    raise UnconfusedError("no captions: write one caption per photo (one per line) into "
-                                          "manual_captions, or give a concept that has captions", node=node,
-                                          input="manual_captions")
-                lines = list(concept.captions)
-            if len(lines) != n:
-                raise UnconfusedError(f"{len(lines)} caption lines for {n} photos of {concept.token}: write one "
-                                      "caption per photo, one per line, in the photos' order", node=node,
-                                      input="manual_captions")
-            raw = lines
-        else:
-            bar = host.progress(n, f"SID captions for {concept.token}")
-            try:
-                if backend == "openai-compatible":
-                    client = vlm.OpenAIBackend(base_url, model, api_key_env, timeout=float(timeout),
-                                               retries=int(retries), concurrency=int(concurrency),
-                                               max_tokens=int(max_tokens), temperature=float(temperature),
-                                               max_image_side=int(max_image_side), node=node)
-                else:
-                    if local_model == NO_LOCAL or not local_model:
-                        found = [n for n in _local_choices() if n != NO_LOCAL]
-                        raise UnconfusedError(("pick one of " + ", ".join(found)) if found else
-                                              "no vision-language model folder was found: put a transformers model "
-                                              "folder (config.json, weights, processor files) into models/LLM/<name>, "
-                                              "refresh the page (R) and pick it", node=node, input="local_model")
-                    client = vlm.LocalBackend(local_model, device=device, precision=precision,
-                                              max_new_tokens=int(max_tokens), node=node)
-                raw = client.caption(pils, [text] * n, on_done=lambda i: bar.update(1))
-            finally:
-                bar.close()
-        checks = sid.check_captions(raw, concept.token, concept.class_word, mode=mode, allow_pose=describe_pose)
-        captions = sid.resolve_flagged(checks, concept.token, concept.class_word, on_flagged=on_flagged,
-                                       template=fallback, node=node)
-        flagged = sum(c.flagged for c in checks)
+        settings = dict(backend=backend, mode=mode, describe_pose=describe_pose, instruction=instruction,
+                        base_url=base_url, model=model, api_key_env=api_key_env, local_model=local_model,
+                        device=device, precision=precision, on_flagged=on_flagged, template=template,
+                        timeout=timeout, retries=retries, concurrency=concurrency, max_tokens=max_tokens,
+                        temperature=temperature, max_image_side=max_image_side)
+        lines = [ln.strip() for ln in (manual_captions or "").splitlines() if ln.strip()]
+        out, captions, checks, pils = caption_concept(self.NODE_ID, concept, lines, **settings)
         report = sid.report(checks, concept.token)
-        out = concept.with_captions(captions)
-        labels = [(f"#{c.index} FLAGGED ({'template used' if cap != c.caption else 'kept'}): {c.caption}"
-                   if c.flagged else f"#{c.index} {c.status}: {cap}") for c, cap in zip(checks, captions)]
-        sheet = grid(pils, labels, cell=256, columns=4, caption_lines=6, marks=[c.flagged for c in checks])
-        result = with_preview((out, "\n".join(captions), report, flagged), [sheet], "sid")
+        flagged = sum(c.flagged for c in checks)
+        result = with_preview((out, "\n".join(captions), report, flagged), [_sheet(pils, checks, captions)], "sid")
         result["ui"]["text"] = [report]
         return result
 
 
-_NODES = [UnconfusedSIDCaptioner]
+def _sheet(pils, checks, captions, tokens=None):
+    tokens = tokens or [""] * len(checks)
+    labels = [(f"{t}#{c.index} FLAGGED ({'template used' if cap != c.caption else 'kept'}): {c.caption}"
+               if c.flagged else f"{t}#{c.index} {c.status}: {cap}") for c, cap, t in zip(checks, captions, tokens)]
+    return grid(pils, labels, cell=256, columns=4, caption_lines=6, marks=[c.flagged for c in checks])
+
+
+def caption_concept(node, concept, manual_lines, *, backend, mode, describe_pose, instruction, base_url, model,
+                    api_key_env, local_model, device, precision, on_flagged, template, timeout, retries,
+                    concurrency, max_tokens, temperature, max_image_side):
+    """Captions for one concept: (concept with captions, captions, checks, PIL photos)."""
+    n = len(concept.images)
+    if backend not in BACKENDS:
+        raise UnconfusedError(f"unknown backend '{backend}'; use one of {BACKENDS}", node=node, input="backend")
+    fallback = sid.STYLE_BASELINE_TEMPLATE if mode == "style" and template == sid.BASELINE_TEMPLATE else template
+    sid.template_caption(concept.token, concept.class_word, fallback, node=node)  # check the template early
+    text = sid.build_instruction(concept.token, concept.class_word, mode=mode, describe_pose=describe_pose,
+                                 text=instruction, node=node)
+    pils = [tensor_to_pil(img) for img in concept.images]
+    if backend == "template (Case 1 baseline)":
+        raw = [sid.template_caption(concept.token, concept.class_word, fallback, node=node)] * n
+    elif backend == "manual":
+        lines = list(manual_lines)
+        if not lines:
+            if not concept.captions:
+                raise UnconfusedError(f"no captions for {concept.token}: write one caption per photo (one per "
+                                      "line) into manual_captions, or give a concept that has captions", node=node,
+                                      input="manual_captions")
+            lines = list(concept.captions)
+        if len(lines) != n:
+            raise UnconfusedError(f"{len(lines)} caption lines for {n} photos of {concept.token}: write one "
+                                  "caption per photo, one per line, in the photos' order", node=node,
+                                  input="manual_captions")
+        raw = lines
+    else:
+        bar = host.progress(n, f"SID captions for {concept.token}")
+        try:
+            if backend == "openai-compatible":
+                client = vlm.OpenAIBackend(base_url, model, api_key_env, timeout=float(timeout),
+                                           retries=int(retries), concurrency=int(concurrency),
+                                           max_tokens=int(max_tokens), temperature=float(temperature),
+                                           max_image_side=int(max_image_side), node=node)
+            else:
+                if local_model == NO_LOCAL or not local_model:
+                    found = [x for x in _local_choices() if x != NO_LOCAL]
+                    raise UnconfusedError(("pick one of " + ", ".join(found)) if found else
+                                          "no vision-language model folder was found: put a transformers model "
+                                          "folder (config.json, weights, processor files) into models/LLM/<name>, "
+                                          "refresh the page (R) and pick it", node=node, input="local_model")
+                client = vlm.LocalBackend(local_model, device=device, precision=precision,
+                                          max_new_tokens=int(max_tokens), node=node)
+            raw = client.caption(pils, [text] * n, on_done=lambda i: bar.update(1))
+        finally:
+            bar.close()
+    checks = sid.check_captions(raw, concept.token, concept.class_word, mode=mode, allow_pose=describe_pose)
+    captions = sid.resolve_flagged(checks, concept.token, concept.class_word, on_flagged=on_flagged,
+                                   template=fallback, node=node)
+    return concept.with_captions(captions), captions, checks, pils
+
+
+class UnconfusedSIDCaptionSet(UnconfusedSIDCaptioner):
+    """The same for every concept of a concept set (e.g. a loaded one), with one shared setting."""
+
+    NODE_ID = "UnconfusedSIDCaptionSet"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = super().INPUT_TYPES()
+        req = dict(spec["required"])
+        del req["concept"]
+        req = {"concept_set": (CONCEPT_SET,), **req}
+        req["manual_captions"] = ("STRING", {"multiline": True, "default": "", "tooltip":
+                                  "manual backend: one caption per photo, one per line, all concepts in the "
+                                  "set's order (empty = the concepts' own captions)"})
+        return {"required": req, "optional": spec["optional"]}
+
+    RETURN_TYPES = (CONCEPT_SET, "STRING", "STRING", "INT")
+    RETURN_NAMES = ("concept_set", "captions", "report", "flagged")
+
+    def caption(self, concept_set, backend, mode, describe_pose, instruction, base_url, model, api_key_env,
+                local_model, device, precision, manual_captions, on_flagged, template, timeout=120.0, retries=4,
+                concurrency=4, max_tokens=300, temperature=0.2, max_image_side=1024):
+        settings = dict(backend=backend, mode=mode, describe_pose=describe_pose, instruction=instruction,
+                        base_url=base_url, model=model, api_key_env=api_key_env, local_model=local_model,
+                        device=device, precision=precision, on_flagged=on_flagged, template=template,
+                        timeout=timeout, retries=retries, concurrency=concurrency, max_tokens=max_tokens,
+                        temperature=temperature, max_image_side=max_image_side)
+        lines = [ln.strip() for ln in (manual_captions or "").splitlines() if ln.strip()]
+        total = sum(len(c.images) for c in concept_set.concepts)
+        if lines and len(lines) != total:
+            raise UnconfusedError(f"{len(lines)} caption lines for {total} photos in the set: write one caption "
+                                  "per photo, one per line, concept after concept", node=self.NODE_ID,
+                                  input="manual_captions")
+        concepts, all_caps, reports, flagged, pils_all, checks_all, tokens = [], [], [], 0, [], [], []
+        for c in concept_set.concepts:
+            mine, lines = lines[:len(c.images)], lines[len(c.images):]
+            out, caps, checks, pils = caption_concept(self.NODE_ID, c, mine, **settings)
+            concepts.append(out)
+            all_caps += caps
+            reports.append(sid.report(checks, c.token))
+            flagged += sum(k.flagged for k in checks)
+            pils_all += pils
+            checks_all += checks
+            tokens += [c.token + " "] * len(checks)
+        cs = replace(concept_set, concepts=concepts)
+        report = "\n\n".join(reports)
+        result = with_preview((cs, "\n".join(all_caps), report, flagged), [_sheet(pils_all, checks_all, all_caps, tokens)],
+                              "sid")
+        result["ui"]["text"] = [report]
+        return result
+
+
+_NODES = [UnconfusedSIDCaptioner, UnconfusedSIDCaptionSet]
 NODE_CLASS_MAPPINGS = {n.NODE_ID: n for n in _NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {"UnconfusedSIDCaptioner": "SID Captioner (Unconfused)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"UnconfusedSIDCaptioner": "SID Captioner (Unconfused)",
+                              "UnconfusedSIDCaptionSet": "SID Captioner for a Concept Set (Unconfused)"}

@@ -265,6 +265,25 @@ def test_node_stop_on_flagged_and_manual_and_template():
     assert UnconfusedSIDCaptioner.INPUT_TYPES()["required"]["local_model"][0] == ["(none)"]
 
 
+def test_set_node_captions_every_concept(server, tmp_path):
+    from unconfused.nodes.captions import UnconfusedSIDCaptionSet
+    cs = C.make_concept_set([_concept(2), C.make_concept("<alice>", "woman", torch.rand(1, 40, 40, 3))])
+    server.script = [("ok", GOOD), ("ok", "A dog on a rug by a lamp."), ("ok", "A lady in a red coat at a bus stop.")]
+    inputs = _node_inputs(server, concurrency=1)
+    res = UnconfusedSIDCaptionSet().caption(cs, **inputs)
+    out, captions, report, flagged = res["result"]
+    assert captions.splitlines() == [GOOD, "A <sks> dog on a rug by a lamp.",
+                                      "A <alice> woman in a red coat at a bus stop."]
+    assert out.tokens == ["<sks>", "<alice>"] and out.concepts[1].captions == [captions.splitlines()[2]]
+    assert "<sks>: 2 captions" in report and "<alice>: 1 captions" in report and flagged == 0
+    with pytest.raises(UnconfusedError, match="input 'manual_captions'"):
+        UnconfusedSIDCaptionSet().caption(cs, **_node_inputs(None, backend="manual", manual_captions="a\nb"))
+    res = UnconfusedSIDCaptionSet().caption(cs, **_node_inputs(None, backend="manual", manual_captions=(
+        "A <sks> dog on a mat.\nA brown dog on a bed.\nA woman on a bench in a park.")))
+    assert res["result"][1].splitlines()[2] == "A <alice> woman on a bench in a park."
+    assert "concept_set" in UnconfusedSIDCaptionSet.INPUT_TYPES()["required"]
+
+
 # ---------------------------------------------------------------------------------------------- local
 
 def build_tiny_llava(folder: Path) -> Path:
