@@ -56,6 +56,13 @@ def test_variant_is_read_from_tensor_shapes(variant):
         sd = S.build_sam(S.SamConfig(e, d, h, g)).state_dict()
     cfg = S.config_from_state_dict(sd, name="sam_vit_h_wrongly_named.pth")
     assert cfg.variant == variant and cfg.heads == h and cfg.global_attn == g and cfg.img_size == 1024
+    # the model built for it has exactly the tensors of segment_anything's own builder (= the official file)
+    from segment_anything import sam_model_registry
+
+    with torch.device("meta"):
+        ref = sam_model_registry[variant]().state_dict()
+        ours = S.build_sam(cfg).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
 
 
 def test_checkpoint_files_pth_and_safetensors(tmp_path):
