@@ -147,6 +147,13 @@ class OpenAIBackend:
         """One caption; retries 429/5xx/timeouts with exponential backoff, raises UnconfusedError."""
         body = json.dumps(self.request_body(image, instruction)).encode()
         key = api_key_from_env(self.api_key_env, node=self.node)
+        if key:
+            parts = urllib.parse.urlsplit(self.url)
+            loopback = (parts.hostname or "") in ("localhost", "::1") or (parts.hostname or "").startswith("127.")
+            if parts.scheme != "https" and not loopback:
+                raise UnconfusedError(f"refusing to send the key from {self.api_key_env.strip()} over plain http to "
+                                      f"{parts.hostname}: use an https:// base_url, or clear api_key_env for a "
+                                      "server that needs no key", node=self.node, input="base_url")
         last = ""
         for attempt in range(self.retries + 1):
             host.check_cancel()

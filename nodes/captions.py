@@ -51,9 +51,11 @@ class UnconfusedSIDCaptioner:
                              "http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1"}),
                 "model": ("STRING", {"default": "llava", "tooltip": "Model name on that server (gpt-4o, llava, "
                                                                   "qwen2.5vl, ...)"}),
-                "api_key_env": ("STRING", {"default": "OPENAI_API_KEY", "tooltip":
-                                "NAME of the environment variable holding the API key (never the key itself: "
-                                "this text is saved in the workflow). Unset/empty = no key (local servers)"}),
+                "api_key_env": ("STRING", {"default": "", "tooltip":
+                                "NAME of the environment variable holding the API key, e.g. OPENAI_API_KEY "
+                                "(never the key itself: this text is saved in the workflow). Empty = no key "
+                                "(local servers). The key is sent only to this base_url, and only over https "
+                                "unless the server is on this machine"}),
                 "local_model": (_local_choices(), {"tooltip": "A transformers vision-language model folder in "
                                                               "models/LLM (loaded offline, unloaded after use)"}),
                 "device": (host.DEVICE_CHOICES, {"default": "auto"}),

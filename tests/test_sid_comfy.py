@@ -106,7 +106,7 @@ def test_example_workflow_in_real_comfyui(tmp_path):
         ui = json.loads((REPO / "examples" / "sid_captions.json").read_text())
         api = ui_to_api(ui, info)
         cap = api["2"]["inputs"]
-        assert cap["backend"] == "openai-compatible" and cap["api_key_env"] == "OPENAI_API_KEY"
+        assert cap["backend"] == "openai-compatible" and cap["api_key_env"] == ""
         assert cap["max_image_side"] == 1024 and "{subject}" in cap["instruction"]
         cap.update(base_url=server.url, model="gpt-test", api_key_env=ENV)
         body = json.dumps({"prompt": api, "client_id": "sid-test"}).encode()

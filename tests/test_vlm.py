@@ -148,6 +148,14 @@ def test_bad_settings_are_named():
     assert vlm.chat_url("https://api.openai.com/v1/") == "https://api.openai.com/v1/chat/completions"
 
 
+def test_key_only_over_https_or_to_this_machine(monkeypatch):
+    monkeypatch.setenv(ENV, KEY)
+    b = vlm.OpenAIBackend("http://192.0.2.1:8080/v1", "m", ENV, retries=0, timeout=1)
+    with pytest.raises(UnconfusedError) as e:
+        b.caption([_img()], ["x"])
+    assert "over plain http" in str(e.value) and "input 'base_url'" in str(e.value) and KEY not in str(e.value)
+
+
 def test_concurrency_limit(server):
     server.default = ("sleep", 0.15, GOOD)
     out = _backend(server, concurrency=2).caption([_img() for _ in range(6)], [f"x{i}" for i in range(6)])
