@@ -2,10 +2,14 @@
 
 from . import augment, captions, concepts, masks, models, sample, train
 
+from .common import guard_inputs  # noqa: E402
+
 _MODULES = [models, concepts, train, sample, augment, masks, captions]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 for _m in _MODULES:
+    for _cls in _m.NODE_CLASS_MAPPINGS.values():
+        guard_inputs(_cls)  # wrong socket data -> a message naming node and input
     NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)

@@ -11,6 +11,7 @@ import torch
 
 from ..engine import host
 from ..engine.concepts import tensor_to_pil
+from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_save_image
 
 # Custom socket types (strings ComfyUI matches between outputs and inputs).
@@ -43,3 +44,74 @@ def save_previews(images, prefix: str = "unconfused") -> list[dict]:
 def with_preview(result: tuple, images, prefix: str = "unconfused") -> dict:
     """A node return value carrying both outputs and preview images."""
     return {"ui": {"images": save_previews(images, prefix)}, "result": result}
+
+
+# ---------------------------------------------------------------- socket data checks
+def _socket_checks() -> dict:
+    """Socket type -> (what it should be, test). Engine types are imported lazily."""
+    def is_(module: str, name: str):
+        def test(v):
+            import importlib
+
+            cls = getattr(importlib.import_module(f"..engine.{module}", __package__), name)
+            return isinstance(v, cls)
+        return test
+
+    return {
+        MODEL_BUNDLE: ("a model from Load Checkpoint (Unconfused) or a trainer", is_("models", "ModelBundle")),
+        CONCEPT: ("a concept from Concept (Unconfused)", is_("concepts", "Concept")),
+        CONCEPT_SET: ("a concept set from Concept Set (Unconfused)", is_("concepts", "ConceptSet")),
+        DATASET: ("a dataset from the augmentation builder or Load Dataset (Unconfused)", is_("dataset", "Dataset")),
+        SAM_MODEL: ("a SAM model from Load SAM (Unconfused)", is_("sam", "SamModel")),
+        REGIONS: ("regions from the SAM segment node", is_("sam", "Regions")),
+        CLIP_MODEL: ("a CLIP model from Load CLIP (Unconfused)", is_("clip_scoring", "ClipScorer")),
+        "IMAGE": ("an IMAGE batch [batch, height, width, 3]",
+                  lambda v: isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[-1] in (3, 4)),
+        "MASK": ("a MASK [batch, height, width]", lambda v: isinstance(v, torch.Tensor) and v.ndim in (2, 3)),
+        "LATENT": ("a LATENT", lambda v: isinstance(v, dict) and "samples" in v),
+    }
+
+
+def _input_types(cls) -> dict[str, str]:
+    spec = cls.INPUT_TYPES()
+    out = {}
+    for group in ("required", "optional"):
+        for name, decl in spec.get(group, {}).items():
+            if isinstance(decl, tuple) and decl and isinstance(decl[0], str):
+                out[name] = decl[0]
+    return out
+
+
+def guard_inputs(cls):
+    """Wrap a node's function so data of the wrong kind on a socket (a hand-edited or old
+    workflow, a custom node sending something else) is named, with the node, the input and
+    what belongs there - instead of an AttributeError deep in the engine. Empty IMAGE and
+    MASK batches are refused the same way."""
+    import functools
+
+    fn_name = cls.FUNCTION
+    fn = getattr(cls, fn_name)
+    if getattr(fn, "_unconfused_guarded", False):
+        return cls
+    node_id = getattr(cls, "NODE_ID", cls.__name__)
+
+    @functools.wraps(fn)
+    def checked(self, *args, **kwargs):
+        checks = _socket_checks()
+        for name, value in kwargs.items():
+            kind = _input_types(cls).get(name)
+            if value is None or kind not in checks:
+                continue
+            what, ok = checks[kind]
+            if not ok(value):
+                got = type(value).__name__ + (f" of shape {list(value.shape)}" if hasattr(value, "shape") else "")
+                raise UnconfusedError(f"expected {what}, got {got}; connect the right output to it", node=node_id,
+                                      input=name)
+            if kind in ("IMAGE", "MASK") and value.ndim >= 3 and value.shape[0] == 0:
+                raise UnconfusedError(f"the {kind} batch is empty; connect one with at least one picture",
+                                      node=node_id, input=name)
+        return fn(self, *args, **kwargs)
+
+    checked._unconfused_guarded = True
+    setattr(cls, fn_name, checked)
+    return cls
