@@ -70,7 +70,7 @@ def test_concept_set_rejects_duplicates():
     b = C.make_concept("zqx>", "dog", torch.rand(1, 8, 8, 3))  # same file name as <zqx>
     with pytest.raises(UnconfusedError, match="same file name"):
         UnconfusedConceptSet().gather(concept_1=a, concept_3=b)
-    with pytest.raises(UnconfusedError, match="not a concept"):
+    with pytest.raises(UnconfusedError, match=r"input .concept_2.: expected a concept"):
         UnconfusedConceptSet().gather(concept_1=a, concept_2="oops")
 
 
