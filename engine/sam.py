@@ -499,6 +499,18 @@ def concept_cutout(model: SamModel | None, images: Sequence[torch.Tensor], class
     return choices, Regions(out_regions, [tuple(im.shape[:2]) for im in images], notes)
 
 
+def describe_cutout(choices: list[CutoutChoice], class_word: str) -> str:
+    """Every kept segment's concept score and which one was chosen, per photo (the node's `info`)."""
+    lines = []
+    for ch in choices:
+        h, w = ch.mask.shape
+        parts = [f"{k}:{r.label_score:.3f} ({r.area / (h * w):.0%}){' CHOSEN' if k in ch.chosen else ''}"
+                 for k, r in enumerate(ch.candidates)]
+        lines.append(f"image {ch.image_index}: '{CUTOUT_PROMPT.format(class_word)}' " + ", ".join(parts or ["no segment"])
+                     + f"; {ch.dropped_small} small segment(s) dropped")
+    return "\n".join(lines)
+
+
 def regions_to_masks(regions: Regions) -> torch.Tensor:
     """Per image, the union of its regions as a MASK batch [B, H, W] (all images must share a size)."""
     sizes = regions.image_sizes

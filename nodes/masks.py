@@ -151,12 +151,13 @@ class UnconfusedSAMSegment:
             choices, regions = S.concept_cutout(sam_model, imgs, class_word, clip_model, min_fraction=min_fraction,
                                                 keep=keep, node=node, **auto)
             preview = cutout_preview(imgs, choices, class_word)
+            cut_info = S.describe_cutout(choices, class_word)
         else:
             raise UnconfusedError(f"unknown mode '{mode}'; use one of {MODES}", node=node, input="mode")
         masks = S.regions_to_masks(regions)
         h, w = imgs[0].shape[:2]
         region_masks = torch.stack([r.mask.float() for r in regions.regions]) if len(regions) else torch.zeros(1, h, w)
-        info = regions.describe()
+        info = cut_info if mode == "concept cut-out" else regions.describe()
         return with_preview((masks, regions, _tensor_preview(preview), region_masks, info), [preview], "sam")
 
 
@@ -192,7 +193,8 @@ class UnconfusedConceptCutout:
                                             stability_thresh=stability_thresh)
         out = concept.with_masks([ch.mask for ch in choices])
         preview = cutout_preview(concept.images, choices, concept.class_word)
-        return with_preview((out, _tensor_preview(preview), regions.describe()), [preview], "cutout")
+        info = S.describe_cutout(choices, concept.class_word)
+        return with_preview((out, _tensor_preview(preview), info), [preview], "cutout")
 
 
 # ------------------------------------------------------------------ CLIP

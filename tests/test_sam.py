@@ -196,6 +196,7 @@ def test_concept_cutout_with_sam_and_clip(model, photos, clip):
     assert masks.shape == (2, SIZE, SIZE)
     for r in regions.regions:
         assert r.label == "dog" and r.area >= 0.05 * SIZE * SIZE and 0 <= r.label_score <= 1
+    assert info.count("CHOSEN") == len(regions) and "'a photo of a dog'" in info
     with pytest.raises(UnconfusedError, match=r"input 'clip_model'"):
         N.UnconfusedSAMSegment().segment(model, images, "concept cut-out", **LOOSE)
     # the concept node: the concept gets one mask per photo, photos keep their sizes
