@@ -4,7 +4,6 @@ labeller with a tiny random open_clip model, and the messages for missing / wron
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
