@@ -418,7 +418,8 @@ class BankSpec:
 
 
 def generate_bank(bundle, spec: BankSpec, *, folder: Path | None = None, matte: str = "plain background",
-                  max_side: int = 512, device: torch.device | None = None, node: str = NODE) -> Bank:
+                  max_side: int = 512, device: torch.device | None = None, batch_size: int | None = None,
+                  node: str = NODE) -> Bank:
     """Generate the missing bank images with the base model (one file per image, written as it
     is made, so Cancel keeps what is done) and return the bank. The cache folder is
     `output/unconfused/banks/<model key>/` unless given."""
@@ -440,18 +441,29 @@ def generate_bank(bundle, spec: BankSpec, *, folder: Path | None = None, matte: 
     if missing:
         host.log.info("unconfused: generating %d of %d common-concept images into %s", len(missing), len(jobs), folder)
         dev = device or host.device()
-        prev = bundle.device
-        bundle.to(dev)
+        original = (bundle.device, bundle.dtype)
+        dtype = bundle.dtype if dev.type != "cpu" else torch.float32
+        if dev.type != "cpu":
+            host.free_memory_for_training()
+        # a few images per call on a GPU (the same seed gives the same image alone or in a batch);
+        # each image is written as soon as its batch is done, so Cancel loses at most one batch
+        batch = max(1, int(batch_size or (4 if dev.type == "cuda" else 1)))
+        bundle.to(dev, dtype)
         try:
-            for n, (label, prompt, seed, path) in enumerate(missing):
+            done = 0
+            for start in range(0, len(missing), batch):
+                chunk = missing[start:start + batch]
                 host.check_cancel()
-                img = generate(bundle, [prompt], negative=spec.negative, steps=spec.steps, cfg=spec.cfg,
-                               width=spec.size, height=spec.size, seeds=[seed], scheduler=spec.scheduler,
-                               device=dev, desc=f"common concepts {n + 1}/{len(missing)}")[0]
-                atomic_save_image(path, tensor_to_pil(img))
-                host.send("augment.bank", {"done": n + 1, "total": len(missing), "label": label})
+                imgs = generate(bundle, [m[1] for m in chunk], negative=spec.negative, steps=spec.steps,
+                                cfg=spec.cfg, width=spec.size, height=spec.size, seeds=[m[2] for m in chunk],
+                                scheduler=spec.scheduler, device=dev,
+                                desc=f"common concepts {start + 1}-{start + len(chunk)}/{len(missing)}")
+                for (label, _, _, path), img in zip(chunk, imgs):
+                    atomic_save_image(path, tensor_to_pil(img))
+                done += len(chunk)
+                host.send("augment.bank", {"done": done, "total": len(missing), "label": chunk[-1][0]})
         finally:
-            bundle.to(prev)
+            bundle.to(*original)
             host.empty_cache()
     atomic_write_json(folder / "bank.json", {"format": BANK_FORMAT, "model": model_key(bundle),
                                              "spec": asdict(spec),

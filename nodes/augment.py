@@ -146,8 +146,7 @@ class UnconfusedAugmentBuilder:
                 "templates": ("STRING", {"multiline": True, "default": "\n".join(A.DEFAULT_TEMPLATES),
                                          "tooltip": "Caption templates, one per line; {} is where the names go"}),
                 "preview_count": _int(8, 0, 64, "Pairs shown in the preview"),
-                "device": (["auto", "cuda", "cpu", "mps"], {"default": "auto", "tooltip": "Where the bank is "
-                                                            "generated"}),
+                "device": (host.DEVICE_CHOICES, {"default": "auto", "tooltip": "Where the bank is generated"}),
             },
         }
 

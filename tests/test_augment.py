@@ -433,3 +433,14 @@ def test_region_aug_with_the_masks_stage_models(tmp_path):
     for r in read_records(tmp_path / "sam"):
         assert r.masks and all(k.split("'s ", 1)[1] in words for k in r.masks)
         assert all(k in r.caption for k in r.masks)
+
+
+def test_bank_images_are_the_same_alone_or_batched(tmp_path, tiny):
+    spec = A.BankSpec(phrases=["a policeman", "a dog"], per_concept=2, steps=1, size=64)
+    one = A.generate_bank(tiny, spec, folder=tmp_path / "one", matte="whole image", batch_size=1)
+    three = A.generate_bank(tiny, spec, folder=tmp_path / "three", matte="whole image", batch_size=3)
+    assert [it.key for it in one.items] == [it.key for it in three.items]
+    for a, b in zip(one.items, three.items):
+        x = np.asarray(Image.open(a.image)).astype(int)
+        y = np.asarray(Image.open(b.image)).astype(int)
+        assert np.abs(x - y).max() <= 1
