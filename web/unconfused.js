@@ -57,7 +57,7 @@ function formatNumber(x) {
 }
 
 function statusText(st) {
-  if (!st.total) return "waiting for training to start";
+  if (!st.total) return st.preparing ? "preparing (loading the model, caching latents)" : "waiting for training to start";
   let text = `step ${st.step}/${st.total}  ·  loss ${formatNumber(st.loss)}  ·  lr ${formatNumber(st.lr)}`;
   if (st.stopped) text += `  ·  ${st.stopped}`;
   else if (st.done) text += "  ·  done";
@@ -149,8 +149,8 @@ function makePanel(node, st) {
 
 function interrupt() {
   try {
-    if (typeof api.interrupt === "function") return api.interrupt();
-    return api.fetchApi("/interrupt", { method: "POST" });
+    const done = typeof api.interrupt === "function" ? api.interrupt() : api.fetchApi("/interrupt", { method: "POST" });
+    Promise.resolve(done).catch((err) => warnOnce("cancel failed", err));
   } catch (err) {
     warnOnce("cancel failed", err);
   }
@@ -321,7 +321,18 @@ function onPictures(kind, data) {
   redraw(node);
 }
 
-// ComfyUI's own execution events: a Cancel (ours or the queue's) or an error ends the run.
+// ComfyUI's own execution events: the node starts (a new run: clear the panel), a Cancel
+// (ours or the queue's) or an error ends the run.
+function onExecuting(detail) {
+  const id = detail && typeof detail === "object" ? detail.node ?? detail.display_node : detail;
+  const node = id == null ? null : findNode(id);
+  const st = node?.__unconfused;
+  if (!st) return;
+  Object.assign(st, newState(), { panel: st.panel, preparing: true });
+  renderPanel(st);
+  redraw(node);
+}
+
 function onStopped(label, data) {
   const node = findNode(data?.node_id);
   const st = node?.__unconfused;
@@ -348,6 +359,7 @@ app.registerExtension({
     listen("unconfused.train", onTrain);
     listen("unconfused.validation", (d) => onPictures("validation", d));
     listen("unconfused.masks", (d) => onPictures("masks", d));
+    listen("executing", onExecuting);
     listen("execution_interrupted", (d) => onStopped("cancelled (resumes when queued again)", d));
     listen("execution_error", (d) => onStopped("failed", d));
   },
