@@ -28,8 +28,8 @@ import hashlib
 import itertools
 import json
 import os
-import zlib
 import threading
+import zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
