@@ -971,6 +971,32 @@ def preview(dataset: Dataset, *, count: int = 12, kinds: Sequence[str] = (), see
     return grid(cells, captions, cell=cell, columns=columns, caption_lines=3)
 
 
+def regions_preview(folder: str | os.PathLike, *, cell: int = 160, columns: int = 6) -> Image.Image | None:
+    """The R-Aug regions a dataset was made from, each with its label and provenance (so wrong
+    CLIP labels are easy to spot); None when the dataset has no regions."""
+    from .preview import grid
+
+    folder = Path(folder)
+    path = folder / "regions.json"
+    if not path.is_file():
+        return None
+    entries = json.loads(path.read_text("utf-8")).get("regions", [])
+    if not entries:
+        return None
+    cells, captions = [], []
+    for e in entries:
+        with Image.open(folder / e["image"]) as im:
+            rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (128, 128, 128))
+        canvas.paste(rgba, (0, 0), rgba.getchannel("A"))
+        s = cell / max(canvas.size)  # small parts are shown enlarged
+        cells.append(canvas.resize((max(1, round(canvas.width * s)), max(1, round(canvas.height * s))),
+                                   Image.Resampling.NEAREST if s > 1 else Image.Resampling.LANCZOS))
+        score = e["from"].rsplit("@", 1)[-1] if "@" in e["from"] else ""
+        captions.append(f"{e['label']} ({score})" if score else e["label"])
+    return grid(cells, captions, cell=cell, columns=columns, caption_lines=2)
+
+
 def records_digest(folder: str | os.PathLike) -> str:
     """A digest of a dataset's records and every file they name (tests, benchmarks)."""
     folder = Path(folder)

@@ -201,6 +201,9 @@ class UnconfusedAugmentBuilder:
         images = []
         if preview_count > 0:
             images = [A.preview(ds, count=preview_count, seed=seed)]
+            regions = A.regions_preview(folder)
+            if regions is not None:  # the labelled parts R-Aug used, second on the node
+                images.append(regions)
         preview = pil_to_tensor(images[0])[None] if images else _blank()
         out = with_preview((ds, info, preview), images, "unconfused_augment")
         out["ui"]["text"] = [info]

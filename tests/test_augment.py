@@ -151,6 +151,9 @@ def test_masks_cover_their_pixels_and_captions_name_what_is_present(tmp_path):
     assert kinds_seen == {"global", "region", "mix"}
     regions = json.loads((ds.folder / "regions.json").read_text())["regions"]
     assert {e["label"] for e in regions} == {f"{t}'s {w}" for t in ("<a>", "<b>") for w in WORDS.values()}
+    sheet = A.regions_preview(ds.folder)
+    assert sheet is not None and sheet.width > 0
+    assert A.regions_preview(tmp_path / "bank") is None
     # M-Aug: the pair is shown both ways round
     mixes = ds.of_kind("mix")
     assert {tuple(m.tokens) for m in mixes} == {("<a>", "<b>"), ("<b>", "<a>")}
