@@ -43,6 +43,17 @@ def _lora(args) -> int:
     return 0
 
 
+def _clif(args) -> int:
+    import json
+
+    from .jobs import run_clif
+
+    report = run_clif(args.config, args.set)
+    print(report.pop("info"))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unconfused", description="Unconfused: multi-concept "
                                 "personalization without concept confusion (headless commands)")
@@ -62,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set steps=20 (repeatable)")
     s.set_defaults(func=_lora)
+    s = sub.add_parser("clif", help="CLIF: contrastive fine-tuning of the text encoder on an augmented dataset, "
+                                    "from a config file (model, dataset, image_tower, [settings]); torchrun for "
+                                    "several GPUs; rerun to resume")
+    s.add_argument("--config", required=True, help="the job: model, dataset, image_tower, [settings]")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set steps=20 (repeatable)")
+    s.set_defaults(func=_clif)
     return p
 
 

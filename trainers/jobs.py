@@ -24,7 +24,8 @@ from ..engine.concepts import Concept, ConceptSet, load_concept_set, load_images
     validate_token
 from ..engine.errors import UnconfusedError
 
-KNOWN = {"model", "concept_set", "concepts", "settings", "workdir", "prediction", "precision"}
+KNOWN = {"model", "concept_set", "concepts", "settings", "workdir", "prediction", "precision",
+         "dataset", "image_tower"}  # the last two: the CLIF job
 
 
 def read_config(path: str | Path, overrides: list[str] | None = None, *, node: str) -> tuple[dict, Path]:
@@ -108,3 +109,35 @@ def run_lora(config_path: str | Path, overrides: list[str] | None = None) -> dic
     return {"steps": len(result.losses), "resumed_from": result.resumed_from, "final_loss": result.losses[-1],
             "run_dir": str(result.run_dir), "exports": {k: str(v) for k, v in result.exports.items()},
             "info": result.info()}
+
+
+def run_clif(config_path: str | Path, overrides: list[str] | None = None) -> dict:
+    """CLIF text-encoder job: `model`, `dataset` (an augmented dataset folder), `image_tower` (a file
+    of models/clip_vision or models/clip under the workdir, or a path), optional `concept_set` or
+    `concepts` for class words the dataset's manifest lacks, and [settings] (ClifSettings)."""
+    from ..engine.demo_model import write_demo_diffusers_folder
+    from ..engine.models import load_model
+    from .clif import NODE, ClifSettings, resolve_tower, train_clif
+
+    config, base = read_config(config_path, overrides, node="clif")
+    settings = ClifSettings.from_dict(config["settings"], node=NODE)
+    for key in ("dataset", "image_tower"):
+        if not config.get(key):
+            raise UnconfusedError(f"the CLIF job needs '{key}' in {Path(config_path).name}", node="clif",
+                                  input="--config")
+    workdir = _path(base, config.get("workdir", "."))
+    host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
+    (workdir / "temp").mkdir(parents=True, exist_ok=True)
+    model_path = _path(base, config["model"]) if config.get("model") else \
+        write_demo_diffusers_folder(workdir / "models" / "diffusers" / "unconfused-demo")
+    bundle = load_model(model_path, prediction=config.get("prediction", "auto"), node="clif")
+    tower_path = _path(base, config["image_tower"])  # a path, or a file name inside models/clip_vision
+    tower = resolve_tower(str(tower_path) if tower_path.is_file() else config["image_tower"], node="clif")
+    class_words = {}
+    if config.get("concept_set") or config.get("concepts"):
+        class_words = {c.token: c.class_word for c in concepts_from_config(config, base, node="clif").concepts}
+    result = train_clif(bundle, _path(base, config["dataset"]), tower, settings, class_words=class_words)
+    return {"steps": len(result.losses), "resumed_from": result.resumed_from,
+            "final_loss": result.losses[-1] if result.losses else None, "run_dir": str(result.run_dir),
+            "exports": {k: str(v) for k, v in result.exports.items()}, "metrics": {
+                k: v for k, v in result.metrics.items() if k in ("before", "after")}, "info": result.info()}
