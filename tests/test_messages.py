@@ -3,8 +3,6 @@ event names, fields and their types, the graph node id, rate limits, the picture
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from PIL import Image
@@ -89,15 +87,22 @@ def test_train_messages_fields_and_types(tmp_path, got):
     assert train[-1]["step"] == 3 and train[-1]["eta_seconds"] == 0.0 and train[-1]["lr"] == 1e-3
 
 
-def test_train_messages_are_rate_limited_and_the_last_step_is_sent(tmp_path, got):
-    steps = 400
-    t0 = time.monotonic()
-    _loop(tmp_path, steps).run(lambda step: time.sleep(0.002) or 0.5)  # ~500 steps per second
-    elapsed = time.monotonic() - t0
+def test_train_messages_are_rate_limited_and_the_last_step_is_sent(tmp_path, got, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(host.time, "monotonic", lambda: clock[0])
+
+    def step(i):  # 62.5 ms per step (exact in binary): 16 steps per second, 4 messages per second
+        clock[0] += 0.0625
+        return 0.5
+
+    steps = 203
+    _loop(tmp_path, steps).run(step)
     sent = [d["step"] for d in of(got, "train")]
-    assert sent[-1] == steps and sent == sorted(sent)
-    assert len(sent) <= elapsed / messages.TRAIN_INTERVAL + 2, (len(sent), elapsed)
-    assert len(sent) < steps / 10
+    assert sent[0] == 1 and sent[-1] == steps and sent == sorted(sent)
+    gaps = [b - a for a, b in zip(sent, sent[1:-1])]
+    assert set(gaps) == {4}, sent  # every 0.25 s of training
+    assert len(sent) == 1 + (steps - 1) // 4 + 1  # ... and the last step, out of turn
+    assert 1 / messages.TRAIN_INTERVAL == 4
 
 
 def test_validation_message_carries_thumbnails(got):
@@ -111,17 +116,22 @@ def test_validation_message_carries_thumbnails(got):
     check_refs(d["images"], 2)
 
 
-def test_masks_message_overlays_rate_limit_and_force(got):
+def test_masks_message_overlays_rate_limit_and_force(got, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(host.time, "monotonic", lambda: clock[0])
     photo = torch.zeros(1, 32, 48, 3)
     left = torch.zeros(32, 48)
     left[:, :24] = 1
     with host.running_node("9"):
         assert messages.send_masks("UnconfusedTrainEM", 1, [photo], masks=[[left, 1 - left]], labels=["<a> <b>"])
+        clock[0] += 0.9
         assert not messages.send_masks("UnconfusedTrainEM", 2, [photo], masks=[[left, 1 - left]])  # < 1 s later
         assert messages.send_masks("UnconfusedTrainEM", 3, [photo], force=True)
-    first, last = of(got, "masks")
+        clock[0] += 1.0
+        assert messages.send_masks("UnconfusedTrainEM", 4, [photo])
+    first, forced, later = of(got, "masks")
     assert set(first) == MASKS_FIELDS and first["node_id"] == "9" and first["labels"] == ["<a> <b>"]
-    assert last["step"] == 3
+    assert forced["step"] == 3 and later["step"] == 4
     check_refs(first["images"], 1)
     with Image.open(host.temp_dir() / messages.SUBFOLDER / first["images"][0]["filename"]) as im:
         r, g, b = im.convert("RGB").getpixel((2, 16))
