@@ -1,0 +1,693 @@
+"""Cross-attention mask EM (Rahman et al., "Visual Concept-driven Image Generation"): learn concept
+tokens and their latent masks together from one or a few images holding several concepts, with
+no human masks.
+
+The schedule of a run of `steps` optimizer steps (I = inversion_steps, P = tokens_only_steps):
+
+    steps [0, I)        optional unmasked textual inversion: token rows only, whole image
+    round 0 at step I   mask initialisation: each concept's cross-attention averaged over
+                        `init_timesteps` random timesteps, divided by its maximum, thresholded
+                        (fixed value or Otsu), overlaps given to the stronger map, DenseCRF with
+                        the background as its own label -> one latent mask per concept per image
+    steps [I, I+P)      phase 1: token rows only
+    steps [I+P, steps)  phase 2: token rows + the UNet LoRA
+    every K steps       round r: the masks re-estimated from the current tokens (and LoRA)
+    step `steps`        a final round: the masks the run returns
+
+Each alternation step is Break-a-Scene's: union sampling (k of the image's concepts, prompt
+"a photo of <a> and <c>"), masked diffusion loss on the union of their masks + attention_weight x
+the cross-attention loss (each sampled token's map, divided by its maximum, against its mask, MSE),
+image and masks flipped together. The training core (LoRA, token rows, cached latents, optimizer,
+checkpoints with exact resume, Cancel, exports) is `LoraTrainer`; this module adds the masks.
+
+Every round is kept (run folder `em_masks.pt`, PNGs under `masks/`), with its IoU against optional
+ground-truth masks - the paper's Figure 3.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine import host, messages
+from ..engine import losses as L
+from ..engine.attention import AttentionCapture, default_layers, token_position_mask
+from ..engine.concepts import tensor_to_pil, validate_token
+from ..engine.crf import CRFSettings, refine_latent_masks
+from ..engine.errors import UnconfusedError
+from ..engine.files import atomic_path, atomic_save_image
+from ..engine.preview import PALETTE, grid, overlay_masks
+from ..engine.training_data import Example, fit_square
+from .loop import config_hash, seed_everything
+from .lora import LoraResult, LoraSettings, LoraTrainer
+
+log = logging.getLogger("unconfused")
+NODE = "UnconfusedTrainMaskEM"
+THRESHOLDS = ["otsu", "fixed"]
+CRF_AT = ["latent", "image", "off"]
+EM_TEMPLATE = "a photo of {token}"
+
+
+# ---------------------------------------------------------------- settings
+@dataclass
+class EMSettings(LoraSettings):
+    name: str = "unconfused-em"
+    steps: int = 400
+    token_lr: float = 5e-4  # Break-a-Scene's phase-1 rate
+    template: str = EM_TEMPLATE  # {token} = the sampled tokens joined by " and "
+    inversion_steps: int = 0  # unmasked textual-inversion warm-up before the masks are first made
+    tokens_only_steps: int = 100  # phase 1 (after the warm-up): token rows only; then tokens + LoRA
+    attention_weight: float = 1e-2  # lambda of the cross-attention loss (Break-a-Scene)
+    reestimate_every: int = 50  # K: masks re-estimated every K steps (0 = never: the paper's baseline)
+    init_timesteps: int = 50  # T of the first estimate (paper: 50 random timesteps)
+    reestimate_timesteps: int = 10  # T of later rounds (cheaper: the tokens change little in K steps)
+    estimate_batch: int = 8  # timesteps per UNet call while estimating
+    threshold_mode: str = "otsu"  # otsu (per map) | fixed
+    threshold: float = 0.45  # the fixed threshold on max-normalised maps (DiffuMask sweeps 0.35-0.55)
+    crf_at: str = "latent"  # latent (fast, kernel widths scaled by the latent factor) | image | off
+    crf_iterations: int = 10
+    crf_gaussian_sxy: float = 3.0  # CutLER's values, in image pixels
+    crf_gaussian_compat: float = 7.0
+    crf_bilateral_sxy: float = 50.0
+    crf_bilateral_srgb: float = 5.0
+    crf_bilateral_compat: float = 10.0
+    max_concepts_per_step: int = 0  # union sampling: at most this many concepts per prompt (0 = all)
+    attention_layers: str = ""  # comma separated attn2 module names; empty = the 1/4-resolution down/up layers
+
+    def validated(self, node: str = NODE) -> "EMSettings":
+        def bad(input: str, msg: str):
+            raise UnconfusedError(msg, node=node, input=input)
+
+        if "{token}" not in self.template:
+            bad("template", "must contain {token} (the sampled tokens, e.g. 'a photo of {token}')")
+        if self.threshold_mode not in THRESHOLDS:
+            bad("threshold_mode", f"'{self.threshold_mode}' is not one of {THRESHOLDS}")
+        if not 0 < self.threshold < 1:
+            bad("threshold", "must be between 0 and 1 (maps are divided by their maximum; 0.35-0.55 is usual)")
+        if self.crf_at not in CRF_AT:
+            bad("crf_at", f"'{self.crf_at}' is not one of {CRF_AT}")
+        for name in ("inversion_steps", "tokens_only_steps", "reestimate_every", "max_concepts_per_step"):
+            if getattr(self, name) < 0:
+                bad(name, "must be 0 or more")
+        for name in ("init_timesteps", "reestimate_timesteps", "estimate_batch"):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1")
+        if self.inversion_steps >= self.steps:
+            bad("inversion_steps", f"the warm-up ({self.inversion_steps}) must be shorter than steps ({self.steps})")
+        if self.attention_weight < 0:
+            bad("attention_weight", "must be 0 or more (1e-2 is Break-a-Scene's)")
+        if not self.masked_loss:
+            bad("masked_loss", "the mask EM trains under its masks; use the LoRA trainer for unmasked training")
+        self.crf_settings().validate(node)
+        return super().validated(node)
+
+    def crf_settings(self, scale: float = 1.0) -> CRFSettings:
+        return CRFSettings(iterations=self.crf_iterations, gaussian_sxy=max(self.crf_gaussian_sxy * scale, 0.5),
+                           gaussian_compat=self.crf_gaussian_compat,
+                           bilateral_sxy=max(self.crf_bilateral_sxy * scale, 1.0),
+                           bilateral_srgb=self.crf_bilateral_srgb, bilateral_compat=self.crf_bilateral_compat)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, node: str = NODE) -> "EMSettings":
+        return super().from_dict(data, node=node)
+
+
+# ---------------------------------------------------------------- scenes: images with several concepts
+@dataclass
+class Scene:
+    """One image holding several concepts (token -> class word), optionally with ground-truth masks
+    (token -> [H, W]) used only to measure the estimated masks."""
+
+    image: torch.Tensor  # [H, W, 3] in 0..1
+    concepts: list[tuple[str, str]]
+    ground_truth: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> list[str]:
+        return [t for t, _ in self.concepts]
+
+
+_LINE = re.compile(r"^\s*(?:(\d+(?:\s*,\s*\d+)*)\s*:)?\s*(\S+)\s+(.+?)\s*$")
+
+
+def parse_concept_lines(text: str, n_images: int, *, node: str = NODE, input: str = "concepts"
+                        ) -> list[list[tuple[str, str]]]:
+    """`<token> class word` per line: the concept is in every image. `2: <token> class` (or `1,3:`):
+    only in those images (1-based). Returns per image its (token, class word) list, in line order."""
+    per_image: list[list[tuple[str, str]]] = [[] for _ in range(n_images)]
+    seen: dict[str, str] = {}
+    lines = [ln for ln in (text or "").splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not lines:
+        raise UnconfusedError("no concepts: write one line per concept, '<token> class word' (e.g. '<alice> woman'"
+                              "), at least two for the mask EM to separate", node=node, input=input)
+    for ln in lines:
+        m = _LINE.match(ln)
+        if not m:
+            raise UnconfusedError(f"cannot read the line {ln.strip()!r}: write '<token> class word', e.g. "
+                                  "'<alice> woman', or '2: <bob> man' for a concept only in image 2", node=node,
+                                  input=input)
+        where, token, class_word = m.groups()
+        if not (token.startswith("<") and token.endswith(">")):
+            raise UnconfusedError(f"line {ln.strip()!r}: the token comes first and is written in angle brackets, "
+                                  f"e.g. '<{token.strip('<>')}> {class_word}'", node=node, input=input)
+        token = validate_token(token, node=node, input=input)
+        if token in seen:
+            raise UnconfusedError(f"{token} is listed twice; one line per concept (use '1,2: {token} "
+                                  f"{class_word}' for a concept in several images)", node=node, input=input)
+        seen[token] = class_word
+        images = list(range(n_images)) if where is None else [int(x) - 1 for x in where.split(",")]
+        for i in images:
+            if not 0 <= i < n_images:
+                raise UnconfusedError(f"line {ln.strip()!r} names image {i + 1}, but there are {n_images} "
+                                      "image(s); images are counted from 1", node=node, input=input)
+            per_image[i].append((token, class_word))
+    for i, cs in enumerate(per_image):
+        if not cs:
+            raise UnconfusedError(f"image {i + 1} has no concept; prefix lines with the images they belong to, "
+                                  "or drop the image", node=node, input=input)
+    return per_image
+
+
+def make_scenes(images: list[torch.Tensor], concepts: str | list[list[tuple[str, str]]],
+                ground_truth: list[torch.Tensor] | None = None, *, node: str = NODE) -> list[Scene]:
+    """Scenes from images and the concept lines; ground truth (optional) is one mask per concept of
+    each image, image-major, in line order."""
+    per_image = parse_concept_lines(concepts, len(images), node=node) if isinstance(concepts, str) else concepts
+    scenes = [Scene(img, list(cs)) for img, cs in zip(images, per_image)]
+    if ground_truth is not None:
+        want = sum(len(s.concepts) for s in scenes)
+        if len(ground_truth) != want:
+            raise UnconfusedError(f"{len(ground_truth)} ground-truth masks, but the images hold {want} concepts; "
+                                  "give one mask per concept of each image, image by image in the order of the "
+                                  "concept lines", node=node, input="ground_truth")
+        it = iter(ground_truth)
+        for i, s in enumerate(scenes):
+            for t in s.tokens:
+                m = next(it)
+                if tuple(m.shape[-2:]) != tuple(s.image.shape[:2]):
+                    raise UnconfusedError(f"the ground-truth mask of {t} in image {i + 1} is {m.shape[-1]}x"
+                                          f"{m.shape[-2]}, the image {s.image.shape[1]}x{s.image.shape[0]}; "
+                                          "masks must have their image's size", node=node, input="ground_truth")
+                s.ground_truth[t] = m.float().reshape(m.shape[-2:])
+    if sum(len(s.concepts) for s in scenes) < 2 and len(scenes) == 1:
+        log.warning("one concept in one image: the mask EM separates concepts from each other and the background")
+    return scenes
+
+
+# ---------------------------------------------------------------- mask estimation pieces
+def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
+    """Otsu's threshold of values in [0, 1] (between-class variance maximised over a histogram)."""
+    v = values.detach().float().flatten().clamp(0, 1).cpu().numpy()
+    hist, edges = np.histogram(v, bins=bins, range=(0.0, 1.0))
+    p = hist.astype(np.float64) / max(hist.sum(), 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)
+    mu = np.cumsum(p * centers)
+    w1 = 1 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * w0 - mu) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1
+    k = int(np.argmax(between))
+    return float(edges[k + 1])
+
+
+def binarize(maps: torch.Tensor, mode: str = "otsu", threshold: float = 0.45) -> torch.Tensor:
+    """maps [L,h,w], each divided by its maximum -> binary [L,h,w]: above the threshold (Otsu per map
+    or fixed) and the strongest map at the pixel (a pixel goes to one concept; none = background)."""
+    out = torch.zeros_like(maps)
+    strongest = maps.argmax(0)
+    for k, m in enumerate(maps):
+        if float(m.max()) <= 0:
+            continue
+        thr = otsu_threshold(m) if mode == "otsu" else threshold
+        above = m > thr
+        mine = above & (strongest == k)
+        out[k] = (mine if bool(mine.any()) else above).float()
+    return out
+
+
+def attention_loss(maps: torch.Tensor, masks: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+    """Break-a-Scene's cross-attention loss: maps [B,K,h,w] (captured, differentiable), each divided
+    by its maximum, against masks [B,K,H,W] resized to the maps; MSE over the selected (b, k) pairs
+    (select [B,K] bool; default all)."""
+    b, k, h, w = maps.shape
+    target = F.interpolate(masks.float().reshape(b * k, 1, *masks.shape[-2:]), size=(h, w),
+                           mode="area").reshape(b, k, h, w)
+    peak = maps.flatten(2).amax(-1)[..., None, None].clamp(min=1e-8)
+    err = ((maps / peak - target.to(maps)) ** 2).mean(dim=(-2, -1))  # [B, K]
+    if select is None:
+        return err.mean()
+    select = select.to(err.device)
+    return (err * select).sum() / select.sum().clamp(min=1)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a > 0.5, b > 0.5
+    union = float((a | b).sum())
+    return float((a & b).sum()) / union if union else 1.0
+
+
+def unfit_square(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `fit_square` for a mask [R,R]: back onto the original [H,W] (outside the crop = 0)."""
+    r = mask.shape[-1]
+    scale = r / min(height, width)
+    nh, nw = max(r, round(height * scale)), max(r, round(width * scale))
+    canvas = torch.zeros(nh, nw)
+    top, left = (nh - r) // 2, (nw - r) // 2
+    canvas[top:top + r, left:left + r] = mask.float().cpu()
+    return F.interpolate(canvas[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+
+
+# ---------------------------------------------------------------- result
+@dataclass
+class MaskRound:
+    index: int
+    step: int  # optimizer steps done when the masks were made
+    masks: torch.Tensor  # [N, K, h, w] latent masks (0 where a concept is not in the image)
+    iou: dict[str, float] = field(default_factory=dict)  # token -> mean IoU over its images (with ground truth)
+    seconds: float = 0.0
+
+
+@dataclass
+class EMResult(LoraResult):
+    masks: list[torch.Tensor] = field(default_factory=list)  # per image [K_i, H, W] at the image's own size
+    labels: list[str] = field(default_factory=list)  # "image i: <token>" per mask, image-major
+    rounds: list[MaskRound] = field(default_factory=list)
+    history: object = None  # PIL: the masks of every round over the images (rows = rounds)
+    iou_curve: object = None  # PIL, with ground truth
+
+    def mask_batch(self) -> torch.Tensor:
+        """All masks as one MASK batch [sum K_i, H, W] (images of one size), image-major."""
+        return torch.cat(self.masks).clamp(0, 1)
+
+    def info(self) -> str:
+        lines = [super().info(), f"mask rounds: {len(self.rounds)} (at steps {[r.step for r in self.rounds]})",
+                 "masks output (in order): " + ", ".join(self.labels)]
+        if self.rounds and self.rounds[-1].iou:
+            first, last = self.rounds[0].iou, self.rounds[-1].iou
+            lines.append("IoU with the ground truth, first -> last round: " + ", ".join(
+                f"{t} {first[t]:.3f} -> {last[t]:.3f}" for t in last))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the trainer
+class EMTrainer(LoraTrainer):
+    """LoraTrainer whose masks come from its own cross-attention and improve as its tokens do."""
+
+    def __init__(self, bundle, scenes: list[Scene], settings: EMSettings, *, run_root: Path | None = None,
+                 node: str = NODE):
+        if not scenes:
+            raise UnconfusedError("no images: connect one or a few images holding the concepts", node=node,
+                                  input="images")
+        settings = settings.validated(node)
+        self.scenes = scenes
+        self.em_tokens = list(dict.fromkeys(t for s in scenes for t in s.tokens))
+        class_words = {t: c for s in scenes for t, c in s.concepts}
+        examples = [Example(s.image, settings.template.format(token=" and ".join(s.tokens)), None, s.tokens)
+                    for s in scenes]
+        seed_everything(settings.seed)  # the LoRA's random init: a resumed run's trainer starts like the first
+        super().__init__(bundle, examples, settings, run_root=run_root, node=node, class_words=class_words)
+        s = self.settings
+        k = len(self.em_tokens)
+        self.member = torch.zeros(len(scenes), k, dtype=torch.bool)  # [N, K]: concept k is in image n
+        for n, sc in enumerate(scenes):
+            for t in sc.tokens:
+                self.member[n, self.em_tokens.index(t)] = True
+        lat = self.data.latents if self.data.latents is not None else None
+        self.latent_size = tuple(lat.shape[-2:]) if lat is not None else (s.resolution // 8, s.resolution // 8)
+        self.images = [fit_square(sc.image.permute(2, 0, 1), s.resolution).permute(1, 2, 0).clamp(0, 1)
+                       for sc in scenes]  # what the model sees, [R,R,3]
+        self.gt = None
+        if any(sc.ground_truth for sc in scenes):
+            self.gt = torch.zeros(len(scenes), k, s.resolution, s.resolution)
+            self.gt_known = torch.zeros(len(scenes), k, dtype=torch.bool)
+            for n, sc in enumerate(scenes):
+                for t, m in sc.ground_truth.items():
+                    self.gt[n, self.em_tokens.index(t)] = fit_square(m[None], s.resolution)[0]
+                    self.gt_known[n, self.em_tokens.index(t)] = True
+        names = [n.strip() for n in s.attention_layers.split(",") if n.strip()]
+        self.layers = names or default_layers(self.bundle.unet)
+        self.lora_params = [p for n, p in self.trainable.items() if n.startswith("unet.")]
+        self.rounds: list[MaskRound] = []
+        self.masks: torch.Tensor | None = None  # [N, K, h, w] current latent masks
+        self.capture: AttentionCapture | None = None
+        self._pending = None  # per-concept masks and selection of the batch being trained
+        self._positions: dict[tuple[str, ...], torch.Tensor] = {}
+        self._history_checked = False
+        self.history_path = self.run_dir / "em_masks.pt"
+        self.reestimate_seconds = 0.0
+
+    # ------------------------------------------------------------ schedule
+    def round_steps(self) -> list[int]:
+        """Steps (done) at which masks are made: the first after the warm-up, every K, the final one."""
+        s = self.settings
+        out = [s.inversion_steps]
+        if s.reestimate_every:
+            out += list(range(s.inversion_steps + s.reestimate_every, s.steps, s.reestimate_every))
+        return out + ([s.steps] if s.steps not in out else [])
+
+    def phase(self, step: int) -> str:
+        s = self.settings
+        if step < s.inversion_steps:
+            return "inversion"
+        return "tokens" if step < s.inversion_steps + s.tokens_only_steps else "tokens+lora"
+
+    # ------------------------------------------------------------ mask estimation (E step)
+    @torch.no_grad()
+    def estimate(self, step: int, timesteps: int) -> MaskRound:
+        """Average each concept's cross-attention over `timesteps` random timesteps per image (own
+        generator seeded by the run seed and the step: a resumed run re-makes the same masks),
+        normalise, threshold, CRF -> [N, K, h, w] latent masks."""
+        import time
+
+        s = self.settings
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+        unet, n_train = self.bundle.unet, self.scheduler.config.num_train_timesteps
+        was = unet.training
+        unet.eval()
+        out = torch.zeros(len(self.scenes), len(self.em_tokens), *self.latent_size)
+        try:
+            for n, sc in enumerate(self.scenes):
+                latent = self._latent(n)
+                caption = s.template.format(token=" and ".join(sc.tokens))
+                cond1 = self._encode([caption]).detach()
+                pos1 = token_position_mask(self.bundle, [caption], self.em_tokens)
+                ts = torch.randint(0, n_train, (timesteps,), generator=g)
+                noise = torch.randn((timesteps, *latent.shape[1:]), generator=g)
+                total = torch.zeros(len(self.em_tokens), *self.latent_size)
+                with AttentionCapture(unet, self.layers, detach=True) as cap:
+                    for i in range(0, timesteps, s.estimate_batch):
+                        host.check_cancel()
+                        t = ts[i:i + s.estimate_batch].to(self.device)
+                        b = t.shape[0]
+                        noisy = self.scheduler.add_noise(latent.expand(b, -1, -1, -1),
+                                                         noise[i:i + b].to(latent), t)
+                        cap.reset()
+                        cap.watch(pos1.expand(b, -1, -1))
+                        with self._autocast():
+                            unet(noisy, t, cond1.expand(b, -1, -1).to(self.weight_dtype))
+                        total += cap.maps(self.latent_size).sum(0).float().cpu()  # [K, h, w], summed over t
+                maps = total / timesteps
+                maps = AttentionCapture.normalized(maps[None])[0].cpu()
+                idx = [self.em_tokens.index(t) for t in sc.tokens]
+                out[n, idx] = self._refine(n, binarize(maps[idx], s.threshold_mode, s.threshold))
+        finally:
+            unet.train(was)
+        r = MaskRound(len(self.rounds), step, out, seconds=time.perf_counter() - t0)
+        r.iou = self.round_iou(out)
+        return r
+
+    def _refine(self, n: int, binary: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if s.crf_at == "off":
+            return binary
+        if s.crf_at == "latent":
+            scale = self.latent_size[0] / s.resolution  # kernel widths are given in image pixels
+            return refine_latent_masks(self.images[n], binary, s.crf_settings(scale), node=self.node,
+                                       image_input="images", mask_input="masks")
+        from ..engine.crf import refine
+
+        up = F.interpolate(binary[None], size=(s.resolution, s.resolution), mode="nearest")[0]
+        fine = refine(self.images[n], up, s.crf_settings(), work_at="image", node=self.node, image_input="images",
+                      mask_input="masks", on_degenerate="keep")
+        return F.interpolate(fine[None], size=self.latent_size, mode="area")[0]
+
+    def _latent(self, n: int) -> torch.Tensor:
+        d = self.data
+        if d.latents is not None:
+            return d.latents[n:n + 1].to(self.device, self.weight_dtype)
+        vae = self.bundle.vae
+        px = d.pixels[n:n + 1].to(self.device, self.weight_dtype)
+        return vae.encode(px).latent_dist.mean * vae.config.scaling_factor
+
+    def _autocast(self):
+        import contextlib
+
+        return (torch.autocast(self.device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def round_iou(self, masks: torch.Tensor) -> dict[str, float]:
+        """token -> mean IoU (over the images where its ground truth is known) at training resolution."""
+        if self.gt is None:
+            return {}
+        r = self.settings.resolution
+        up = F.interpolate(masks, size=(r, r), mode="bilinear", align_corners=False)
+        out = {}
+        for k, t in enumerate(self.em_tokens):
+            vals = [iou(up[n, k], self.gt[n, k]) for n in range(len(self.scenes)) if self.gt_known[n, k]]
+            if vals:
+                out[t] = sum(vals) / len(vals)
+        return out
+
+    def _ensure_round(self, step: int) -> None:
+        """Make the round due at this step (if any) unless it exists (resume)."""
+        s = self.settings
+        self._load_history(step)
+        due = [rs for rs in self.round_steps() if rs <= step]
+        if due and not any(r.step == due[-1] for r in self.rounds):
+            first = due[-1] == s.inversion_steps
+            r = self.estimate(due[-1], s.init_timesteps if first else s.reestimate_timesteps)
+            r.index = len(self.rounds)
+            self.rounds.append(r)
+            self._save_round(r)
+        self.masks = self.rounds[-1].masks if self.rounds and self.rounds[-1].step <= step else None
+
+    # ------------------------------------------------------------ history on disk
+    def _load_history(self, step: int) -> None:
+        if self._history_checked:
+            return
+        self._history_checked = True
+        if not self.history_path.is_file():
+            return
+        try:
+            payload = torch.load(self.history_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unreadable: the rounds are made again (deterministically)
+            log.warning("%s is unreadable (%s); the masks are estimated again", self.history_path.name, e)
+            return
+        if payload.get("config_hash") != config_hash(self.loop.config):
+            return
+        self.rounds = [MaskRound(int(r["index"]), int(r["step"]), r["masks"], dict(r["iou"]), float(r["seconds"]))
+                       for r in payload["rounds"] if int(r["step"]) <= step]
+
+    def _save_round(self, r: MaskRound) -> None:
+        if not self.world.is_main:
+            return
+        payload = {"config_hash": config_hash(self.loop.config), "tokens": self.em_tokens,
+                   "rounds": [{"index": x.index, "step": x.step, "masks": x.masks, "iou": x.iou, "seconds": x.seconds}
+                              for x in self.rounds]}
+        with atomic_path(self.history_path) as tmp:
+            torch.save(payload, tmp)
+        folder = self.run_dir / "masks" / f"round_{r.index:02d}_step_{r.step:06d}"
+        for n, sc in enumerate(self.scenes):
+            for t in sc.tokens:
+                m = r.masks[n, self.em_tokens.index(t)]
+                up = F.interpolate(m[None, None], size=(self.settings.resolution,) * 2, mode="bilinear",
+                                   align_corners=False)[0, 0]
+                atomic_save_image(folder / f"image{n + 1}_{t.strip('<>')}.png", tensor_to_pil(up))
+        messages.send_masks(self.node, r.step, self.images, [self._overlay_masks(r, n) for n in range(len(self.scenes))],
+                            labels=[f"round {r.index} (step {r.step}): " + " ".join(sc.tokens) for sc in self.scenes],
+                            force=True)
+
+    def _overlay_masks(self, r: MaskRound, n: int) -> list[torch.Tensor]:
+        return [r.masks[n, self.em_tokens.index(t)] for t in self.scenes[n].tokens]
+
+    # ------------------------------------------------------------ one step (M step)
+    def step(self, step: int) -> float:
+        self._ensure_round(step)
+        trains_lora = self.phase(step) == "tokens+lora"
+        for p in self.lora_params:
+            p.requires_grad_(trains_lora)
+        return super().step(step)
+
+    def _batch(self, data, n: int):
+        """Union sampling: each drawn image gets k of its concepts (k uniform in 1..its count, capped by
+        max_concepts_per_step); the prompt names them; the loss mask is the union of their masks; the
+        image and its masks flip together."""
+        if data is not self.data:  # prior-preservation images: as the LoRA trainer
+            self._pending = None
+            return super()._batch(data, n)
+        s, g, w = self.settings, self.generator, self.world
+        idx = w.mine(torch.randint(len(data), (n * w.size,), generator=g), n)
+        flip = w.mine(torch.rand(n * w.size, generator=g) < 0.5, n) if s.flip else torch.zeros(n, dtype=torch.bool)
+        picks = w.mine(torch.rand(n * w.size, len(self.em_tokens), generator=g), n)
+        counts = w.mine(torch.rand(n * w.size, generator=g), n)
+        select = torch.zeros(n, len(self.em_tokens), dtype=torch.bool)
+        captions = []
+        for j, i in enumerate(idx.tolist()):
+            member = self.member[i]
+            have = int(member.sum())
+            cap = min(have, s.max_concepts_per_step) if s.max_concepts_per_step else have
+            k = 1 + int(counts[j] * cap) if self.masks is not None else have  # the warm-up names them all
+            order = torch.where(member, picks[j], torch.full_like(picks[j], 2.0)).argsort()[:min(k, have)]
+            select[j, order] = True
+            toks = [t for kk, t in enumerate(self.em_tokens) if select[j, kk]]
+            captions.append(s.template.format(token=" and ".join(toks)))
+        if data.latents is not None:
+            lat = torch.stack([data.latents_flipped[i] if f else data.latents[i] for i, f in zip(idx.tolist(), flip)])
+            lat = lat.to(self.device, self.weight_dtype)
+        else:
+            px = torch.stack([data.pixels[i].flip(-1) if f else data.pixels[i] for i, f in zip(idx.tolist(), flip)])
+            vae = self.bundle.vae
+            with torch.no_grad():
+                dist = vae.encode(px.to(self.device, self.weight_dtype)).latent_dist
+                noise = w.mine(torch.randn((n * w.size, *dist.mean.shape[1:]), generator=g), n).to(dist.mean)
+                lat = (dist.mean + dist.std * noise) * vae.config.scaling_factor
+        if self.masks is None:  # warm-up: whole images, no attention loss
+            self._pending = None
+            return lat, None, captions
+        per = torch.stack([self.masks[i].flip(-1) if f else self.masks[i] for i, f in zip(idx.tolist(), flip)])
+        per = F.interpolate(per, size=tuple(lat.shape[-2:]), mode="area") if per.shape[-2:] != lat.shape[-2:] else per
+        union = (per * select[..., None, None]).amax(1, keepdim=True)
+        # a concept whose mask is still empty would make the union empty: then the whole image counts
+        empty = union.flatten(1).amax(1) <= 0
+        union[empty] = 1.0
+        self._pending = (per.to(self.device), select, captions)
+        return lat, union.to(self.device), captions
+
+    def _positions_for(self, captions: list[str]) -> torch.Tensor:
+        key = tuple(captions)
+        if key not in self._positions:
+            if len(self._positions) > 256:
+                self._positions.clear()
+            self._positions[key] = token_position_mask(self.bundle, captions, self.em_tokens)
+        return self._positions[key]
+
+    def _loss(self, latents, masks, captions, weight: float) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        cap = self.capture
+        use_attn = (pending is not None and cap is not None and self.settings.attention_weight > 0
+                    and pending[2] is captions)
+        if use_attn:
+            cap.reset()
+            cap.watch(self._positions_for(captions).to(self.device))
+        try:
+            loss = super()._loss(latents, masks, captions, weight)
+            if use_attn:
+                per, select, _ = pending
+                loss = loss + self.settings.attention_weight * weight * attention_loss(cap.maps(), per, select)
+        finally:
+            if cap is not None:
+                cap.watch(None)
+                cap.reset()
+        return loss
+
+    # ------------------------------------------------------------ run
+    def run(self) -> EMResult:
+        s = self.settings
+        if s.resume == "restart" and self.history_path.is_file():
+            self.history_path.unlink()
+        with host.training_mode(), AttentionCapture(self.bundle.unet, self.layers, detach=False) as cap:
+            self.capture = cap
+            try:
+                base = super().run()
+            finally:
+                self.capture = None
+        with host.training_mode():
+            self._load_history(s.steps)
+            if not any(r.step == s.steps for r in self.rounds):  # the final round (e.g. after a Cancel in it)
+                self.bundle.to(self.device)
+                try:
+                    self._ensure_round(s.steps)
+                finally:
+                    self.bundle.to("cpu")
+                    host.empty_cache()
+        return self._result(base)
+
+    def _on_step(self, step: int, loss: float) -> None:
+        super()._on_step(step, loss)
+        if step == self.settings.steps:
+            self._ensure_round(step)  # the final masks, from the final tokens and LoRA
+
+    def metadata(self) -> dict:
+        s = self.settings
+        return dict(super().metadata(), unconfused_trainer="em", ss_masked_loss="em",
+                    unconfused_em_rounds=len(self.rounds), unconfused_em_attention_weight=s.attention_weight)
+
+    def _result(self, base: LoraResult) -> EMResult:
+        res = EMResult(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+        res.rounds = list(self.rounds)
+        final = self.rounds[-1].masks
+        r = self.settings.resolution
+        for n, sc in enumerate(self.scenes):
+            h, w = sc.image.shape[:2]
+            ms = []
+            for t in sc.tokens:
+                up = F.interpolate(final[n, self.em_tokens.index(t)][None, None], size=(r, r), mode="bilinear",
+                                   align_corners=False)[0, 0]
+                ms.append((unfit_square(up, h, w) > 0.5).float())
+                res.labels.append(f"image {n + 1}: {t}")
+            res.masks.append(torch.stack(ms))
+        res.history = history_strip(self.images, [[self._overlay_masks(rd, n) for n in range(len(self.scenes))]
+                                                  for rd in self.rounds],
+                                    [f"round {rd.index} @ step {rd.step}" for rd in self.rounds])
+        if self.world.is_main:
+            atomic_save_image(self.run_dir / "mask_history.png", res.history)
+        if self.gt is not None:
+            res.iou_curve = iou_chart(self.rounds, f"mask IoU per round ({self.settings.name})")
+            if self.world.is_main:
+                atomic_save_image(self.run_dir / "iou.png", res.iou_curve)
+        return res
+
+
+# ---------------------------------------------------------------- pictures
+def history_strip(images: list[torch.Tensor], rounds: list[list[list[torch.Tensor]]], labels: list[str],
+                  cell: int = 160):
+    """Rows = rounds, columns = images: each image with its concepts' masks tinted."""
+    pics, caps = [], []
+    for rd, label in zip(rounds, labels):
+        for n, masks in enumerate(rd):
+            pics.append(overlay_masks(images[n], list(masks)))
+            caps.append(f"{label}, image {n + 1}")
+    return grid(pics, caps, cell=cell, columns=len(images), caption_lines=2)
+
+
+def iou_chart(rounds: list[MaskRound], title: str, width: int = 512, height: int = 256):
+    """IoU with the ground truth per round, one line per concept (the paper's Figure 3)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (width, height), (24, 24, 24))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((8, 4), title, fill=(235, 235, 235), font=font)
+    left, top, right, bottom = 40, 20, width - 120, height - 22
+    draw.rectangle([left, top, right, bottom], outline=(90, 90, 90))
+    steps = [r.step for r in rounds]
+    lo, hi = min(steps), max(max(steps), min(steps) + 1)
+
+    def xy(step: int, v: float):
+        return left + (right - left) * (step - lo) / (hi - lo), bottom - (bottom - top) * v
+
+    for v in (0.0, 0.5, 1.0):
+        draw.text((4, xy(lo, v)[1] - 6), f"{v:.1f}", fill=(200, 200, 200), font=font)
+    tokens = list(dict.fromkeys(t for r in rounds for t in r.iou))
+    for k, t in enumerate(tokens):
+        pts = [xy(r.step, r.iou[t]) for r in rounds if t in r.iou]
+        color = PALETTE[k % len(PALETTE)]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        draw.text((right + 8, top + 14 * k), t, fill=color, font=font)
+    draw.text((left, bottom + 4), f"step {lo} .. {hi}", fill=(200, 200, 200), font=font)
+    return img
+
+
+def train_em(bundle, scenes: list[Scene], settings: EMSettings | dict | None = None, **kwargs) -> EMResult:
+    """Run the mask EM and export; `settings` as EMSettings or a dict (the CLI's config file)."""
+    if settings is None:
+        settings = EMSettings()
+    elif isinstance(settings, dict):
+        settings = EMSettings.from_dict(settings)
+    seed_everything(settings.seed)
+    return EMTrainer(bundle, scenes, settings, **kwargs).run()
+
+
+__all__ = ["EMSettings", "EMTrainer", "EMResult", "MaskRound", "Scene", "attention_loss", "binarize", "iou",
+           "make_scenes", "otsu_threshold", "parse_concept_lines", "train_em"]
