@@ -55,6 +55,15 @@ def tiny_tower_model(seed: int = 0, text_width: int = 32):
     return model, name
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: with a second thread on a busy machine, small matmuls wait on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def scorer():
     model, name = tiny_tower_model()
