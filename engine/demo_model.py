@@ -62,3 +62,74 @@ def write_demo_diffusers_folder(folder: str | Path, seed: int = 0) -> Path:
 
 def load_demo_model(folder: str | Path) -> ModelBundle:
     return load_diffusers_folder(write_demo_diffusers_folder(folder))
+
+
+# A tiny open_clip (image + text towers) whose text width matches the demo text encoder, so the
+# CLIF stage and the metrics run on built-in defaults. Made discriminative the cheap way (no class
+# or position bias, a stronger patch filter, CLIP's trained logit scale): a random ViT otherwise
+# gives nearly one feature for every picture.
+DEMO_CLIP_NAME = "unconfused-demo-clip"
+DEMO_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_demo_clip(folder: str | Path, seed: int = 0) -> Path:
+    """`<folder>/unconfused-demo-clip.safetensors` + its open_clip config (`.json` beside it,
+    which the CLIP loaders read for architectures open_clip does not list)."""
+    import math
+
+    import open_clip
+    from open_clip import factory
+
+    from .files import atomic_save_safetensors
+
+    path = Path(folder) / f"{DEMO_CLIP_NAME}.safetensors"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    factory._MODEL_CONFIGS[DEMO_CLIP_NAME] = DEMO_CLIP_CFG
+    torch.manual_seed(seed)
+    model = open_clip.create_model(DEMO_CLIP_NAME, pretrained=None)
+    with torch.no_grad():
+        v = model.visual
+        v.class_embedding.zero_()
+        v.positional_embedding.mul_(0.1)
+        v.conv1.weight.mul_(4)
+        model.logit_scale.fill_(math.log(100))
+    atomic_write_json(path.with_suffix(".json"), DEMO_CLIP_CFG)
+    atomic_save_safetensors(path, {k: v.contiguous() for k, v in model.state_dict().items()})
+    return path
+
+
+BANK_SHAPES = {"ball": "disc", "box": "square", "pyramid": "triangle", "ring": "ring"}
+
+
+def write_demo_bank(folder: str | Path, per_shape: int = 3, size: int = 96, seed: int = 0) -> Path:
+    """A built-in common-concept bank: plain-coloured shapes on plain backgrounds, one subfolder per
+    label, with exact masks in `<label>/masks/` (the layout the augmentation builder reads)."""
+    from PIL import Image
+
+    from .files import atomic_save_image
+
+    folder = Path(folder)
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    for label, shape in BANK_SHAPES.items():
+        for i in range(per_shape):
+            path = folder / label / f"{i:03d}.png"
+            if path.is_file():
+                continue
+            cx, cy = ((torch.rand(2, generator=g) - 0.5) * 0.4).tolist()
+            r = 0.35 + 0.2 * float(torch.rand((), generator=g))
+            dx, dy = xx - cx, yy - cy
+            m = {"disc": dx ** 2 + dy ** 2 < r ** 2, "square": (dx.abs() < r) & (dy.abs() < r),
+                 "triangle": (dy < r) & (dy > -r) & (dx.abs() < (dy + r) / 2),
+                 "ring": ((dx ** 2 + dy ** 2) < r ** 2) & ((dx ** 2 + dy ** 2) > (r / 2) ** 2)}[shape]
+            bg, fg = torch.rand(3, generator=g) * 0.3 + 0.65, torch.rand(3, generator=g) * 0.6
+            img = torch.where(m[..., None], fg, bg)
+            atomic_save_image(folder / label / "masks" / f"{i:03d}.png",
+                              Image.fromarray((m.numpy() * 255).astype("uint8"), "L"))
+            atomic_save_image(path, Image.fromarray((img.numpy() * 255).round().astype("uint8")))
+    return folder

@@ -54,3 +54,22 @@ def test_lora_command_trains_exports_and_resumes(tmp_path, dreambooth_dir, capsy
     assert "other settings" in capsys.readouterr().err
     assert main(["lora", "--config", str(config), "--set", "stepz=4"]) == 2
     assert "unknown settings" in capsys.readouterr().err
+
+
+def test_demo_runs_the_whole_clif_flow_on_builtin_defaults(tmp_path, capsys):
+    """The README's main job, with fewer steps: every stage runs and writes its files."""
+    work = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(work), "--clif-steps", "3", "--lora-steps", "3"]) == 0
+    report = json.loads((work / "report.json").read_text())
+    assert list(report["stages"]) == ["load model", "load clip", "concepts and cut-outs", "augmentations",
+                                      "CLIF text encoder", "LoRA + tokens", "sample"]
+    assert report["stages"]["augmentations"]["pairs"] == {"global": 24, "mix": 12}
+    assert report["stages"]["sample"]["attention_tokens"] == ["<red-thing>", "<blue-thing>"]
+    assert (work / "samples.png").is_file() and (work / "attention.png").is_file()
+    assert (work / "models" / "loras" / "demo-lora.safetensors").is_file()
+    assert (work / "models" / "embeddings" / "demo-lora_red-thing.safetensors").is_file()
+    # a rerun resumes every stage: nothing is trained again
+    assert main(["demo", "--workdir", str(work), "--clif-steps", "3", "--lora-steps", "3"]) == 0
+    again = json.loads((work / "report.json").read_text())["stages"]
+    assert again["CLIF text encoder"]["resumed_from"] == 3 and again["LoRA + tokens"]["resumed_from"] == 3
+    assert "report written" in capsys.readouterr().out
