@@ -4,6 +4,7 @@ two real photos composited into one image; exports; exact resume; clear messages
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,28 @@ def test_node_runs_under_comfyui_inference_mode(dreambooth_dir):
     assert masks.shape == (2, 64, 64) and history.ndim == 4 and curve.ndim == 4
     assert "embedding:node_dog" in info and (host.model_folders("loras")[0] / "node.safetensors").is_file()
     assert len(out["ui"]["images"]) == 2
+
+
+def test_cli_em_job(dreambooth_dir, tmp_path, capsys):
+    import json
+
+    from unconfused.trainers.cli import main
+
+    image, gt = composite(dreambooth_dir, 64)
+    from unconfused.engine.concepts import tensor_to_pil
+
+    tensor_to_pil(image).save(tmp_path / "pair.png")
+    for name, m in zip(("dog", "cat"), gt):
+        tensor_to_pil(m).save(tmp_path / f"gt_{name}.png")
+    job = {"images": ["pair.png"], "concepts": ["<dog> dog", "<cat> cat"], "ground_truth": ["gt_dog.png", "gt_cat.png"],
+           "settings": {"name": "cli", "steps": 2, "resolution": RES, "tokens_only_steps": 1, "reestimate_every": 0,
+                        "init_timesteps": 2, "export": False}}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert main(["em", "--config", str(tmp_path / "job.json"), "--set", "rank=4"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    assert report["steps"] == 2 and [r["step"] for r in report["rounds"]] == [0, 2]
+    assert sorted(p.name for p in Path(report["masks"]).iterdir()) == ["image1_cat.png", "image1_dog.png"]
+    (tmp_path / "bad.json").write_text(json.dumps({"images": ["pair.png"], "concepts": ["dog dog"]}))
+    assert main(["em", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "angle brackets" in capsys.readouterr().err

@@ -25,7 +25,8 @@ from ..engine.concepts import Concept, ConceptSet, load_concept_set, load_images
 from ..engine.errors import UnconfusedError
 
 KNOWN = {"model", "concept_set", "concepts", "settings", "workdir", "prediction", "precision",
-         "dataset", "image_tower"}  # the last two: the CLIF job
+         "dataset", "image_tower",  # the CLIF job
+         "images", "ground_truth"}  # the mask-EM job
 
 
 def read_config(path: str | Path, overrides: list[str] | None = None, *, node: str) -> tuple[dict, Path]:
@@ -141,3 +142,57 @@ def run_clif(config_path: str | Path, overrides: list[str] | None = None) -> dic
             "final_loss": result.losses[-1] if result.losses else None, "run_dir": str(result.run_dir),
             "exports": {k: str(v) for k, v in result.exports.items()}, "metrics": {
                 k: v for k, v in result.metrics.items() if k in ("before", "after")}, "info": result.info()}
+
+
+def run_em(config_path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Mask-EM job: `model`, `images` (one or a few image files holding several concepts), `concepts`
+    (the node's lines: "<token> class word", "2: <token> class" for image 2 only; a list or one
+    string), optional `ground_truth` (mask files, one per concept of each image, image by image in
+    line order; only measured) and [settings] (EMSettings)."""
+    from ..engine.concepts import pil_to_mask, pil_to_tensor
+    from ..engine.demo_model import write_demo_diffusers_folder
+    from ..engine.models import load_model
+    from .em import NODE, EMSettings, make_scenes, train_em
+
+    config, base = read_config(config_path, overrides, node="em")
+    settings = EMSettings.from_dict(config["settings"], node=NODE)
+    files = config.get("images") or []
+    if isinstance(files, str):
+        files = [files]
+    lines = config.get("concepts") or ""
+    if not files or not lines:
+        raise UnconfusedError(f"the mask-EM job needs 'images' (image files) and 'concepts' (\"<token> class\" "
+                              f"lines) in {Path(config_path).name}", node="em", input="--config")
+    text = lines if isinstance(lines, str) else "\n".join(str(x) for x in lines)
+
+    def read(name: str, what: str, as_mask: bool):
+        from PIL import Image
+
+        path = _path(base, name)
+        if not path.is_file():
+            raise UnconfusedError(f"{what} {path} does not exist", node="em", input="--config")
+        with Image.open(path) as im:
+            return pil_to_mask(im) if as_mask else pil_to_tensor(im)
+
+    workdir = _path(base, config.get("workdir", "."))
+    host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
+    (workdir / "temp").mkdir(parents=True, exist_ok=True)
+    images = [read(f, "the image", False) for f in files]
+    gt = [read(f, "the ground-truth mask", True) for f in config["ground_truth"]] if config.get("ground_truth") \
+        else None
+    scenes = make_scenes(images, text, gt, node=NODE)
+    model_path = _path(base, config["model"]) if config.get("model") else \
+        write_demo_diffusers_folder(workdir / "models" / "diffusers" / "unconfused-demo")
+    bundle = load_model(model_path, prediction=config.get("prediction", "auto"), node="em")
+    result = train_em(bundle, scenes, settings)
+    masks_dir = result.run_dir / "final_masks"
+    from ..engine.concepts import tensor_to_pil
+    from ..engine.files import atomic_save_image
+
+    for label, m in zip(result.labels, result.mask_batch()):
+        i, token = label.split(": ", 1)
+        atomic_save_image(masks_dir / f"{i.replace(' ', '')}_{token.strip('<>')}.png", tensor_to_pil(m))
+    return {"steps": len(result.losses), "resumed_from": result.resumed_from, "final_loss": result.losses[-1],
+            "run_dir": str(result.run_dir), "exports": {k: str(v) for k, v in result.exports.items()},
+            "masks": str(masks_dir), "rounds": [{"step": r.step, "iou": r.iou} for r in result.rounds],
+            "info": result.info()}
