@@ -54,6 +54,19 @@ def _clif(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from . import flow
+
+    s = flow.FlowSettings(workdir=Path(args.workdir), ckpt=Path(args.ckpt) if args.ckpt else None,
+                          clip=Path(args.clip) if args.clip else None, sam=Path(args.sam) if args.sam else None,
+                          concepts=args.concept or [], resolution=args.resolution, clif_steps=args.clif_steps,
+                          lora_steps=args.lora_steps, prompt=args.prompt)
+    report = flow.run(s)
+    print(flow.format_report(report))
+    print(f"report written to {Path(args.workdir) / 'report.json'}")
+    return 0
+
+
 def _em(args) -> int:
     import json
 
@@ -78,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FOLDER:TOKEN:CLASS, repeatable (default: two built-in synthetic concepts)")
     s.add_argument("--resolution", type=int, default=64)
     s.set_defaults(func=_smoke)
+    s = sub.add_parser("demo", help="the whole CLIF flow (cut-outs, augmentations, CLIF, LoRA, sampling with the "
+                                    "attention debugger) on built-in defaults or your files; rerun to resume")
+    s.add_argument("--workdir", default="unconfused-demo", help="where models, outputs, pictures and report.json go")
+    s.add_argument("--ckpt", help="an SD 1.x/2.x checkpoint or diffusers folder (default: the built-in demo model)")
+    s.add_argument("--clip", help="an open_clip checkpoint with both towers matching the text encoder (ViT-L/14 for "
+                                  "SD1, ViT-H/14 for SD2; default: a tiny built-in one)")
+    s.add_argument("--sam", help="a SAM checkpoint (sam_vit_b/l/h): cut-outs of your photos")
+    s.add_argument("--concept", action="append", type=_concept_spec,
+                   help="FOLDER:TOKEN:CLASS, repeatable (default: two built-in synthetic concepts)")
+    s.add_argument("--resolution", type=int, default=64)
+    s.add_argument("--clif-steps", type=int, default=30)
+    s.add_argument("--lora-steps", type=int, default=40)
+    s.add_argument("--prompt", default="", help="default: a photo of <first token> and <second token>")
+    s.set_defaults(func=_demo)
     s = sub.add_parser("lora", help="train concept tokens + a shared UNet LoRA from a config file (JSON/TOML); "
                                     "rerun the same command to resume")
     s.add_argument("--config", required=True, help="the job: model, concepts or concept_set, [settings]")
