@@ -57,7 +57,8 @@ class ImageTower:
     def __init__(self, visual: torch.nn.Module, text_projection: torch.Tensor, logit_scale: float, *,
                  image_size: int, mean, std, name: str, model_name: str):
         self.visual = visual.eval().requires_grad_(False)
-        self.text_projection = text_projection.detach().float().clone()  # [text width, embed dim]
+        with torch.inference_mode(False):  # a normal tensor even when loaded inside ComfyUI's inference mode
+            self.text_projection = text_projection.detach().float().clone()  # [text width, embed dim]
         self.logit_scale = float(logit_scale)
         self.image_size = int(image_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)

@@ -365,7 +365,8 @@ def test_exports_give_our_conditioning_in_stock_comfyui(tmp_path, dataset):
 
     ckpt = cached_checkpoint("sd1")
     model, name = tiny_tower_model(text_width=768)
-    tr = ClifTrainer(load_model(ckpt), dataset, ClipScorer(model, name, name="tiny-768"),
+    base_bundle = load_model(ckpt)
+    tr = ClifTrainer(base_bundle, dataset, ClipScorer(model, name, name="tiny-768"),
                      settings(name="par", steps=1, learning_rate=1e-2, token_lr=1e-2, holdout=0, export=True))
     result = tr.run()
     ex = result.exports
@@ -387,7 +388,7 @@ def test_exports_give_our_conditioning_in_stock_comfyui(tmp_path, dataset):
     assert real == [], stock["warnings"]
     with torch.no_grad():
         ours = result.bundle.encode_prompt(["a photo of <red> and <blue>"]).float()
-        base = load_model(ckpt).encode_prompt(["a photo of thing and thing"]).float()
+        base = base_bundle.encode_prompt(["a photo of thing and thing"]).float()  # the input model, unchanged
     report = {k: float((ours - stock[k]).abs().max()) for k in ("cliploader", "checkpoint+lora")}
     effect = float((ours - base).abs().max())  # what training changed: a wrong export could not hide
     scale = float(ours.abs().max())

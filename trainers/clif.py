@@ -364,7 +364,7 @@ class ClifTrainer:
             groups.append({"params": full, "lr": s.learning_rate})
         emb.new_rows.requires_grad_(True)  # after add_adapter, which freezes everything but the LoRA
         self.bundle = bundle
-        self.proj = self.tower.text_projection.to(self.device)
+        self.proj = host.detach_clone(self.tower.text_projection).to(self.device)  # used in autograd
         self.eos = int(bundle.tokenizer.eos_token_id)
         self.trainable = {f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad}
         self.optimizer = _optimizer([g for g in groups if g["params"]], s.optimizer, s.weight_decay, self.node)
