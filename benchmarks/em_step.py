@@ -1,0 +1,140 @@
+"""Mask-EM step time against a plain LoRA step of the same trainer core, same model, images,
+batch and resolution; and the mask re-estimation's share of a round (K steps + one re-estimation).
+
+The model is benchmarks/lora_step.py's: SD 1.5's UNet / VAE / text encoder at a quarter of their
+width (same depth, blocks, attention layout), so the captured 1/4-resolution layers weigh what they
+weigh in SD 1.5. The two trainers step alternately (EM, LoRA, EM, ...) so a busy machine slows both
+alike; medians of the warm steps.
+
+    .venv/bin/python benchmarks/em_step.py [--steps 8] [--resolution 256] [--batch 2] [--threads 1] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _lora_bench():
+    spec = importlib.util.spec_from_file_location("_lora_step_bench", Path(__file__).with_name("lora_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def scene_images(n: int, size: int = 320) -> list[torch.Tensor]:
+    """Two synthetic concepts side by side per image (the trainers only need pixels)."""
+    from unconfused.trainers.smoke import synthetic_photos
+
+    a, b = synthetic_photos(0, n, size), synthetic_photos(1, n, size)
+    return [torch.cat([x[:, size // 4: size // 4 + size // 2], y[:, size // 4: size // 4 + size // 2]], 1)
+            for x, y in zip(a, b)]
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--reestimate-every", type=int, default=50)
+    p.add_argument("--reestimate-timesteps", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: on a shared machine several threads "
+                   "spin-wait on each other and the timings mean little)")
+    p.add_argument("--tmp", default="/tmp/unconfused-em-bench")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from unconfused.engine import host
+    from unconfused.engine.attention import AttentionCapture
+    from unconfused.engine.training_data import Example
+    from unconfused.trainers import em as E
+    from unconfused.trainers.lora import LoraSettings, LoraTrainer
+
+    bench = _lora_bench()
+    tmp = Path(args.tmp)
+    host.configure(models_dir=tmp / "models", output_dir=tmp / "out", temp_dir=tmp / "temp")
+    dev = host.device(args.device)
+    imgs = scene_images(args.images)
+    common = dict(steps=10_000, resolution=args.resolution, batch_size=args.batch, resume="restart", export=False,
+                  checkpoint_every=0, device=str(dev), precision="fp32", flip=True)
+    scenes = E.make_scenes(imgs, "<a> dog\n<b> cat")
+    em = E.EMTrainer(bench.bundle(), scenes, E.EMSettings(name="bench-em", tokens_only_steps=0, reestimate_every=0,
+                                                          init_timesteps=2, **common))
+    # the LoRA trainer on the same images, captions naming both concepts, under the EM's first masks
+    with host.training_mode():
+        em._ensure_round(0)
+    union = [F_up(em.rounds[0].masks[n].amax(0), args.resolution) for n in range(len(imgs))]
+    lora = LoraTrainer(bench.bundle(), [Example(img, "a photo of <a> and <b>", m, ["<a>", "<b>"])
+                                        for img, m in zip(imgs, union)],
+                       LoraSettings(name="bench-lora", **common), class_words={"<a>": "dog", "<b>": "cat"})
+    times = {"lora": [], "em": [], "em_tokens_only": []}  # (wall, cpu) seconds per step
+    em_step = {"em": 1, "em_tokens_only": 1}
+
+    def timed(name, fn):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        _sync(dev)
+        times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+
+    def em_run(name):
+        # phase 2 (tokens + LoRA) or phase 1 (token rows only), on the same trainer
+        em.settings.tokens_only_steps = 0 if name == "em" else 10_000
+        em.step(em_step[name])
+        em_step[name] += 1
+
+    with host.training_mode(), AttentionCapture(em.bundle.unet, em.layers, detach=False) as cap:
+        em.capture = cap
+        for i in range(args.steps):
+            for name in ("em", "lora", "em_tokens_only", "lora"):
+                timed(name, (lambda: lora.step(i)) if name == "lora" else (lambda n=name: em_run(n)))
+        em.capture = None
+        est = {}
+        for t, crf in ((args.reestimate_timesteps, "latent"), (50, "latent"), (args.reestimate_timesteps, "image")):
+            em.settings.crf_at = crf
+            t0 = time.perf_counter()
+            em.estimate(0, t)
+            _sync(dev)
+            est[(t, crf)] = time.perf_counter() - t0
+
+    def med(xs, which):
+        return statistics.median(x[which] for x in xs[min(2, len(xs) - 1):])
+
+    lo, e, e1 = (med(times[n], 0) for n in ("lora", "em", "em_tokens_only"))
+    clo, ce, ce1 = (med(times[n], 1) for n in ("lora", "em", "em_tokens_only"))
+    k = args.reestimate_every
+    print(f"Mask-EM step benchmark: {args.images} images of 2 concepts, batch {args.batch}, {args.resolution}px, "
+          f"{args.steps} steps each (alternating), device {dev}, torch threads {torch.get_num_threads()}")
+    print("| step | wall ms/step | x LoRA (wall) | CPU ms/step | x LoRA (CPU) |")
+    print("|---|---|---|---|---|")
+    print(f"| LoRA + tokens, masked loss (LoraTrainer) | {lo * 1000:.0f} | 1.00 | {clo * 1000:.0f} | 1.00 |")
+    print(f"| EM phase 2: tokens + LoRA, union sampling, masked + attention loss | {e * 1000:.0f} | {e / lo:.2f} | "
+          f"{ce * 1000:.0f} | {ce / clo:.2f} |")
+    print(f"| EM phase 1: token rows only, masked + attention loss | {e1 * 1000:.0f} | {e1 / lo:.2f} | "
+          f"{ce1 * 1000:.0f} | {ce1 / clo:.2f} |")
+    print()
+    print(f"| re-estimation ({args.images} images) | s | share of a round of K={k} EM steps + it |")
+    print("|---|---|---|")
+    for (t, crf), sec in est.items():
+        print(f"| T={t} timesteps, CRF at {crf} size | {sec:.2f} | {sec / (k * e + sec) * 100:.1f}% |")
+    print("(CPU = this process's CPU time: less sensitive than wall time to other jobs on a shared machine)")
+
+
+def F_up(mask: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.nn.functional.interpolate(mask[None, None], size=(size, size), mode="nearest")[0, 0]
+
+
+if __name__ == "__main__":
+    main()
