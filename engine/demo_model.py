@@ -71,7 +71,7 @@ def load_demo_model(folder: str | Path) -> ModelBundle:
 DEMO_CLIP_NAME = "unconfused-demo-clip"
 DEMO_CLIP_CFG = {
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 
