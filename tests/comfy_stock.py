@@ -6,6 +6,8 @@ so ComfyUI's modules never enter the test process.
 job.json: {"ckpt": path, "embeddings": dir or null, "lora": path or null, "lora_strength": 1.0,
            "prompts": [...], "inputs": path of a .pt with {"x": [B,4,h,w], "t": [B]},
            "out": path of the .pt to write}
+Optional inputs "image" [B,H,W,3] and "latents" [B,4,h,w] add "vae_encoded_mean" (VAEEncode with the
+posterior's mean) and "vae_decoded" (VAEDecode).
 Writes {"cond": {prompt: [1,77,D]}, "unet": {prompt: [B,4,h,w]}, "lora_warnings": [...]}: the
 conditioning CLIPTextEncode would give (with `embedding:` names resolved from `embeddings`), and
 the raw diffusion model output eps/v for x at t under that conditioning, with the LoRA patched in
@@ -61,6 +63,13 @@ def main(job_path: str) -> None:
     out = {"cond": {}, "unet": {}, "lora_warnings": [w for w in warnings if "lora key not loaded" in w],
            "embedding_warnings": [w for w in warnings if "embedding" in w.lower()]}
     with torch.inference_mode():
+        if "image" in inputs:  # VAEEncode, but the posterior's mean instead of a sample (comparable)
+            reg = getattr(_vae.first_stage_model, "regularization", None)
+            if reg is not None and hasattr(reg, "sample"):
+                reg.sample = False
+            out["vae_encoded_mean"] = _vae.encode(inputs["image"].float()).float()
+        if "latents" in inputs:  # VAEDecode
+            out["vae_decoded"] = _vae.decode(inputs["latents"].float()).float()
         for prompt in job["prompts"]:
             cond = clip.encode_from_tokens(clip.tokenize(prompt)).float()
             out["cond"][prompt] = cond
