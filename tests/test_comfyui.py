@@ -70,3 +70,55 @@ def test_two_concepts_example_runs(comfy):
     meta = json.loads((saved / "concept_set.json").read_text())
     assert [c["token"] for c in meta["concepts"]] == ["<my-dog>", "<my-cat>"]
     assert len(list(saved.rglob("*.png"))) == 6
+
+
+STOCK_NOTES = [
+    "Unconfused - the stock path: pictures from the exported files with ComfyUI's own nodes only.\n\n"
+    "models/checkpoints: the base model the concepts were trained on.\nmodels/loras/<name>.safetensors: the LoRA "
+    "the Unconfused trainer exported.\nmodels/embeddings/<name>_<token>.safetensors: one per concept token; write "
+    "embedding:<name>_<token> in the prompt (the trainer's info output lists them).",
+    "After CLIF, also load the exported text encoder with CLIPLoader (type stable_diffusion) instead of the "
+    "checkpoint's CLIP, or the text-encoder LoRA with LoraLoader.",
+]
+
+
+def test_stock_nodes_generate_with_the_exported_files(comfy, tmp_path):
+    """The stock-nodes workflow (CheckpointLoaderSimple, LoraLoader, CLIPTextEncode with embedding:,
+    KSampler, VAEDecode) on the full-size SD 1.5 architecture with a LoRA and two embeddings in our
+    export format: it runs, and ComfyUI loads every LoRA key."""
+    import torch
+    from peft import LoraConfig
+
+    from tiny_models import cached_checkpoint
+    from unconfused.engine.exports import save_embedding, save_lora
+    from unconfused.engine.models import load_model
+    from unconfused.engine.tokens import add_concept_tokens, token_rows
+
+    ckpt = cached_checkpoint("sd1")
+    (comfy.home / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    link = comfy.home / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors"
+    if not link.exists():
+        link.symlink_to(ckpt)
+    b = load_model(ckpt)
+    add_concept_tokens(b, [("<my-dog>", "dog"), ("<my-cat>", "cat")])
+    b.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for n, p in b.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    save_lora(comfy.home / "models" / "loras" / "pets.safetensors", b.unet, alpha=4.0, metadata={"ss_network_dim": 4})
+    for tok, stem in (("<my-dog>", "pets_my-dog"), ("<my-cat>", "pets_my-cat")):
+        save_embedding(comfy.home / "models" / "embeddings" / f"{stem}.safetensors", token_rows(b, tok), "sd1",
+                       metadata={})
+    info = comfy.object_info()
+    api = json.loads((REPO / "examples" / "stock_generation_api.json").read_text())
+    ui = json.loads((REPO / "examples" / "stock_generation.json").read_text())
+    assert ui_to_api(ui, info) == api
+    api["5"]["inputs"].update(width=64, height=64)
+    api["6"]["inputs"].update(steps=2)
+    before = comfy.log.read_text(errors="replace")
+    entry = comfy.run(api, timeout=600)
+    assert entry["outputs"]["8"]["images"]
+    new_log = comfy.log.read_text(errors="replace")[len(before):]
+    assert "lora key not loaded" not in new_log, new_log[-3000:]
+    assert "warning, embedding" not in new_log.lower(), new_log[-3000:]
