@@ -122,3 +122,36 @@ def test_stock_nodes_generate_with_the_exported_files(comfy, tmp_path):
     new_log = comfy.log.read_text(errors="replace")[len(before):]
     assert "lora key not loaded" not in new_log, new_log[-3000:]
     assert "warning, embedding" not in new_log.lower(), new_log[-3000:]
+
+
+def test_sid_captions_to_lora_example_trains_and_exports(comfy):
+    """Photos -> SID captions -> LoRA trainer -> export -> sampler, a few steps in real ComfyUI."""
+    import shutil as _shutil
+
+    info = comfy.object_info()
+    api = json.loads((REPO / "examples" / "sid_lora_api.json").read_text())
+    assert ui_to_api(json.loads((REPO / "examples" / "sid_lora.json").read_text()), info) == api
+    api["1"]["inputs"]["ckpt_name"] = "diffusers/unconfused-demo"
+    for nid in ("4", "5"):  # no vision-language model here: the template backend, same validation path
+        api[nid]["inputs"]["backend"] = "template (Case 1 baseline)"
+    api["7"]["inputs"].update(steps=3, resolution=64, name="pets-test", resume="restart")
+    api["8"]["inputs"].update(steps=2, width=64, height=64)
+    entry = comfy.run(api, timeout=600)
+    out = entry["outputs"]
+    info_text = out["7"]["text"][0]
+    assert "trained 3 steps" in info_text and "embedding:pets-test_my-dog" in info_text
+    assert len(out["8"]["images"]) == 2  # the picture + the attention overlay
+    # exports went to ComfyUI's first loras / embeddings folders (the install's own in this old ComfyUI)
+    from comfy_web import comfyui_dir
+
+    written = [comfyui_dir() / "models" / "loras" / "pets-test.safetensors",
+               comfyui_dir() / "models" / "embeddings" / "pets-test_my-dog.safetensors",
+               comfyui_dir() / "models" / "embeddings" / "pets-test_my-cat.safetensors"]
+    try:
+        assert all(p.is_file() for p in written), written
+    finally:
+        for p in written:
+            p.unlink(missing_ok=True)
+    run_dir = comfy.home / "output" / "unconfused" / "runs" / "pets-test"
+    assert (run_dir / "loss.png").is_file() and (run_dir / "step_000003.pt").is_file()
+    _shutil.rmtree(run_dir)
