@@ -2,8 +2,9 @@
 examples/dreambooth/train_dreambooth_lora.py does it (peft LoRA on to_q/k/v/out, VAE encode +
 text encoder every step, plain MSE), on the same small UNet, batch and resolution.
 
-Each variant runs in its own process so peak memory (CUDA: max allocated; CPU: peak RSS) is
-its own. Prints a table; ratios, not absolute times, are the result.
+Times come from one process running the variants' steps in interleaved rounds (so machine load
+hits them alike); peak memory (CUDA: max allocated; CPU: peak RSS) from each variant run alone in
+its own process. Prints a table; ratios, not absolute times, are the result.
 
     .venv/bin/python benchmarks/lora_step.py [--steps 30] [--resolution 128] [--device auto]
 """
@@ -56,8 +57,8 @@ def photos():
                              Concept("<b>", "cat", synthetic_photos(1, IMAGES // 2, 160))])
 
 
-def reference(args, dev) -> list[float]:
-    """diffusers' dreambooth-LoRA training step, as that script writes it."""
+def reference(args, dev):
+    """diffusers' dreambooth-LoRA training step, as that script writes it (returns a step function)."""
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
@@ -78,9 +79,8 @@ def reference(args, dev) -> list[float]:
     ids = tok([e.caption for e in ex], padding="max_length", max_length=77, truncation=True,
               return_tensors="pt").input_ids
     unet.train()
-    times = []
-    for step in range(args.steps):
-        t0 = time.perf_counter()
+
+    def step():
         idx = torch.randint(len(ex), (args.batch,))
         px = pixels[idx].to(dev)
         if torch.rand(()) < 0.5:
@@ -97,29 +97,27 @@ def reference(args, dev) -> list[float]:
         opt.step()
         sched.step()
         opt.zero_grad()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return times
+
+    return step
 
 
-def ours(args, dev, cache: bool, tokens: bool) -> list[float]:
+def ours(args, dev, cache: bool, tokens: bool):
     from unconfused.engine import host
     from unconfused.trainers.lora import LoraSettings, LoraTrainer
 
     tmp = Path(args.tmp)
     host.configure(models_dir=tmp / "models", output_dir=tmp / "out", temp_dir=tmp / "temp")
-    s = LoraSettings(name=f"bench-{cache}-{tokens}", steps=args.steps, resolution=args.resolution,
+    s = LoraSettings(name=f"bench-{cache}-{tokens}", steps=10**6, resolution=args.resolution,
                      batch_size=args.batch, cache_latents=cache, train_tokens=tokens, masked_loss=False,
                      resume="restart", export=False, checkpoint_every=0, device=str(dev), precision="fp32")
     tr = LoraTrainer(bundle(), photos(), s)
-    times = []
-    with host.training_mode():
-        for step in range(args.steps):
-            t0 = time.perf_counter()
-            tr.step(step)
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-    return times
+    return lambda: tr.step(0)
+
+
+def stepper(args, dev, variant: str):
+    if variant == "reference":
+        return reference(args, dev)
+    return ours(args, dev, cache=variant.startswith("ours-cached"), tokens=variant.endswith("tokens"))
 
 
 def _sync(dev) -> None:
@@ -128,18 +126,18 @@ def _sync(dev) -> None:
 
 
 def child(args) -> None:
+    """One variant alone for a few steps: its peak memory."""
     from unconfused.engine import host
 
     dev = host.device(args.device)
     torch.manual_seed(0)
-    if args.variant == "reference":
-        times = reference(args, dev)
-    else:
-        times = ours(args, dev, cache=args.variant.startswith("ours-cached"), tokens=args.variant.endswith("tokens"))
-    warm = times[min(3, len(times) - 1):]
+    step = stepper(args, dev, args.variant)
+    with host.training_mode():
+        for _ in range(3):
+            step()
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps({"step_ms": 1000 * statistics.median(warm), "peak_mb": peak}))
+    print(json.dumps({"peak_mb": peak}))
 
 
 VARIANTS = {
@@ -161,15 +159,34 @@ def main() -> None:
     args = p.parse_args()
     if args.variant:
         return child(args)
+    from unconfused.engine import host
+
+    dev = host.device(args.device)
     rows = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", v, "--steps", str(args.steps), "--resolution",
-               str(args.resolution), "--batch", str(args.batch), "--device", args.device, "--tmp", args.tmp]
+    for v in VARIANTS:  # memory: each variant alone in its own process
+        cmd = [sys.executable, __file__, "--variant", v, "--resolution", str(args.resolution), "--batch",
+               str(args.batch), "--device", args.device, "--tmp", args.tmp]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         rows[v] = json.loads(out)
+    # time: all variants in this process, rounds interleaved, so machine load hits them alike
+    torch.manual_seed(0)
+    steps = {v: stepper(args, dev, v) for v in VARIANTS}
+    times = {v: [] for v in VARIANTS}
+    with host.training_mode():
+        for v, fn in steps.items():
+            fn()  # warm-up
+        for _ in range(args.steps):
+            for v, fn in steps.items():
+                t0 = time.perf_counter()
+                fn()
+                _sync(dev)
+                times[v].append(time.perf_counter() - t0)
+    for v in VARIANTS:
+        rows[v]["step_ms"] = 1000 * statistics.median(times[v])
     ref = rows["reference"]
     steps_per_epoch = IMAGES / args.batch
-    print(f"LoRA step benchmark: batch {args.batch}, {args.resolution}px, {args.steps} steps, device {args.device}, "
+    print(f"LoRA step benchmark: batch {args.batch}, {args.resolution}px, median of {args.steps} interleaved rounds, "
+          f"device {args.device}, "
           f"epoch = {IMAGES} images")
     print(f"| variant | ms/step | x reference step | s/epoch | epoch speed-up | peak MB |")
     print(f"|---|---|---|---|---|---|")
