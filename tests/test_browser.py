@@ -89,6 +89,11 @@ def comfy_home(tmp_path_factory):
         tensor_to_pil(img).save(photos / f"p{i}.png")
     for sub in ("output", "temp"):
         (home / sub).mkdir()
+    # a returning user's settings: without them today's frontend opens its first-run template
+    # dialog over the canvas on a fresh machine (it intercepted the panel's Cancel click in CI)
+    settings = home / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     (home / "paths.yaml").write_text(
         f"unconfused_test:\n  base_path: {home}\n  custom_nodes: custom_nodes\n  diffusers: models/diffusers\n"
         "  loras: models/loras\n  embeddings: models/embeddings\n")
@@ -100,7 +105,7 @@ def start_comfyui(home: Path, frontend: str):
     log = open(home / f"comfyui-{port}.log", "w")
     env = dict(os.environ, UNCONFUSED_QUIET="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, str(Path(comfy_web.__file__)), frontend, "--cpu", "--listen", "127.0.0.1", "--port",
+        [sys.executable, str(Path(comfy_web.__file__)), frontend, "--user-directory", str(home / "user"), "--cpu", "--listen", "127.0.0.1", "--port",
          str(port), "--extra-model-paths-config", str(home / "paths.yaml"), "--output-directory",
          str(home / "output"), "--input-directory", str(home / "input"), "--temp-directory", str(home / "temp"),
          "--disable-auto-launch"], stdout=log, stderr=subprocess.STDOUT, env=env)
