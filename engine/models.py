@@ -384,3 +384,19 @@ def bundle_from_parts(unet, vae, text_encoder, *, family: str = "sd1", predictio
                          prediction_type=prediction_type, name=name)
     _freeze(bundle)
     return bundle
+
+
+def add_text_encoder_lora(text_encoder: torch.nn.Module, config, adapter_name: str = "default") -> torch.nn.Module:
+    """peft LoRA layers on a transformers text encoder, through peft itself. transformers'
+    `add_adapter` only wraps this call, but refuses any peft older than the one it was released
+    with (transformers 5.24 wants peft >= 0.22, which may not be installable yet); the layers,
+    their state dict and the kohya export are peft's either way. Like `add_adapter`, everything
+    but the LoRA weights is frozen afterwards."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
+    configs = dict(text_encoder.__dict__.get("peft_config") or {})
+    configs[adapter_name] = config
+    text_encoder.peft_config = configs
+    text_encoder._hf_peft_config_loaded = True
+    return text_encoder

@@ -45,6 +45,7 @@ from ..engine.dataset import KINDS, Dataset
 from ..engine.errors import UnconfusedError
 from ..engine.exports import export_name, save_embedding, save_lora, save_text_encoder
 from ..engine.files import atomic_save_image, atomic_write_json, safe_name
+from ..engine.models import add_text_encoder_lora
 from ..engine.preview import line_chart
 from ..engine.tokens import add_concept_tokens, concept_embedding, expand_prompt, token_rows
 from .distributed import device_for, world
@@ -353,8 +354,8 @@ class ClifTrainer:
             from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
 
-            te.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                                      init_lora_weights=True, target_modules=TEXT_TARGETS))
+            add_text_encoder_lora(te, LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                                                 init_lora_weights=True, target_modules=TEXT_TARGETS))
             cast_training_params([te], dtype=torch.float32)
             groups.append({"params": [p for n, p in te.named_parameters() if "lora_" in n], "lr": s.learning_rate})
         elif s.train == "tokens+full":

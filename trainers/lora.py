@@ -27,6 +27,7 @@ from ..engine.errors import UnconfusedError
 from ..engine.exports import export_name, save_embedding, save_lora
 from ..engine.files import atomic_save_image, safe_name
 from ..engine.preview import grid, line_chart
+from ..engine.models import add_text_encoder_lora
 from ..engine.tokens import add_concept_tokens, concept_embedding, token_rows
 from ..engine.training_data import DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
 from .distributed import device_for, world
@@ -284,8 +285,8 @@ class LoraTrainer:
                                     target_modules=[t.strip() for t in s.target_modules.split(",") if t.strip()]))
         groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": s.unet_lr}]
         if s.text_encoder_lora:
-            te.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                                      init_lora_weights="gaussian", target_modules=TEXT_TARGETS.split(",")))
+            add_text_encoder_lora(te, LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                                                 init_lora_weights="gaussian", target_modules=TEXT_TARGETS.split(",")))
             groups.append({"params": [p for n, p in te.named_parameters() if "lora_" in n], "lr": s.text_encoder_lr})
         emb = concept_embedding(te)
         emb.new_rows.requires_grad_(s.train_tokens)
