@@ -159,22 +159,35 @@ class ClipScorer:
             self._text_cache[key] = feats.cpu()
         return self._text_cache[key].to(dev)
 
+    def image_features(self, images: Sequence[torch.Tensor], batch: int = 32) -> torch.Tensor:
+        """Unit-norm image features [len(images), D] on the CPU; images [h,w,3] in 0..1 (padded square)."""
+        if not images:
+            return torch.zeros(0, int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection")
+                               else 0)
+        with self.running() as dev:
+            out = []
+            for i in range(0, len(images), batch):
+                host.check_cancel()
+                x = torch.stack([self.preprocess(c) for c in images[i:i + batch]]).to(dev)
+                out.append(F.normalize(self.model.encode_image(x).float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text features [len(texts), D] on the CPU."""
+        with self.running() as dev:
+            return self._text_features(texts, dev).cpu()
+
+    @property
+    def scale(self) -> float:
+        return float(self.model.logit_scale.exp().clamp(max=100)) if hasattr(self.model, "logit_scale") else 100.0
+
     def similarities(self, crops: Sequence[torch.Tensor], texts: Sequence[str], batch: int = 32) -> torch.Tensor:
         """Cosine similarity x logit scale, [len(crops), len(texts)] (softmax over texts = zero-shot probs)."""
         if not texts:
             raise UnconfusedError("no texts to score against; give at least one word", input="vocabulary")
         if not crops:
             return torch.zeros(0, len(texts))
-        with self.running() as dev:
-            tf = self._text_features(texts, dev)
-            out = []
-            for i in range(0, len(crops), batch):
-                host.check_cancel()
-                x = torch.stack([self.preprocess(c) for c in crops[i:i + batch]]).to(dev)
-                imf = F.normalize(self.model.encode_image(x).float(), dim=-1)
-                out.append((imf @ tf.T).cpu())
-            scale = float(self.model.logit_scale.exp().clamp(max=100)) if hasattr(self.model, "logit_scale") else 100.0
-        return torch.cat(out) * scale
+        return (self.image_features(crops, batch) @ self.text_features(texts).T) * self.scale
 
     def __call__(self, crops, texts) -> torch.Tensor:  # a Scorer for engine.sam.concept_cutout
         return self.similarities(crops, texts)

@@ -84,3 +84,36 @@ def line_chart(values: list[float], title: str = "loss", *, width: int = 512, he
     draw.text((4, bottom - 10), f"{lo:.3g}", fill=(200, 200, 200), font=font)
     draw.text((left, bottom + 4), f"step 1 .. {len(vals)}", fill=(200, 200, 200), font=font)
     return img
+
+
+def heatmap(values: torch.Tensor, rows: list[str], columns: list[str], *, title: str = "", counts=None,
+            cell: int = 72) -> Image.Image:
+    """A matrix as coloured cells (0 = dark, 1 = bright; NaN = grey "-"), each with its value
+    (and its count, when given), row and column labels."""
+    font = ImageFont.load_default()
+    v = values.detach().float().cpu()
+    left = 12 + 7 * max((len(r) for r in rows), default=4)
+    top = 40
+    width, height = left + cell * len(columns) + 12, top + cell * len(rows) + 12
+    img = Image.new("RGB", (max(width, 8 + 6 * len(title)), height), (24, 24, 24))
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 4), title, fill=(235, 235, 235), font=font)
+    for j, c in enumerate(columns):
+        draw.text((left + j * cell + 4, top - 14), c[: cell // 6], fill=(220, 220, 220), font=font)
+    for i, r in enumerate(rows):
+        draw.text((6, top + i * cell + cell // 2 - 6), r, fill=(220, 220, 220), font=font)
+        for j in range(len(columns)):
+            x, y = left + j * cell, top + i * cell
+            val = float(v[i, j])
+            if val != val:
+                draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=(70, 70, 70))
+                draw.text((x + cell // 2 - 3, y + cell // 2 - 6), "-", fill=(200, 200, 200), font=font)
+                continue
+            t = min(max(val, 0.0), 1.0)
+            color = tuple(int(a + (b - a) * t) for a, b in zip((20, 30, 70), (250, 200, 60)))
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=color)
+            ink = (0, 0, 0) if t > 0.55 else (240, 240, 240)
+            draw.text((x + 6, y + cell // 2 - 10), f"{val:.2f}", fill=ink, font=font)
+            if counts is not None:
+                draw.text((x + 6, y + cell // 2 + 4), f"n={int(counts[i, j])}", fill=ink, font=font)
+    return img

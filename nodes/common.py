@@ -22,6 +22,7 @@ REGIONS = "UNCONFUSED_REGIONS"
 DATASET = "UNCONFUSED_DATASET"
 SAM_MODEL = "UNCONFUSED_SAM"
 CLIP_MODEL = "UNCONFUSED_CLIP"
+DINO_MODEL = "UNCONFUSED_DINO"
 
 CATEGORY = "Unconfused"
 
@@ -65,6 +66,7 @@ def _socket_checks() -> dict:
         SAM_MODEL: ("a SAM model from Load SAM (Unconfused)", is_("sam", "SamModel")),
         REGIONS: ("regions from the SAM segment node", is_("sam", "Regions")),
         CLIP_MODEL: ("a CLIP model from Load CLIP (Unconfused)", is_("clip_scoring", "ClipScorer")),
+        DINO_MODEL: ("a DINO model from Load DINO (Unconfused)", is_("dino", "DinoModel")),
         "IMAGE": ("an IMAGE batch [batch, height, width, 3]",
                   lambda v: isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[-1] in (3, 4)),
         "MASK": ("a MASK [batch, height, width]", lambda v: isinstance(v, torch.Tensor) and v.ndim in (2, 3)),

@@ -78,6 +78,15 @@ def _em(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .jobs import run_eval
+
+    report = run_eval(args.config, args.set)
+    print(report["table"])
+    print(f"report written to {report['output']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unconfused", description="Unconfused: multi-concept "
                                 "personalization without concept confusion (headless commands)")
@@ -126,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set steps=20 (repeatable)")
     s.set_defaults(func=_em)
+    s = sub.add_parser("eval", help="the papers' metrics (CLIP-T, CLIP-I, DINO, SID subject/non-subject, CLIF "
+                                    "attendance and confusion, mask IoU) on folders of images with prompts; "
+                                    "writes report.json + metrics.csv")
+    s.add_argument("--config", required=True, help="the job: images (+ .txt prompts), concepts or concept_set, "
+                                                   "clip, optional dino, region_masks, masks_a + masks_b, output")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set convention=clipscore (repeatable)")
+    s.set_defaults(func=_eval)
     return p
 
 

@@ -26,7 +26,8 @@ from ..engine.errors import UnconfusedError
 
 KNOWN = {"model", "concept_set", "concepts", "settings", "workdir", "prediction", "precision",
          "dataset", "image_tower",  # the CLIF job
-         "images", "ground_truth"}  # the mask-EM job
+         "images", "ground_truth",  # the mask-EM job
+         "prompt", "clip", "dino", "region_masks", "masks_a", "masks_b", "output"}  # the eval job
 
 
 def read_config(path: str | Path, overrides: list[str] | None = None, *, node: str) -> tuple[dict, Path]:
@@ -196,3 +197,118 @@ def run_em(config_path: str | Path, overrides: list[str] | None = None) -> dict:
             "run_dir": str(result.run_dir), "exports": {k: str(v) for k, v in result.exports.items()},
             "masks": str(masks_dir), "rounds": [{"step": r.step, "iou": r.iou} for r in result.rounds],
             "info": result.info()}
+
+
+def _read_mask_folder(folder: Path, stems: list[str], *, what: str, input: str) -> list:
+    """`folder/<stem>.png` for every stem (a mask per image), or an error naming the first missing one."""
+    from PIL import Image
+
+    from ..engine.concepts import pil_to_mask
+
+    out = []
+    for stem in stems:
+        path = next((folder / f"{stem}{ext}" for ext in (".png", ".jpg", ".webp") if (folder / f"{stem}{ext}").is_file()),
+                    None)
+        if path is None:
+            raise UnconfusedError(f"{what}: {folder} has no mask {stem}.png (one per image, same name)", node="eval",
+                                  input=input)
+        with Image.open(path) as im:
+            out.append(pil_to_mask(im))
+    return out
+
+
+def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Evaluation job: `images` (a folder of generated images, each with a same-name .txt prompt, or
+    `prompt` for all), the references (`concepts` FOLDER:TOKEN:CLASS - masks from FOLDER/masks/<name>.png
+    if all present - or `concept_set`), `clip` (an open_clip checkpoint: a path or a file in
+    models/clip_vision of the workdir), optional `dino` (a transformers DINO folder), `region_masks`
+    (a folder with <image name>/<token without <>>.png), `masks_a` + `masks_b` (two folders of
+    same-name masks: IoU), `output` (default eval-report) and [settings] convention, text_mode,
+    region_threshold. Writes report.json, metrics.csv, per_image.csv and heat maps into `output`."""
+    from ..engine import metrics as M
+    from ..engine.clip_scoring import load_clip, load_clip_by_name
+    from ..engine.dino import load_dino
+
+    config, base = read_config(config_path, overrides, node="eval")
+    settings = dict(config["settings"])
+    unknown = sorted(set(settings) - {"convention", "text_mode", "region_threshold"})
+    if unknown:
+        raise UnconfusedError(f"unknown settings {unknown}; known: convention, text_mode, region_threshold",
+                              node="eval", input="--config")
+    workdir = _path(base, config.get("workdir", "."))
+    host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
+    out_dir = _path(base, config.get("output", "eval-report"))
+    report = None
+    if config.get("images"):
+        if not config.get("clip"):
+            raise UnconfusedError("the eval job needs 'clip' (an open_clip checkpoint with both towers, e.g. ViT-B/32 "
+                                  "as the papers use): a path, or a file name in models/clip_vision", node="eval",
+                                  input="--config")
+        folder = _path(base, config["images"])
+        images, stems, captions = load_images_from_folder(folder, node="eval", input="images")
+        if captions is None:
+            missing = [s for s in stems if not (folder / f"{s}.txt").is_file()]
+            if not config.get("prompt"):
+                raise UnconfusedError(f"{len(missing)} image(s) in {folder} have no prompt file (e.g. {missing[0]}.txt); "
+                                      "write the prompt each image was made from into <image name>.txt, or give "
+                                      "'prompt' for all", node="eval", input="images")
+            from ..engine.concepts import read_caption
+
+            captions = [read_caption(folder / f"{s}.txt") or config["prompt"] for s in stems]
+        cs = concepts_from_config(config, base, node="eval") if config.get("concepts") or config.get("concept_set") \
+            else None
+        if cs is None:
+            raise UnconfusedError("the eval job needs the references: 'concepts' (FOLDER:TOKEN:CLASS) or "
+                                  "'concept_set'", node="eval", input="--config")
+        refs = []
+        specs = config.get("concepts") or []
+        for k, c in enumerate(cs.concepts):
+            masks = c.masks
+            if masks is None and k < len(specs):
+                spec = specs[k]
+                ref_folder = _path(base, spec.split(":")[0] if isinstance(spec, str) else spec["folder"]) / "masks"
+                if ref_folder.is_dir():
+                    masks = _read_mask_folder(ref_folder, c.names, what=f"references of {c.token}", input="concepts")
+            refs.append(M.Reference(c.token, c.class_word, c.images, masks))
+        clip_path = _path(base, config["clip"])
+        clip = load_clip(clip_path, node="eval", input="clip") if clip_path.is_file() else \
+            load_clip_by_name(config["clip"], node="eval", input="clip")
+        dino = load_dino(_path(base, config["dino"]), node="eval", input="dino") if config.get("dino") else None
+        regions = None
+        if config.get("region_masks"):
+            rfolder = _path(base, config["region_masks"])
+            regions = []
+            for stem, img in zip(stems, images):
+                row = []
+                for r in refs:
+                    p = rfolder / stem / f"{r.token.strip('<>')}.png"
+                    row.append(_read_mask_folder(p.parent, [p.stem], what="region masks", input="region_masks")[0]
+                               if p.is_file() else None)
+                regions.append(row)
+        report = M.evaluate(images, captions, refs, clip, dino=dino, region_masks=regions, node="eval",
+                            settings=M.EvalSettings(**settings))
+        for row in report.per_image:
+            row["file"] = stems[row["image"]]
+    if config.get("masks_a") or config.get("masks_b"):
+        if not (config.get("masks_a") and config.get("masks_b")):
+            raise UnconfusedError("mask IoU needs both 'masks_a' and 'masks_b' (folders of same-name masks)",
+                                  node="eval", input="--config")
+        fa, fb = _path(base, config["masks_a"]), _path(base, config["masks_b"])
+        if not fa.is_dir():
+            raise UnconfusedError(f"{fa} is not a folder", node="eval", input="masks_a")
+        stems = sorted(p.stem for p in fa.iterdir() if p.suffix.lower() in (".png", ".jpg", ".webp"))
+        if not stems:
+            raise UnconfusedError(f"{fa} holds no masks (.png)", node="eval", input="masks_a")
+        ious = M.mask_iou(_read_mask_folder(fa, stems, what="masks_a", input="masks_a"),
+                          _read_mask_folder(fb, stems, what="masks_b", input="masks_b"),
+                          settings.get("region_threshold", 0.5), node="eval")
+        report = report or M.EvalReport(settings={"convention": "", "text_mode": ""})
+        for stem, v in zip(stems, ious):
+            report.add("mask_iou", v, concept=stem, n=1)
+        report.add("mask_iou", sum(ious) / len(ious), n=len(ious), note="mean over masks")
+    if report is None:
+        raise UnconfusedError("nothing to evaluate: give 'images' (+ references and clip) and/or 'masks_a' + "
+                              "'masks_b'", node="eval", input="--config")
+    files = report.write(out_dir)
+    return {"output": str(out_dir), "files": {k: str(v) for k, v in files.items()}, "rows": report.rows,
+            "table": report.table()}

@@ -1,0 +1,464 @@
+"""The papers' evaluation metrics, on a user's own generated images.
+
+- CLIP-T (text alignment): cosine of each image and its prompt with the concept tokens replaced
+  by their class words ("a photo of <alice> woman" -> "a photo of woman") or removed, as the
+  papers do. Two conventions exist and the report names the one used: the plain cosine
+  (DreamBooth style) or Custom Diffusion's CLIPScore, 2.5 x max(cosine, 0).
+- CLIP-I / DINO (image alignment): mean pairwise cosine of generated and reference images,
+  reported for single-concept and multi-concept prompts separately (CLIF's tables).
+- SID (paper section 4): subject-alignment = mean pairwise cosine of generated images and the
+  references' subject segments (cropped to the subject, centred, resized); non-subject-
+  disentanglement = 1 - the same with the non-subject segments (the subject blanked out).
+- CLIF attendance (appendix A.3): for each concept, its image alignment in images generated with
+  it and one other concept, averaged over the partners.
+- Confusion matrix: for the region where concept B should be (a mask per concept per image: the
+  sampler's attention maps, or SAM masks of the generated image), which concept's references
+  match best. The diagonal is "no confusion".
+- Mask IoU between two mask batches (the EM paper's check against user masks), and feature
+  diversity (mean pairwise 1 - cosine of generated images of one prompt).
+
+The feature models are anything with `image_features(list of [h,w,3]) -> [N, D]` (unit norm) and,
+for CLIP-T, `text_features(list of str) -> [N, D]`: the open_clip scorer (clip_scoring), DINO
+(engine/dino.py), or fixed features in the tests. Nothing here downloads or knows ComfyUI.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import host
+from .errors import UnconfusedError
+
+NODE = "UnconfusedEvaluate"
+NODE_IOU = "UnconfusedMaskIoU"
+CONVENTIONS = {"cosine": "plain cosine (DreamBooth style)",
+               "clipscore": "CLIPScore 2.5 x max(cosine, 0) (Custom Diffusion style)"}
+TEXT_MODES = {"class": "concept tokens replaced by their class words",
+              "remove": "concept tokens removed"}
+FILL = 0.5  # grey: what the CLIP preprocessing pads with too
+
+
+class ImageFeatures(Protocol):
+    name: str
+
+    def image_features(self, images: Sequence[torch.Tensor]) -> torch.Tensor: ...
+
+
+# ------------------------------------------------------------------ prompts
+def tokens_in(prompt: str, tokens: Sequence[str]) -> list[str]:
+    """The concept tokens a prompt names, in the order given."""
+    return [t for t in tokens if re.search(r"(?<![\w-])" + re.escape(t) + r"(?![\w-])", prompt)]
+
+
+def eval_prompt(prompt: str, class_words: dict[str, str], mode: str = "class") -> str:
+    """The prompt CLIP-T scores: "<alice> woman" or a lone "<alice>" becomes "woman" (mode class),
+    or the token is dropped (mode remove). A token followed by its class word is not doubled."""
+    if mode not in TEXT_MODES:
+        raise UnconfusedError(f"unknown text mode {mode!r}; use one of {sorted(TEXT_MODES)}", node=NODE,
+                              input="text_mode")
+    out = prompt
+    for token, word in class_words.items():
+        t = re.escape(token)
+        if mode == "class":
+            out = re.sub(t + r"(\s+" + re.escape(word) + r")?(?![\w-])", word, out)
+        else:
+            out = re.sub(t, "", out)
+    return re.sub(r"\s+", " ", re.sub(r"\s+([,.;:!?])", r"\1", out)).strip()
+
+
+# ------------------------------------------------------------------ segments
+def _bbox(mask: torch.Tensor, threshold: float = 0.5) -> tuple[int, int, int, int] | None:
+    ys, xs = torch.nonzero(mask > threshold, as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def subject_segment(image: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor | None:
+    """The subject cut out: cropped to its box, the rest grey (the scorer pads it square and resizes:
+    SID's "centre alignment and image resizing"). None for an empty mask."""
+    box = _bbox(mask, threshold)
+    if box is None:
+        return None
+    y0, y1, x0, x1 = box
+    keep = (mask[y0:y1, x0:x1] > threshold)[..., None]
+    return torch.where(keep, image[y0:y1, x0:x1], torch.full_like(image[y0:y1, x0:x1], FILL))
+
+
+def non_subject_segment(image: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The photo with the subject blanked out grey: what must not leak into the subject token."""
+    return torch.where((mask > threshold)[..., None], torch.full_like(image, FILL), image)
+
+
+def _check_masks(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None, what: str,
+                 input: str) -> None:
+    if masks is None:
+        return
+    if len(masks) != len(images):
+        raise UnconfusedError(f"{len(masks)} masks for {len(images)} images of {what}; give one mask per image",
+                              node=NODE, input=input)
+    for i, (m, img) in enumerate(zip(masks, images)):
+        if tuple(m.shape[-2:]) != tuple(img.shape[:2]):
+            raise UnconfusedError(f"mask {i} of {what} is {m.shape[-1]}x{m.shape[-2]} but its image is "
+                                  f"{img.shape[1]}x{img.shape[0]}; masks must have their image's size", node=NODE,
+                                  input=input)
+
+
+# ------------------------------------------------------------------ numbers
+def pairwise_mean(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Mean cosine over all pairs (rows are unit-norm features); None when either side is empty."""
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return None
+    return float((a @ b.T).mean())
+
+
+def text_alignment(image_feats: torch.Tensor, text_feats: torch.Tensor, convention: str = "cosine") -> torch.Tensor:
+    """Per image: its cosine with its own prompt (rows paired), in the chosen convention."""
+    if convention not in CONVENTIONS:
+        raise UnconfusedError(f"unknown convention {convention!r}; use one of {sorted(CONVENTIONS)}", node=NODE,
+                              input="convention")
+    cos = (image_feats * text_feats).sum(dim=-1)
+    return 2.5 * cos.clamp(min=0) if convention == "clipscore" else cos
+
+
+def diversity(feats: torch.Tensor) -> float | None:
+    """Mean pairwise (1 - cosine) over distinct pairs; None for fewer than two images."""
+    n = feats.shape[0]
+    if n < 2:
+        return None
+    sims = feats @ feats.T
+    off = sims[~torch.eye(n, dtype=torch.bool)]
+    return float((1 - off).mean())
+
+
+def mask_iou(a: Sequence[torch.Tensor] | torch.Tensor, b: Sequence[torch.Tensor] | torch.Tensor,
+             threshold: float = 0.5, *, node: str = NODE_IOU) -> list[float]:
+    """IoU of each pair of masks (binarised at `threshold`). A batch of one is compared with every
+    mask of the other; a different size with the same aspect ratio is resized (nearest) to the
+    first's; two empty masks count as IoU 1 (they agree)."""
+    a = [m for m in a] if not isinstance(a, torch.Tensor) or a.ndim == 3 else [a]
+    b = [m for m in b] if not isinstance(b, torch.Tensor) or b.ndim == 3 else [b]
+    if not a or not b:
+        raise UnconfusedError("a mask batch is empty; connect masks to both inputs", node=node,
+                              input="masks_a" if not a else "masks_b")
+    if len(a) != len(b) and 1 not in (len(a), len(b)):
+        raise UnconfusedError(f"{len(a)} masks against {len(b)}: give batches of the same length (or one mask)",
+                              node=node, input="masks_b")
+    n = max(len(a), len(b))
+    out = []
+    for i in range(n):
+        x, y = a[i if len(a) > 1 else 0].float(), b[i if len(b) > 1 else 0].float()
+        if x.shape != y.shape:
+            ra, rb = x.shape[1] / x.shape[0], y.shape[1] / y.shape[0]
+            if abs(ra - rb) > 0.01 * ra:
+                raise UnconfusedError(f"mask {i}: {x.shape[1]}x{x.shape[0]} against {y.shape[1]}x{y.shape[0]} - "
+                                      "different aspect ratios cannot be compared; resize or crop one batch to the "
+                                      "other's size", node=node, input="masks_b")
+            y = F.interpolate(y[None, None], size=tuple(x.shape), mode="nearest")[0, 0]
+        xb, yb = x > threshold, y > threshold
+        union = (xb | yb).sum()
+        out.append(1.0 if union == 0 else float((xb & yb).sum() / union))
+    return out
+
+
+def confusion_counts(region_feats: torch.Tensor, intended: Sequence[int], reference_means: torch.Tensor) -> torch.Tensor:
+    """[K, K] counts: row = the concept that should be in the region, column = the concept whose
+    references match the region best."""
+    k = reference_means.shape[0]
+    counts = torch.zeros(k, k, dtype=torch.long)
+    if region_feats.shape[0]:
+        best = (region_feats @ reference_means.T).argmax(dim=1)
+        for row, col in zip(intended, best.tolist()):
+            counts[row, col] += 1
+    return counts
+
+
+def _mean_direction(feats: torch.Tensor) -> torch.Tensor:
+    return F.normalize(feats.mean(dim=0), dim=-1)
+
+
+# ------------------------------------------------------------------ the evaluation
+@dataclass
+class Reference:
+    token: str
+    class_word: str
+    images: list[torch.Tensor]
+    masks: list[torch.Tensor] | None = None
+
+
+@dataclass
+class EvalSettings:
+    convention: str = "cosine"
+    text_mode: str = "class"
+    region_threshold: float = 0.5
+
+
+@dataclass
+class EvalReport:
+    rows: list[dict] = field(default_factory=list)  # metric, concept, value, n, model, note
+    per_image: list[dict] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    confusion: torch.Tensor | None = None  # [K, K] counts
+    attendance: torch.Tensor | None = None  # [K, K] concept (row) with partner (column); NaN = not generated
+    settings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, metric: str, value, *, concept: str = "all", n: int = 0, model: str = "", note: str = "") -> None:
+        if value is not None:
+            self.rows.append({"metric": metric, "concept": concept, "value": round(float(value), 6), "n": int(n),
+                              "model": model, "note": note})
+
+    def value(self, metric: str, concept: str = "all") -> float | None:
+        for r in self.rows:
+            if r["metric"] == metric and r["concept"] == concept:
+                return r["value"]
+        return None
+
+    def to_json(self) -> dict:
+        def matrix(m):
+            return None if m is None else [[None if v != v else round(float(v), 6) for v in row] for row in m.tolist()]
+
+        return {"settings": self.settings, "rows": self.rows, "per_image": self.per_image, "tokens": self.tokens,
+                "confusion": matrix(self.confusion), "attendance": matrix(self.attendance), "notes": self.notes}
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["metric", "concept", "value", "n", "model", "note"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+    def table(self) -> str:
+        """The numbers as a fixed-width text table (the node's STRING output)."""
+        lines = [f"convention: {self.settings.get('convention_text', '')}; prompts: "
+                 f"{self.settings.get('text_mode_text', '')}"]
+        lines.append(f"{'metric':<30} {'concept':<16} {'value':>9} {'n':>5}  model")
+        for r in self.rows:
+            lines.append(f"{r['metric']:<30} {r['concept']:<16} {r['value']:>9.4f} {r['n']:>5}  {r['model']}"
+                         + (f"  ({r['note']})" if r["note"] else ""))
+        if self.confusion is not None:
+            total = int(self.confusion.sum())
+            right = int(self.confusion.diag().sum())
+            lines.append(f"confusion: {right}/{total} regions matched their own concept")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def write(self, folder: str | Path) -> dict[str, Path]:
+        """report.json, metrics.csv, per_image.csv and the heat maps, each written atomically."""
+        from .files import atomic_save_image, atomic_write_json, atomic_write_text
+
+        folder = Path(folder)
+        out = {"json": atomic_write_json(folder / "report.json", self.to_json()),
+               "csv": atomic_write_text(folder / "metrics.csv", self.csv())}
+        if self.per_image:
+            buf = io.StringIO()
+            keys = list(dict.fromkeys(k for row in self.per_image for k in row))
+            w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+            w.writeheader()
+            w.writerows(self.per_image)
+            out["per_image"] = atomic_write_text(folder / "per_image.csv", buf.getvalue())
+        for name, picture in self.pictures().items():
+            out[name] = atomic_save_image(folder / f"{name}.png", picture)
+        return out
+
+    def pictures(self) -> dict:
+        from .preview import heatmap
+
+        pics = {}
+        if self.confusion is not None:
+            rows = self.confusion.float()
+            frac = rows / rows.sum(dim=1, keepdim=True).clamp(min=1)
+            frac[rows.sum(dim=1) == 0] = float("nan")
+            pics["confusion"] = heatmap(frac, self.tokens, self.tokens, title="confusion: region of (row) matched "
+                                        "(column)", counts=self.confusion)
+        if self.attendance is not None:
+            pics["attendance"] = heatmap(self.attendance, self.tokens, self.tokens,
+                                         title="attendance: concept (row) generated with (column)")
+        return pics
+
+
+def _features(model, images: list[torch.Tensor]) -> torch.Tensor:
+    return model.image_features(images) if images else torch.zeros(0, 1)
+
+
+def evaluate(images: Sequence[torch.Tensor], prompts: Sequence[str], references: Sequence[Reference], clip, *,
+             dino=None, region_masks: Sequence[Sequence[torch.Tensor | None]] | None = None,
+             settings: EvalSettings | None = None, node: str = NODE) -> EvalReport:
+    """Every metric the inputs allow. `prompts` has one prompt per image; `region_masks[i][k]` is
+    where concept k should be in image i (None: not there)."""
+    s = settings or EvalSettings()
+    if s.convention not in CONVENTIONS:
+        raise UnconfusedError(f"unknown convention {s.convention!r}; use one of {sorted(CONVENTIONS)}", node=node,
+                              input="convention")
+    if s.text_mode not in TEXT_MODES:
+        raise UnconfusedError(f"unknown text mode {s.text_mode!r}; use one of {sorted(TEXT_MODES)}", node=node,
+                              input="text_mode")
+    images = list(images)
+    if not images:
+        raise UnconfusedError("no generated images to evaluate; connect the sampler's images", node=node,
+                              input="images")
+    if len(prompts) != len(images):
+        raise UnconfusedError(f"{len(prompts)} prompts for {len(images)} images; give one prompt for all or one "
+                              "per image (one per line)", node=node, input="prompts")
+    empty = [i for i, p in enumerate(prompts) if not str(p).strip()]
+    if empty:
+        raise UnconfusedError(f"image {empty[0]} has no prompt; CLIP-T needs the prompt each image was made from",
+                              node=node, input="prompts")
+    for r in references:
+        if not r.images:
+            raise UnconfusedError(f"concept {r.token} has no reference images", node=node, input="concepts")
+        _check_masks(r.images, r.masks, r.token, "concepts")
+    tokens = [r.token for r in references]
+    class_words = {r.token: r.class_word for r in references}
+    report = EvalReport(tokens=tokens)
+    report.settings = {"convention": s.convention, "convention_text": CONVENTIONS[s.convention],
+                       "text_mode": s.text_mode, "text_mode_text": TEXT_MODES[s.text_mode],
+                       "clip": getattr(clip, "name", str(clip)), "dino": getattr(dino, "name", None),
+                       "region_threshold": s.region_threshold}
+    clip_name = getattr(clip, "name", "clip")
+    present = [tokens_in(p, tokens) for p in prompts]
+    steps = 2 + len(references) * (2 if dino is None else 3) + (1 if region_masks is not None else 0)
+    with host.progress(steps, desc="evaluating") as bar:
+        gen = clip.image_features(images)
+        bar.update()
+        texts = [eval_prompt(p, class_words, s.text_mode) for p in prompts]
+        t_feats = clip.text_features(texts)
+        ta = text_alignment(gen, t_feats, s.convention)
+        bar.update()
+        for i, (p, t, v) in enumerate(zip(prompts, texts, ta.tolist())):
+            report.per_image.append({"image": i, "prompt": p, "scored_prompt": t, "concepts": " ".join(present[i]),
+                                     "clip_t": round(v, 6)})
+        report.add("clip_t", ta.mean(), n=len(images), model=clip_name, note=s.convention)
+        for mode, pick in (("single", lambda ts: len(ts) == 1), ("multi", lambda ts: len(ts) >= 2)):
+            idx = [i for i, ts in enumerate(present) if pick(ts)]
+            if idx:
+                report.add(f"clip_t_{mode}", ta[idx].mean(), n=len(idx), model=clip_name, note=s.convention)
+
+        # image alignment against each concept's references
+        ref_dirs, gen_dino = [], (dino.image_features(images) if dino is not None and references else None)
+        attendance = torch.full((len(tokens), len(tokens)), float("nan"))
+        for k, r in enumerate(references):
+            host.check_cancel()
+            refs = clip.image_features(r.images)
+            bar.update()
+            with_k = [i for i, ts in enumerate(present) if r.token in ts]
+            segs = subs = None
+            if r.masks is not None:
+                cut = [subject_segment(img, m, s.region_threshold) for img, m in zip(r.images, r.masks)]
+                cut = [c for c in cut if c is not None]
+                segs = clip.image_features(cut) if cut else None
+                subs = clip.image_features([non_subject_segment(img, m, s.region_threshold)
+                                            for img, m in zip(r.images, r.masks)])
+            bar.update()
+            ref_dirs.append(_mean_direction(segs if segs is not None and segs.shape[0] else refs))
+            if not with_k:
+                report.notes.append(f"no image's prompt names {r.token}: its alignment is not measured")
+                continue
+            g = gen[with_k]
+            report.add("clip_i", pairwise_mean(g, refs), concept=r.token, n=len(with_k), model=clip_name)
+            for mode, pick in (("single", lambda ts: len(ts) == 1), ("multi", lambda ts: len(ts) >= 2)):
+                idx = [i for i in with_k if pick(present[i])]
+                if idx:
+                    report.add(f"clip_i_{mode}", pairwise_mean(gen[idx], refs), concept=r.token, n=len(idx),
+                               model=clip_name)
+            if segs is not None:
+                report.add("subject_alignment", pairwise_mean(g, segs), concept=r.token, n=len(with_k),
+                           model=clip_name)
+                report.add("non_subject_disentanglement", 1 - pairwise_mean(g, subs), concept=r.token,
+                           n=len(with_k), model=clip_name)
+            if gen_dino is not None:
+                report.add("dino", pairwise_mean(gen_dino[with_k], dino.image_features(r.images)), concept=r.token,
+                           n=len(with_k), model=getattr(dino, "name", "dino"))
+                bar.update()
+            for j, other in enumerate(tokens):  # attendance: with exactly one partner
+                idx = [i for i in with_k if set(present[i]) == {r.token, other}] if j != k else []
+                if idx:
+                    attendance[k, j] = pairwise_mean(gen[idx], refs)
+            row = attendance[k][~attendance[k].isnan()]
+            if row.numel():
+                report.add("attendance", row.mean(), concept=r.token, n=int(row.numel()), model=clip_name,
+                           note="mean over partner concepts")
+        if not any(r.masks is not None for r in references) and references:
+            report.notes.append("the references have no masks: subject-alignment and non-subject-disentanglement "
+                                "need them (connect the SAM cut-out masks to the concepts)")
+        if (~attendance.isnan()).any():
+            report.attendance = attendance
+        for mode in ("clip_i", "clip_i_single", "clip_i_multi", "subject_alignment", "non_subject_disentanglement",
+                     "attendance", "dino"):
+            vals = [r["value"] for r in report.rows if r["metric"] == mode and r["concept"] != "all"]
+            if vals:
+                report.add(mode, sum(vals) / len(vals), n=len(vals), model=clip_name if mode != "dino" else
+                           getattr(dino, "name", "dino"), note="mean over concepts")
+
+        # diversity among images of one prompt
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
+        divs = [(diversity(gen[idx]), len(idx)) for idx in groups.values() if len(idx) >= 2]
+        if divs:
+            report.add("diversity", sum(d for d, _ in divs) / len(divs), n=sum(n for _, n in divs), model=clip_name,
+                       note="1 - cosine within a prompt's images (feature diversity, not LPIPS)")
+
+        # the confusion matrix over regions
+        if region_masks is not None and references:
+            if len(region_masks) != len(images):
+                raise UnconfusedError(f"region masks for {len(region_masks)} images but {len(images)} images",
+                                      node=node, input="region_masks")
+            crops, intended = [], []
+            for i, (img, masks) in enumerate(zip(images, region_masks)):
+                if len(masks) != len(tokens):
+                    raise UnconfusedError(f"image {i} has {len(masks)} region masks for {len(tokens)} concepts",
+                                          node=node, input="region_masks")
+                for k, m in enumerate(masks):
+                    if m is None or tokens[k] not in present[i]:
+                        continue
+                    if tuple(m.shape) != tuple(img.shape[:2]):
+                        raise UnconfusedError(f"region mask {k} of image {i} is {m.shape[-1]}x{m.shape[-2]} but the "
+                                              f"image is {img.shape[1]}x{img.shape[0]}", node=node,
+                                              input="region_masks")
+                    seg = subject_segment(img, m, s.region_threshold)
+                    if seg is not None:
+                        crops.append(seg)
+                        intended.append(k)
+            if crops:
+                report.confusion = confusion_counts(clip.image_features(crops), intended, torch.stack(ref_dirs))
+                total = int(report.confusion.sum())
+                report.add("region_accuracy", report.confusion.diag().sum() / total, n=total, model=clip_name,
+                           note="regions whose best-matching references are their own concept's")
+            else:
+                report.notes.append("no region mask covered anything above the threshold: no confusion matrix")
+            bar.update()
+    return report
+
+
+def prompts_for(text: str | Sequence[str], n: int, *, node: str = NODE, input: str = "prompts") -> list[str]:
+    """One prompt for every image (one line), or one per image (one line each)."""
+    lines = [ln.strip() for ln in (text.splitlines() if isinstance(text, str) else text) if str(ln).strip()]
+    if not lines:
+        raise UnconfusedError("no prompt: write the prompt the images were generated from (one line for all, or one "
+                              "line per image)", node=node, input=input)
+    if len(lines) == 1:
+        return lines * n
+    if len(lines) != n:
+        raise UnconfusedError(f"{len(lines)} prompt lines for {n} images; give one line for all images or exactly one "
+                              "per image", node=node, input=input)
+    return lines
+
+
+def report_folder(base: str | Path, name: str, *, node: str = NODE) -> Path:
+    """`<base>/<name>_00001`, the next free number, so no earlier report is overwritten."""
+    from .files import safe_name
+
+    base = Path(base)
+    stem = safe_name(name or "eval", input="name", node=node)
+    used = [int(p.name.rsplit("_", 1)[1]) for p in base.glob(f"{stem}_*")
+            if p.name.rsplit("_", 1)[1].isdigit()] if base.is_dir() else []
+    return base / f"{stem}_{max(used, default=0) + 1:05d}"
