@@ -1,12 +1,13 @@
 """Benchmark of the CLIF augmentation builder: pairs per second and peak memory at two dataset
 sizes (memory must stay flat: nothing is kept per pair).
 
-    .venv/bin/python benchmarks/augment_pairs.py [--sizes 200 2000] [--canvas 512]
+    .venv/bin/python benchmarks/augment_pairs.py [--sizes 200 2000] [--canvas 512] [--json PATH]
 
 Each size runs in its own process (so peak RSS is that run's own). Inputs: three DreamBooth
 concepts (512 px photos, centre-ellipse masks standing in for SAM), a folder bank of 100
 common concepts x 2 plain-background images, R-Aug regions from a deterministic stand-in
 proposer/labeller; the pair mix follows the paper's proportions (78% G-Aug, 20% R-Aug, 2% M-Aug).
+--json PATH also writes the headline numbers (read by benchmarks/run_all.py).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import headline, run_child, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("UNCONFUSED_SHARED", REPO.parent / "shared"))
@@ -116,6 +119,7 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=512)
     ap.add_argument("--child", type=int, default=None)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = ap.parse_args()
     if args.child is not None:
         print(json.dumps(child(args.child, args.canvas, args.work)))
@@ -123,10 +127,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="unconfused-augment-bench-"))
     rows = []
     for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--canvas", str(args.canvas), "--work",
-                              str(work)], check=True, capture_output=True, text=True, cwd=REPO.parent,
-                             env=dict(os.environ, UNCONFUSED_QUIET="1"))
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        out = run_child([sys.executable, str(Path(__file__).resolve()), "--child", str(n), "--canvas",
+                         str(args.canvas), "--work", str(work)], cwd=REPO.parent,
+                        env=dict(os.environ, UNCONFUSED_QUIET="1"))
+        rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"CPU: {os.cpu_count()} cores, torch threads default; canvas {args.canvas} px; work folder {work}")
     print("| pairs | G/R/M | seconds | pairs/s | RSS before (MB) | peak RSS (MB) | RSS after (MB) | disk (MB) |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -135,6 +139,16 @@ def main() -> None:
         print(f"| {r['pairs']} | {c.get('global', 0)}/{c.get('region', 0)}/{c.get('mix', 0)} | {r['seconds']} | "
               f"{r['pairs_per_s']} | {r['rss_before_mb']} | {r['peak_rss_mb']} | {r['rss_after_mb']} | "
               f"{r['disk_mb']} |")
+    if args.json:
+        lo, hi = rows[0], rows[-1]
+        heads = [headline(f"pairs_per_s_{r['pairs']}", f"augment builder: {r['pairs']} pairs at {args.canvas} px",
+                          r["pairs_per_s"], None, "pairs/s") for r in rows]
+        if len(rows) > 1:
+            heads.append(headline("peak_rss_flat", f"augment peak RSS: {hi['pairs']} vs {lo['pairs']} pairs",
+                                  hi["peak_rss_mb"], lo["peak_rss_mb"], "MB", hi["peak_rss_mb"] / lo["peak_rss_mb"],
+                                  "x smaller run"))
+        write_json(args.json, {"benchmark": "augment_pairs", "settings": {"sizes": args.sizes, "canvas": args.canvas},
+                               "headline": heads, "details": {"runs": rows, "work": str(work)}})
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Benchmark of the CLIF trainer's image-feature cache: one epoch with cached CLIP features vs the
 reference design (every batch's images decoded and encoded by the frozen image tower each step).
 
-    .venv/bin/python benchmarks/clif_cache.py [--pairs 96] [--batch 16] [--epochs 1] [--size 256]
+    .venv/bin/python benchmarks/clif_cache.py [--pairs 96] [--batch 16] [--epochs 1] [--size 256] [--json PATH]
 
 Same data, batch, seed and steps in both; each mode runs in its own process, so peak RSS is its
 own. The tower is an open_clip ViT-B/32 image tower (224 px, 88M parameters, random weights - speed
 does not depend on the values) with a text projection fitting the demo SD text encoder; a real
 SD 1.x tower (ViT-L/14, about 18x the FLOPs per image of B/32) only widens the gap. The cache
 is built once (its time is reported separately: it is paid once per dataset and tower, and
-reused by every later run and epoch); the table's epoch times exclude it.
+reused by every later run and epoch); the table's epoch times exclude it. --json PATH also writes
+the headline numbers (read by benchmarks/run_all.py).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import headline, run_child, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOWER_NAME = "unconfused-bench-vit-b-32"
@@ -104,6 +107,7 @@ def main() -> None:
                     "tiny matmuls do not wait on a busy second core)")
     ap.add_argument("--work")
     ap.add_argument("--child")
+    ap.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, Path(args.work), args.pairs, args.batch, args.epochs, args.threads)))
@@ -114,11 +118,10 @@ def main() -> None:
     rows = []
     # cache build (first run, features encoded and written), then the measured runs of both modes
     for mode in ("cache", "cache", "reencode"):
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", mode, "--work", str(work),
-                              "--pairs", str(args.pairs), "--batch", str(args.batch), "--epochs", str(args.epochs),
-                              "--threads", str(args.threads)],
-                             check=True, env=env, capture_output=True, text=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        out = run_child([sys.executable, str(Path(__file__).resolve()), "--child", mode, "--work", str(work),
+                         "--pairs", str(args.pairs), "--batch", str(args.batch), "--epochs", str(args.epochs),
+                         "--threads", str(args.threads)], env=env)
+        rows.append(json.loads(out.strip().splitlines()[-1]))
     build, cached, reenc = rows
     print(f"CLIF epoch: {args.pairs} pairs ({args.size}px), batch {args.batch}, {cached['steps'] // args.epochs} "
           f"steps/epoch, tokens+lora, demo SD text encoder, open_clip ViT-B/32 tower (224px), CPU "
@@ -134,6 +137,22 @@ def main() -> None:
               f"{r['peak_rss_mb']:.0f} | {r['rss_before_train_mb']:.0f} |")
     print(f"\nspeed-up (epoch time): {reenc['epoch_s'] / cached['epoch_s']:.1f}x; final loss cached "
           f"{cached['final_loss']:.4f}, re-encoded {reenc['final_loss']:.4f}")
+    if args.json:
+        write_json(args.json, {
+            "benchmark": "clif_cache",
+            "settings": {"pairs": args.pairs, "batch": args.batch, "epochs": args.epochs, "size": args.size,
+                         "threads": args.threads},
+            "headline": [
+                headline("epoch", "CLIF epoch: cached image features vs re-encoding each batch", cached["epoch_s"],
+                         reenc["epoch_s"], "s/epoch", reenc["epoch_s"] / cached["epoch_s"], "epoch speed-up",
+                         quality=f"final loss {cached['final_loss']:.4f} vs {reenc['final_loss']:.4f}"),
+                headline("peak_rss", "CLIF peak RSS: cached vs re-encoding", cached["peak_rss_mb"],
+                         reenc["peak_rss_mb"], "MB", cached["peak_rss_mb"] / reenc["peak_rss_mb"], "x reference"),
+                headline("cache_build", "CLIF one-time feature cache build (not in the epoch)", build["setup_s"],
+                         None, "s"),
+            ],
+            "details": {"cache_build": build, "cached": cached, "reencode": reenc},
+        })
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DenseCRF quality and speed, plus SAM automatic-mode speed.
 
-    .venv/bin/python benchmarks/crf_quality.py [--n 60] [--size 256]
+    .venv/bin/python benchmarks/crf_quality.py [--n 60] [--size 256] [--speed-repeats 3] [--no-sam] [--json PATH]
 
 Quality: composites of real DreamBooth photos - a random blob cut from one photo pasted onto another,
 so the true mask is known. The true mask is degraded the way cross-attention masks are (area-pooled
@@ -10,6 +10,8 @@ CutLER's defaults, and the IoU against the truth is measured before (degraded ma
 Speed: CRF seconds per image at 512x512 and at 64x64 with 2-4 labels; SAM automatic mode with the
 tiny random-weight test SAM, and the ViT-B image-encoder pass (the dominant cost of real SAM) with
 random weights.
+
+--json PATH also writes the headline numbers (read by benchmarks/run_all.py).
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--no-sam", action="store_true")
+    ap.add_argument("--speed-repeats", type=int, default=3, help="timed CRF runs per size and label count")
+    ap.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     q = quality(args.n, args.size)
@@ -155,13 +159,34 @@ def main() -> None:
     for k, (b, a, n) in q["by_kind"].items():
         print(f"| {k} | {n} | {b:.3f} | {a:.3f} |")
     print("\n| CRF size | labels (masks + background) | s/image |\n|---|---|---|")
+    speed = {}
     for size in (512, 64):
         for labels in (2, 3, 4):
-            print(f"| {size}x{size} | {labels} | {crf_speed(size, labels):.4f} |")
+            speed[(size, labels)] = crf_speed(size, labels, args.speed_repeats)
+            print(f"| {size}x{size} | {labels} | {speed[(size, labels)]:.4f} |")
+    sam = {}
     if not args.no_sam:
+        sam = sam_speed()
         print("\n| SAM | seconds | regions |\n|---|---|---|")
-        for k, (t, n) in sam_speed().items():
+        for k, (t, n) in sam.items():
             print(f"| {k} | {t:.2f} | {'' if n is None else n} |")
+    if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _results import headline, write_json
+
+        heads = [headline("mean_iou", f"DenseCRF refinement: mean IoU after vs before ({q['n']} composites)",
+                          q["after"], q["before"], "IoU",
+                          quality=f"IoU {q['before']:.3f} -> {q['after']:.3f}, {q['improved']:.0%} improved")]
+        heads += [headline(f"iou_{k}", f"DenseCRF IoU, {k} masks ({n})", a, b, "IoU",
+                           quality=f"IoU {b:.3f} -> {a:.3f}") for k, (b, a, n) in q["by_kind"].items()]
+        heads.append(headline("crf_512_2", "DenseCRF speed, 512x512, 2 labels", speed[(512, 2)], None, "s/image"))
+        write_json(args.json, {
+            "benchmark": "crf_quality",
+            "settings": {"n": args.n, "size": args.size, "speed_repeats": args.speed_repeats, "sam": not args.no_sam},
+            "headline": heads,
+            "details": {"quality": q, "crf_s_per_image": {f"{s}x{s} {k} labels": v for (s, k), v in speed.items()},
+                        "sam": {k: {"seconds": t, "regions": n} for k, (t, n) in sam.items()}},
+        })
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ weigh in SD 1.5. The two trainers step alternately (EM, LoRA, EM, ...) so a busy
 alike; medians of the warm steps.
 
     .venv/bin/python benchmarks/em_step.py [--steps 8] [--resolution 256] [--batch 2] [--threads 1] [--device auto]
+                                           [--first-timesteps 50] [--json PATH]
+
+--json PATH also writes the headline numbers (read by benchmarks/run_all.py).
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import headline, write_json  # noqa: E402
 
 
 def _lora_bench():
@@ -52,7 +59,10 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: on a shared machine several threads "
                    "spin-wait on each other and the timings mean little)")
+    p.add_argument("--first-timesteps", type=int, default=50, help="timesteps of the first mask estimate (once "
+                   "per run) that is timed too")
     p.add_argument("--tmp", default="/tmp/unconfused-em-bench")
+    p.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +112,8 @@ def main() -> None:
                 timed(name, (lambda: lora.step(i)) if name == "lora" else (lambda n=name: em_run(n)))
         em.capture = None
         est = {}
-        for t, crf in ((args.reestimate_timesteps, "latent"), (50, "latent"), (args.reestimate_timesteps, "image")):
+        for t, crf in ((args.reestimate_timesteps, "latent"), (args.first_timesteps, "latent"),
+                       (args.reestimate_timesteps, "image")):
             em.settings.crf_at = crf
             t0 = time.perf_counter()
             em.estimate(0, t)
@@ -130,6 +141,28 @@ def main() -> None:
     for (t, crf), sec in est.items():
         print(f"| T={t} timesteps, CRF at {crf} size | {sec:.2f} | {sec / (k * e + sec) * 100:.1f}% |")
     print("(CPU = this process's CPU time: less sensitive than wall time to other jobs on a shared machine)")
+    if args.json:
+        t_re = est[(args.reestimate_timesteps, "latent")]
+        write_json(args.json, {
+            "benchmark": "em_step",
+            "settings": {"steps": args.steps, "resolution": args.resolution, "batch": args.batch,
+                         "images": args.images, "device": str(dev), "threads": torch.get_num_threads(),
+                         "reestimate_every": k, "reestimate_timesteps": args.reestimate_timesteps},
+            "headline": [
+                headline("phase2_wall", "EM phase 2 step (tokens + LoRA) vs LoRA trainer step, wall", e * 1000,
+                         lo * 1000, "ms/step", e / lo, "x LoRA step"),
+                headline("phase2_cpu", "EM phase 2 step vs LoRA trainer step, CPU time", ce * 1000, clo * 1000,
+                         "ms/step", ce / clo, "x LoRA step"),
+                headline("phase1_wall", "EM phase 1 step (token rows only) vs LoRA trainer step, wall", e1 * 1000,
+                         lo * 1000, "ms/step", e1 / lo, "x LoRA step"),
+                headline("reestimate_share", f"EM mask re-estimation (T={args.reestimate_timesteps}, CRF at latent "
+                         f"size) share of a round of K={k} steps + it", t_re, k * e, "s",
+                         quality=f"{t_re / (k * e + t_re) * 100:.1f}% of a round"),
+            ],
+            "details": {"ms_per_step": {"lora": [lo * 1000, clo * 1000], "em": [e * 1000, ce * 1000],
+                                        "em_tokens_only": [e1 * 1000, ce1 * 1000]},
+                        "reestimate_s": {f"T={t} crf={crf}": sec for (t, crf), sec in est.items()}},
+        })
 
 
 def F_up(mask: torch.Tensor, size: int) -> torch.Tensor:

@@ -6,7 +6,9 @@ Times come from one process running the variants' steps in interleaved rounds (s
 hits them alike); peak memory (CUDA: max allocated; CPU: peak RSS) from each variant run alone in
 its own process. Prints a table; ratios, not absolute times, are the result.
 
-    .venv/bin/python benchmarks/lora_step.py [--steps 30] [--resolution 128] [--device auto]
+    .venv/bin/python benchmarks/lora_step.py [--steps 30] [--resolution 128] [--device auto] [--json PATH]
+
+--json PATH also writes the headline numbers (read by benchmarks/run_all.py).
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import headline, run_child, write_json  # noqa: E402
 
 # SD 1.5's UNet, VAE and text encoder at a quarter of their width (same depth, blocks and heads'
 # size), so the VAE / UNet / text-encoder cost shares are those of the real model
@@ -156,6 +160,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--variant")
     p.add_argument("--tmp", default="/tmp/unconfused-bench")
+    p.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = p.parse_args()
     if args.variant:
         return child(args)
@@ -166,7 +171,7 @@ def main() -> None:
     for v in VARIANTS:  # memory: each variant alone in its own process
         cmd = [sys.executable, __file__, "--variant", v, "--resolution", str(args.resolution), "--batch",
                str(args.batch), "--device", args.device, "--tmp", args.tmp]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = run_child(cmd).strip().splitlines()[-1]
         rows[v] = json.loads(out)
     # time: all variants in this process, rounds interleaved, so machine load hits them alike
     torch.manual_seed(0)
@@ -194,6 +199,27 @@ def main() -> None:
         print(f"| {VARIANTS[v]} | {r['step_ms']:.1f} | {r['step_ms'] / ref['step_ms']:.2f} | "
               f"{r['step_ms'] * steps_per_epoch / 1000:.2f} | {ref['step_ms'] / r['step_ms']:.2f}x | "
               f"{r['peak_mb']:.0f} |")
+    if args.json:
+        same, cached, tok = rows["ours-uncached"], rows["ours-cached"], rows["ours-cached-tokens"]
+        write_json(args.json, {
+            "benchmark": "lora_step",
+            "settings": {"steps": args.steps, "resolution": args.resolution, "batch": args.batch,
+                         "device": str(dev), "images_per_epoch": IMAGES},
+            "headline": [
+                headline("step_same_work", "LoRA step, same work: ours vs diffusers dreambooth-LoRA loop",
+                         same["step_ms"], ref["step_ms"], "ms/step", same["step_ms"] / ref["step_ms"],
+                         "x reference step"),
+                headline("epoch_cached", "LoRA epoch, cached latents vs reference loop",
+                         cached["step_ms"] * steps_per_epoch / 1000, ref["step_ms"] * steps_per_epoch / 1000,
+                         "s/epoch", ref["step_ms"] / cached["step_ms"], "epoch speed-up"),
+                headline("epoch_cached_tokens", "LoRA epoch, cached latents + token rows (default) vs reference",
+                         tok["step_ms"] * steps_per_epoch / 1000, ref["step_ms"] * steps_per_epoch / 1000,
+                         "s/epoch", ref["step_ms"] / tok["step_ms"], "epoch speed-up"),
+                headline("peak_memory", "LoRA peak memory, ours cached + tokens vs reference", tok["peak_mb"],
+                         ref["peak_mb"], "MB", tok["peak_mb"] / ref["peak_mb"], "x reference"),
+            ],
+            "details": {v: dict(r, label=VARIANTS[v]) for v, r in rows.items()},
+        })
 
 
 if __name__ == "__main__":

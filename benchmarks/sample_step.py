@@ -2,7 +2,9 @@
 diffusers' StableDiffusionPipeline called directly, same model, prompt, scheduler, size.
 Rounds alternate between the variants so machine load hits them alike. Prints a table.
 
-    .venv/bin/python benchmarks/sample_step.py [--steps 20] [--size 128] [--rounds 3]
+    .venv/bin/python benchmarks/sample_step.py [--steps 20] [--size 128] [--rounds 3] [--json PATH]
+
+--json PATH also writes the headline numbers (read by benchmarks/run_all.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = p.parse_args()
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -71,6 +74,23 @@ def main() -> None:
     for name, ts in times.items():
         m = statistics.median(ts)
         print(f"| {name} | {m:.4f} | {m / ref:.3f} |")
+    if args.json:
+        from _results import headline, write_json
+
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        write_json(args.json, {
+            "benchmark": "sample_step",
+            "settings": {"steps": args.steps, "size": args.size, "rounds": args.rounds, "scheduler": "ddim"},
+            "headline": [
+                headline("debugger_off", "sampling step: ours (debugger off) vs diffusers StableDiffusionPipeline",
+                         med["Unconfused sampler, debugger off"], ref, "s/step",
+                         med["Unconfused sampler, debugger off"] / ref, "x diffusers"),
+                headline("debugger_on", "sampling step: ours (debugger on) vs diffusers StableDiffusionPipeline",
+                         med["Unconfused sampler, debugger on"], ref, "s/step",
+                         med["Unconfused sampler, debugger on"] / ref, "x diffusers"),
+            ],
+            "details": {"s_per_step": times},
+        })
 
 
 if __name__ == "__main__":

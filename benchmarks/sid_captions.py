@@ -5,7 +5,9 @@
   fixed latency (standing in for a hosted model): wall time for the DreamBooth dog2 photos at
   concurrency 1 / 4 / 8, and the request size per photo at two `max_image_side` values.
 
-    .venv/bin/python benchmarks/sid_captions.py [--latency 0.5]
+    .venv/bin/python benchmarks/sid_captions.py [--latency 0.5] [--json PATH]
+
+--json PATH also writes the headline numbers (read by benchmarks/run_all.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=float, default=0.5)
+    ap.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = ap.parse_args()
     from test_sid import TABLE
     from vlm_helpers import GOOD, FakeServer
@@ -60,6 +63,28 @@ def main() -> None:
     finally:
         server.close()
     print(json.dumps(out, indent=1))
+    if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _results import headline, write_json
+
+        n = len(images)
+        wall = {c: out[f"{n}_photos_latency_{args.latency}s_concurrency_{c}_s"] for c in (1, 4, 8)}
+        write_json(args.json, {
+            "benchmark": "sid_captions",
+            "settings": {"latency_s": args.latency, "photos": n},
+            "headline": [
+                headline("validation", "SID caption validation/repair", out["validation_captions_per_s"], None,
+                         "captions/s"),
+                headline("concurrency_4", f"SID backend, {n} photos, {args.latency} s server: concurrency 4 vs 1",
+                         wall[4], wall[1], "s", wall[1] / wall[4] if wall[4] else None, "x faster"),
+                headline("concurrency_8", f"SID backend, {n} photos, {args.latency} s server: concurrency 8 vs 1",
+                         wall[8], wall[1], "s", wall[1] / wall[8] if wall[8] else None, "x faster"),
+                headline("request_kb", "SID request size per photo: max_image_side 256 vs full (512 px photo)",
+                         out["request_kb_at_256px"], out["request_kb_at_1024px"], "KB",
+                         out["request_kb_at_256px"] / out["request_kb_at_1024px"], "x full"),
+            ],
+            "details": out,
+        })
 
 
 if __name__ == "__main__":
