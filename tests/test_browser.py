@@ -19,19 +19,14 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+import comfy_web
+from comfy_harness import REPO, ComfyServer, demo_home
+
 ARTIFACTS = REPO / "tests" / "artifacts"
-sys.path.insert(0, str(Path(__file__).parent))
-import comfy_web  # noqa: E402
 
 STEPS = 8
 TRAIN_ID = "4"
@@ -42,17 +37,6 @@ def chromium_path() -> str | None:
         if candidate and (path := shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)):
             return path
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str, timeout: float = 10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
 
 
 def workflow(name: str = "browser", steps: int = STEPS, validation: str = "<tst> on a beach") -> dict:
@@ -74,54 +58,21 @@ def workflow(name: str = "browser", steps: int = STEPS, validation: str = "<tst>
 
 @pytest.fixture(scope="module")
 def comfy_home(tmp_path_factory):
-    """A ComfyUI home: this pack under custom_nodes, the demo model, three photos."""
-    from unconfused.engine.demo_model import write_demo_diffusers_folder
+    """A ComfyUI home (ComfyServer.start puts this pack under custom_nodes): the demo model, three photos."""
     from unconfused.trainers.smoke import synthetic_photos
     from unconfused.engine.concepts import tensor_to_pil
 
-    home = tmp_path_factory.mktemp("comfy")
-    (home / "custom_nodes").mkdir()
-    (home / "custom_nodes" / "unconfused").symlink_to(REPO, target_is_directory=True)
-    write_demo_diffusers_folder(home / "models" / "diffusers" / "demo")
+    home = demo_home(tmp_path_factory.mktemp("comfy"))
     photos = home / "input" / "photos"
     photos.mkdir(parents=True)
     for i, img in enumerate(synthetic_photos(0, 3, 96)):
         tensor_to_pil(img).save(photos / f"p{i}.png")
-    for sub in ("output", "temp"):
-        (home / sub).mkdir()
     # a returning user's settings: without them today's frontend opens its first-run template
     # dialog over the canvas on a fresh machine (it intercepted the panel's Cancel click in CI)
     settings = home / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    (home / "paths.yaml").write_text(
-        f"unconfused_test:\n  base_path: {home}\n  custom_nodes: custom_nodes\n  diffusers: models/diffusers\n"
-        "  loras: models/loras\n  embeddings: models/embeddings\n")
     return home
-
-
-def start_comfyui(home: Path, frontend: str):
-    port = free_port()
-    log = open(home / f"comfyui-{port}.log", "w")
-    env = dict(os.environ, UNCONFUSED_QUIET="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(comfy_web.__file__)), frontend, "--user-directory", str(home / "user"), "--cpu", "--listen", "127.0.0.1", "--port",
-         str(port), "--extra-model-paths-config", str(home / "paths.yaml"), "--output-directory",
-         str(home / "output"), "--input-directory", str(home / "input"), "--temp-directory", str(home / "temp"),
-         "--disable-auto-launch"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if "UnconfusedTrainLoRA" in get_json(url + "/object_info/UnconfusedTrainLoRA", 5):
-                return proc, url, log
-        except Exception:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log.close()
-            pytest.fail(f"ComfyUI did not start:\n{(home / log.name).read_text()[-3000:]}")
-        time.sleep(1)
 
 
 FRONTENDS = ["package", "bundled"]
@@ -155,9 +106,9 @@ def test_live_training_feedback_in_the_browser(comfy_home, frontend):
         root = str(static)
     from playwright.sync_api import sync_playwright
 
-    proc, url, log = start_comfyui(comfy_home, root)
     console: list[str] = []
-    try:
+    with ComfyServer.start(comfy_home, frontend=root, user_dir=comfy_home / "user") as comfy:
+        url = comfy.url
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_exe, headless=True,
                                          args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
@@ -230,13 +181,6 @@ def test_live_training_feedback_in_the_browser(comfy_home, frontend):
                 }}""")
                 screenshot(page, frontend + "-no-dom-widgets")
             browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     assert info["total"] == STEPS and info["step"] == STEPS and info["panels"] == 1, info
     assert 2 <= info["points"] <= STEPS, info  # the first and the last step at least; rate-limited
     assert f"step {STEPS}/{STEPS}" in info["status"] and "loss" in info["status"], info

