@@ -62,10 +62,16 @@ def test_demo_runs_the_whole_clif_flow_on_builtin_defaults(tmp_path, capsys):
     assert main(["demo", "--workdir", str(work), "--clif-steps", "3", "--lora-steps", "3"]) == 0
     report = json.loads((work / "report.json").read_text())
     assert list(report["stages"]) == ["load model", "load clip", "concepts and cut-outs", "augmentations",
-                                      "CLIF text encoder", "LoRA + tokens", "sample"]
+                                      "CLIF text encoder", "LoRA + tokens", "sample", "evaluate"]
     assert report["stages"]["augmentations"]["pairs"] == {"global": 24, "mix": 12}
     assert report["stages"]["sample"]["attention_tokens"] == ["<red-thing>", "<blue-thing>"]
     assert (work / "samples.png").is_file() and (work / "attention.png").is_file()
+    ev = report["stages"]["evaluate"]  # the papers' metrics on the pictures, with the sampler's maps as regions
+    assert {"clip_t[all]", "clip_i_single[all]", "clip_i_multi[all]", "subject_alignment[all]",
+            "attendance[all]", "region_accuracy[all]"} <= set(ev["rows"]), ev
+    assert sum(map(sum, ev["confusion"])) >= 2 and "plain cosine" in ev["convention"]
+    saved = json.loads((work / "eval" / "report.json").read_text())
+    assert len(saved["per_image"]) == 4 and (work / "eval" / "confusion.png").is_file()
     assert (work / "models" / "loras" / "demo-lora.safetensors").is_file()
     assert (work / "models" / "embeddings" / "demo-lora_red-thing.safetensors").is_file()
     # a rerun resumes every stage: nothing is trained again

@@ -153,13 +153,42 @@ def run(s: FlowSettings) -> dict:
     overlap = _attention_overlap(res.maps)
     st.note("sample", prompt=prompt, attention_tokens=res.tokens, attention_overlap=overlap, warnings=res.warnings)
 
+    evaluation = st.run("evaluate", _evaluate, lora.bundle, cs, scorer, res, prompt, s, work / "eval")
+    st.note("evaluate", **evaluation)
+
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
                            if k != "concepts"},
               "model": bundle.name, "family": bundle.family, **st.report,
               "files": {"samples": str(work / "samples.png"), "attention": str(work / "attention.png"),
-                        "dataset": str(built.folder), "clif_run": str(clif.run_dir), "lora_run": str(lora.run_dir)}}
+                        "dataset": str(built.folder), "clif_run": str(clif.run_dir), "lora_run": str(lora.run_dir),
+                        "evaluation": str(work / "eval")}}
     atomic_write_json(work / "report.json", json.loads(json.dumps(report, default=str)))
     return report
+
+
+def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings, folder: Path) -> dict:
+    """The papers' metrics on the pictures: the two-concept prompt's images (their attention maps
+    give the confusion matrix) plus one single-concept picture per concept (CLIP-I single vs multi)."""
+    from ..engine import metrics as M
+    from ..engine import sampling as S
+
+    tokens = [c.token for c in cs.concepts]
+    images, prompts = list(res.images), [prompt] * len(res.images)
+    regions = [[res.maps[i][res.tokens.index(t)] if res.maps is not None and t in res.tokens else None
+                for t in tokens] for i in range(len(res.images))]
+    for t in tokens:
+        single = f"a photo of {t}"
+        r = S.sample(bundle, single, steps=s.sample_steps, width=s.resolution * 2, height=s.resolution * 2,
+                     seed=s.seed, batch_size=1, node=NODE)
+        images.append(r.images[0])
+        prompts.append(single)
+        regions.append([None] * len(tokens))
+    refs = [M.Reference(c.token, c.class_word, c.images, c.masks) for c in cs.concepts]
+    report = M.evaluate(images, prompts, refs, scorer, region_masks=regions, node=NODE)
+    report.write(folder)
+    return {"convention": report.settings["convention_text"], "rows": {
+        f"{r['metric']}[{r['concept']}]": r["value"] for r in report.rows if r["concept"] == "all"},
+        "confusion": report.confusion.tolist() if report.confusion is not None else None}
 
 
 def _attention_overlap(maps) -> float | None:
