@@ -46,3 +46,17 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.longrepr = f"skipped in CI, which must run it: {reason}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "hardening: a case of the hardening matrix (tests/hardening_matrix.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    from hardening_matrix import entries
+
+    listed = entries()
+    for item in items:
+        key = f"{Path(str(item.fspath)).name}::{item.originalname}"
+        if key in listed:
+            item.add_marker(pytest.mark.hardening)

@@ -41,3 +41,15 @@ def test_empty_batches_are_named(node_id, name, kind):
 def test_the_matrix_covers_every_node_with_sockets():
     with_sockets = {c.values[0] for c in CASES}
     assert len(CASES) >= 15 and {"UnconfusedTrainLoRA", "UnconfusedSample", "UnconfusedConcept"} <= with_sockets
+
+
+def test_every_matrix_entry_names_an_existing_test():
+    """The hardening matrix (README's counts) cannot name a test that was renamed or removed."""
+    import importlib
+
+    from hardening_matrix import MATRIX, entries
+
+    assert len(MATRIX) == 8 and all(MATRIX.values())
+    for key in entries():
+        module, name = key.split("::")
+        assert callable(getattr(importlib.import_module(module.removesuffix(".py")), name, None)), key

@@ -41,15 +41,25 @@ def config_hash(config: dict) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state as plain ints, floats and tensors, so a checkpoint loads
+    with `torch.load(weights_only=True)`: no pickled code runs when a run resumes."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -122,11 +132,13 @@ class Loop:
             return 0
         path = ckpts[-1]
         try:
-            # our own file: it holds numpy RNG state, which weights_only cannot express
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a damaged last checkpoint: fall back to the one before
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path.name, e)
-            path.unlink(missing_ok=True)
+            # tensors and plain values only: a checkpoint someone swapped in cannot run code
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # damaged (or not ours): set aside, fall back to the one before
+            aside = path.with_name(path.name + ".unreadable")
+            log.warning("checkpoint %s is unreadable (%s); kept as %s, trying the previous one", path.name,
+                        str(e).splitlines()[0][:200], aside.name)
+            path.replace(aside)
             return self.resume()
         if payload["config_hash"] != config_hash(self.config):
             raise UnconfusedError(f"the run folder {self.run_dir.name} holds checkpoints made with other settings; "
