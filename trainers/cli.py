@@ -32,26 +32,18 @@ def _smoke(args) -> int:
     return 0
 
 
-def _lora(args) -> int:
-    import json
+def _job(runner_name: str):
+    """A config-file command: run the job, print its summary and its numbers as JSON."""
+    def run(args) -> int:
+        import json
 
-    from .jobs import run_lora
+        from . import jobs
 
-    report = run_lora(args.config, args.set)
-    print(report.pop("info"))
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-def _clif(args) -> int:
-    import json
-
-    from .jobs import run_clif
-
-    report = run_clif(args.config, args.set)
-    print(report.pop("info"))
-    print(json.dumps(report, indent=2))
-    return 0
+        report = getattr(jobs, runner_name)(args.config, args.set)
+        print(report.pop("info"))
+        print(json.dumps(report, indent=2))
+        return 0
+    return run
 
 
 def _demo(args) -> int:
@@ -64,17 +56,6 @@ def _demo(args) -> int:
     report = flow.run(s)
     print(flow.format_report(report))
     print(f"report written to {Path(args.workdir) / 'report.json'}")
-    return 0
-
-
-def _em(args) -> int:
-    import json
-
-    from .jobs import run_em
-
-    report = run_em(args.config, args.set)
-    print(report.pop("info"))
-    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -114,35 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora-steps", type=int, default=40)
     s.add_argument("--prompt", default="", help="default: a photo of <first token> and <second token>")
     s.set_defaults(func=_demo)
-    s = sub.add_parser("lora", help="train concept tokens + a shared UNet LoRA from a config file (JSON/TOML); "
-                                    "rerun the same command to resume")
-    s.add_argument("--config", required=True, help="the job: model, concepts or concept_set, [settings]")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set steps=20 (repeatable)")
-    s.set_defaults(func=_lora)
-    s = sub.add_parser("clif", help="CLIF: contrastive fine-tuning of the text encoder on an augmented dataset, "
-                                    "from a config file (model, dataset, image_tower, [settings]); torchrun for "
-                                    "several GPUs; rerun to resume")
-    s.add_argument("--config", required=True, help="the job: model, dataset, image_tower, [settings]")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set steps=20 (repeatable)")
-    s.set_defaults(func=_clif)
-    s = sub.add_parser("em", help="mask EM: learn concept tokens, a LoRA and each concept's mask from images holding "
-                                  "several concepts, no masks given (config: model, images, concepts, [settings]); "
-                                  "rerun to resume")
-    s.add_argument("--config", required=True, help="the job: model, images, concepts, optional ground_truth, "
-                                                   "[settings]")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set steps=20 (repeatable)")
-    s.set_defaults(func=_em)
-    s = sub.add_parser("eval", help="the papers' metrics (CLIP-T, CLIP-I, DINO, SID subject/non-subject, CLIF "
-                                    "attendance and confusion, mask IoU) on folders of images with prompts; "
-                                    "writes report.json + metrics.csv")
-    s.add_argument("--config", required=True, help="the job: images (+ .txt prompts), concepts or concept_set, "
-                                                   "clip, optional dino, region_masks, masks_a + masks_b, output")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set convention=clipscore (repeatable)")
-    s.set_defaults(func=_eval)
+    for name, runner, about, config, example in (
+            ("lora", "run_lora", "train concept tokens + a shared UNet LoRA from a config file (JSON/TOML); rerun the "
+             "same command to resume", "model, concepts or concept_set, [settings]", "steps=20"),
+            ("clif", "run_clif", "CLIF: contrastive fine-tuning of the text encoder on an augmented dataset, from a "
+             "config file (model, dataset, image_tower, [settings]); torchrun for several GPUs; rerun to resume",
+             "model, dataset, image_tower, [settings]", "steps=20"),
+            ("em", "run_em", "mask EM: learn concept tokens, a LoRA and each concept's mask from images holding "
+             "several concepts, no masks given (config: model, images, concepts, [settings]); rerun to resume",
+             "model, images, concepts, optional ground_truth, [settings]", "steps=20"),
+            ("eval", None, "the papers' metrics (CLIP-T, CLIP-I, DINO, SID subject/non-subject, CLIF attendance and "
+             "confusion, mask IoU) on folders of images with prompts; writes report.json + metrics.csv",
+             "images (+ .txt prompts), concepts or concept_set, clip, optional dino, region_masks, masks_a + "
+             "masks_b, output", "convention=clipscore")):
+        s = sub.add_parser(name, help=about)
+        s.add_argument("--config", required=True, help="the job: " + config)
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"override a setting, e.g. --set {example} (repeatable)")
+        s.set_defaults(func=_job(runner) if runner else _eval)
     return p
 
 
