@@ -12,7 +12,6 @@ weights, normalisation constants).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -126,20 +125,9 @@ class ClipScorer:
     def __repr__(self) -> str:
         return f"ClipScorer({self.name}, {self.model_name})"
 
-    @contextlib.contextmanager
     def running(self):
-        dev = host.device(self.device_choice)
-        dtype = host.default_dtype(dev, self.precision)
-        self.model.to(dev)
-        try:
-            ctx = torch.autocast(dev.type, dtype=dtype) if dev.type == "cuda" and dtype != torch.float32 \
-                else contextlib.nullcontext()
-            with torch.inference_mode(), ctx:
-                yield dev
-        finally:
-            self.model.to("cpu")
-            if dev.type != "cpu":
-                host.empty_cache()
+        """The model on its compute device for one call (see host.running_on)."""
+        return host.running_on(self.model, self.device_choice, self.precision)
 
     def preprocess(self, crop: torch.Tensor, fill: float = 0.5) -> torch.Tensor:
         """[h,w,3] 0..1 -> [3,S,S] normalised: padded to a square (gray), resized bicubic."""

@@ -9,7 +9,6 @@ centre-cropped and normalised with ImageNet's statistics, as DINO's evaluation d
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -42,17 +41,8 @@ class DinoModel:
     def __repr__(self) -> str:
         return f"DinoModel({self.name})"
 
-    @contextlib.contextmanager
     def running(self):
-        dev = host.device(self.device_choice)
-        self.model.to(dev)
-        try:
-            with torch.inference_mode():
-                yield dev
-        finally:
-            self.model.to("cpu")
-            if dev.type != "cpu":
-                host.empty_cache()
+        return host.running_on(self.model, self.device_choice, half=False)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         x = image.detach().float().cpu().permute(2, 0, 1)[None]

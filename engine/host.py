@@ -186,6 +186,27 @@ def default_dtype(dev: torch.device, precision: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+@contextlib.contextmanager
+def running_on(module: torch.nn.Module, choice: str = "auto", precision: str = "auto",
+               half: bool = True) -> Iterator[torch.device]:
+    """A frozen helper model (SAM, CLIP, DINO) on its compute device for one call, in inference
+    mode - with fp16/bf16 autocast on a GPU when `half` (autocast, not .half(): pre- and
+    post-processing stay fp32) - then back on the CPU with the cache emptied, so ComfyUI gets the
+    memory back between nodes."""
+    dev = device(choice)
+    dtype = default_dtype(dev, precision)
+    module.to(dev)
+    try:
+        ctx = torch.autocast(dev.type, dtype=dtype) if half and dev.type == "cuda" and dtype != torch.float32 \
+            else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            yield dev
+    finally:
+        module.to("cpu")
+        if dev.type != "cpu":
+            empty_cache()
+
+
 def free_memory_for_training() -> None:
     """Ask ComfyUI to unload its models and empty caches before a training run."""
     mm = _comfy("comfy.model_management")

@@ -16,7 +16,6 @@ OpenCV) and the concept-picking rule.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -213,24 +212,9 @@ class SamModel:
     def __repr__(self) -> str:
         return f"SamModel({self.name}, {self.variant})"
 
-    @contextlib.contextmanager
     def running(self):
-        """The model on its compute device (with fp16/bf16 autocast on a GPU) for one call, then back on
-        the CPU and the cache emptied."""
-        dev = host.device(self.device_choice)
-        dtype = host.default_dtype(dev, self.precision)
-        self.sam.to(dev)
-        try:
-            # autocast, not .half(): SAM's pre/post-processing (pixel normalisation, mask upsampling,
-            # stability scores) stays in fp32, only the matmuls/convs run in half precision.
-            ctx = torch.autocast(dev.type, dtype=dtype) if dev.type == "cuda" and dtype != torch.float32 \
-                else contextlib.nullcontext()
-            with torch.inference_mode(), ctx:
-                yield dev
-        finally:
-            self.sam.to("cpu")
-            if dev.type != "cpu":
-                host.empty_cache()
+        """SAM on its compute device for one call (see host.running_on)."""
+        return host.running_on(self.sam, self.device_choice, self.precision)
 
     # --- the R-Aug proposer the augmentation builder looks for (nodes/augment.py region_tools)
     def propose_regions(self, image: torch.Tensor, mask: torch.Tensor | None = None, **settings) -> list[torch.Tensor]:

@@ -32,7 +32,7 @@ import copy
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ from ..engine.models import add_text_encoder_lora
 from ..engine.preview import line_chart
 from ..engine.tokens import add_concept_tokens, concept_embedding, expand_prompt, token_rows
 from .distributed import device_for, world
-from .loop import Loop, LoopState, seed_everything
+from .loop import Loop, LoopState, seed_everything, settings_from_dict
 
 log = logging.getLogger("unconfused")
 NODE = "UnconfusedTrainCLIF"
@@ -96,11 +96,7 @@ class ClifSettings:
 
     @classmethod
     def from_dict(cls, data: dict, *, node: str = NODE) -> "ClifSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", node=node, input="config")
-        return cls(**data).validated(node)
+        return settings_from_dict(cls, data, node)
 
     def validated(self, node: str = NODE) -> "ClifSettings":
         def bad(input: str, msg: str):

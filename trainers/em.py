@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import host, messages
-from ..engine import losses as L
 from ..engine.attention import AttentionCapture, default_layers, token_position_mask
 from ..engine.concepts import tensor_to_pil, validate_token
 from ..engine.crf import CRFSettings, refine_latent_masks

@@ -40,6 +40,18 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def settings_from_dict(cls, data: dict, node: str):
+    """A trainer's settings dataclass from a config's [settings] table: unknown keys are named,
+    then the class's own `validated(node)` checks the values."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", node=node, input="config")
+    return cls(**data).validated(node)
+
+
 def rng_state() -> dict:
     """Every random generator's state as plain ints, floats and tensors, so a checkpoint loads
     with `torch.load(weights_only=True)`: no pickled code runs when a run resumes."""

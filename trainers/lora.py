@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from ..engine.models import add_text_encoder_lora
 from ..engine.tokens import add_concept_tokens, concept_embedding, token_rows
 from ..engine.training_data import DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
 from .distributed import device_for, world
-from .loop import Loop, LoopState, seed_everything
+from .loop import Loop, LoopState, seed_everything, settings_from_dict
 
 log = logging.getLogger("unconfused")
 NODE = "UnconfusedTrainLoRA"
@@ -94,11 +94,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, data: dict, *, node: str = NODE) -> "LoraSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", node=node, input="config")
-        return cls(**data).validated(node)
+        return settings_from_dict(cls, data, node)
 
     def validated(self, node: str = NODE) -> "LoraSettings":
         def bad(input: str, msg: str):
