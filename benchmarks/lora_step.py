@@ -160,8 +160,12 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--variant")
     p.add_argument("--tmp", default="/tmp/unconfused-bench")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1: on a busy "
+                   "shared machine, threads spin-waiting on a descheduled peer skew the timings)")
     p.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.variant:
         return child(args)
     from unconfused.engine import host
@@ -170,7 +174,7 @@ def main() -> None:
     rows = {}
     for v in VARIANTS:  # memory: each variant alone in its own process
         cmd = [sys.executable, __file__, "--variant", v, "--resolution", str(args.resolution), "--batch",
-               str(args.batch), "--device", args.device, "--tmp", args.tmp]
+               str(args.batch), "--device", args.device, "--tmp", args.tmp, "--threads", str(args.threads)]
         out = run_child(cmd).strip().splitlines()[-1]
         rows[v] = json.loads(out)
     # time: all variants in this process, rounds interleaved, so machine load hits them alike
@@ -204,7 +208,7 @@ def main() -> None:
         write_json(args.json, {
             "benchmark": "lora_step",
             "settings": {"steps": args.steps, "resolution": args.resolution, "batch": args.batch,
-                         "device": str(dev), "images_per_epoch": IMAGES},
+                         "device": str(dev), "threads": torch.get_num_threads(), "images_per_epoch": IMAGES},
             "headline": [
                 headline("step_same_work", "LoRA step, same work: ours vs diffusers dreambooth-LoRA loop",
                          same["step_ms"], ref["step_ms"], "ms/step", same["step_ms"] / ref["step_ms"],
