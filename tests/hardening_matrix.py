@@ -22,7 +22,9 @@ MATRIX = {
         "test_lora.py::test_disk_full_during_export_loses_nothing_and_a_rerun_finishes",
         "test_host.py::test_disk_full_gives_a_sentence_and_no_partial_file",
         "test_host.py::test_atomic_write_leaves_nothing_on_failure",
-        "test_concepts.py::test_interrupted_save_is_not_read_as_complete"],
+        "test_concepts.py::test_interrupted_save_is_not_read_as_complete",
+        "test_full_disk.py::test_concept_set_save", "test_full_disk.py::test_augmented_dataset",
+        "test_full_disk.py::test_evaluation_report"],
     "Cancel at every stage": [
         "test_cancel_matrix.py::test_cancel_mid_stage_leaves_nothing_and_the_rerun_matches",
         "test_augment.py::test_cancel_then_resume_equals_uninterrupted_run",

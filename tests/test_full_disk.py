@@ -1,0 +1,94 @@
+"""The disk fills up in the middle of a stage that writes files (a concept set, an augmented
+dataset, an evaluation report): the user gets a sentence that says so, no half-written file is
+left, nothing already written is lost, and the rerun after freeing space finishes the job exactly
+as an uninterrupted run would. (The LoRA export case is in test_lora.py.)"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from test_augment import build
+from test_metrics import ColourFeatures
+from unconfused.engine import augment as A
+from unconfused.engine import host
+from unconfused.engine.concepts import Concept, ConceptSet, load_concept_set
+from unconfused.engine.errors import UnconfusedError
+from unconfused.trainers.smoke import synthetic_concept
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """After `after` successful atomic writes, every further one fails with ENOSPC."""
+    import builtins
+
+    real_open = builtins.open
+    state = {"left": None}
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode and ".partial" in str(path) and state["left"] is not None:
+            if state["left"] <= 0:
+                def write(_data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                f.write = write
+            state["left"] -= 1
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+    def arm(after: int | None):
+        state["left"] = after
+    return arm
+
+
+def no_partials(root):
+    return not [p for p in root.rglob("*") if ".partial" in p.name]
+
+
+def test_concept_set_save(tmp_path, full_disk):
+    from unconfused.nodes.concepts import UnconfusedSaveConceptSet
+
+    images, masks = synthetic_concept(0, 3, 48)
+    cs = ConceptSet([Concept("<a>", "ball", images, masks=masks)])
+    full_disk(3)
+    with pytest.raises(UnconfusedError, match="disk is not full"):
+        UnconfusedSaveConceptSet().save(concept_set=cs, name="pets")
+    folder = host.output_dir() / "unconfused" / "concept_sets" / "pets"
+    assert no_partials(tmp_path) and not (folder / "concept_set.json").exists()  # never read as complete
+    full_disk(None)
+    UnconfusedSaveConceptSet().save(concept_set=cs, name="pets")
+    again = load_concept_set(folder)
+    assert all(torch.equal(a, b) for a, b in zip(again.concepts[0].masks, cs.concepts[0].masks))
+
+
+def test_augmented_dataset(tmp_path, full_disk):
+    build(tmp_path, "whole")
+    full_disk(30)  # the bank, cut-outs and regions (18 files), then a few pairs
+    with pytest.raises(UnconfusedError, match="disk is not full"):
+        build(tmp_path, "cut")
+    assert no_partials(tmp_path / "cut")
+    full_disk(None)
+    res = build(tmp_path, "cut")
+    assert 0 < res.made < 14  # the pairs written before the disk filled were kept
+    assert A.records_digest(tmp_path / "cut") == A.records_digest(tmp_path / "whole")
+
+
+def test_evaluation_report(tmp_path, full_disk):
+    from unconfused.nodes.evaluate import UnconfusedEvaluate
+
+    images, masks = synthetic_concept(0, 2, 32)
+    cs = ConceptSet([Concept("<a>", "ball", images, masks=masks)])
+    evaluate = getattr(UnconfusedEvaluate.evaluate, "__wrapped__")  # injected features stand in for CLIP
+    full_disk(1)
+    with pytest.raises(UnconfusedError, match="disk is not full"):
+        evaluate(UnconfusedEvaluate(), torch.stack(images), "a photo of <a>", cs, ColourFeatures(), name="r")
+    assert no_partials(tmp_path)
+    full_disk(None)
+    table = evaluate(UnconfusedEvaluate(), torch.stack(images), "a photo of <a>", cs, ColourFeatures(),
+                     name="r")["result"][0]
+    folders = sorted(p.name for p in (host.output_dir() / "unconfused" / "eval").iterdir())
+    assert folders[-1] in table and (host.output_dir() / "unconfused" / "eval" / folders[-1] / "metrics.csv").is_file()
