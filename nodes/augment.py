@@ -113,7 +113,7 @@ class UnconfusedAugmentBuilder:
                 "bank_folder": ("STRING", {"default": "", "tooltip": "Instead of generating: a folder of common-"
                                            "concept images (one subfolder per concept, or files named after it); "
                                            "relative paths are under ComfyUI's input folder"}),
-                "common_concepts": ("STRING", {"multiline": True, "default": default_common_text(),
+                "common_concepts": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": default_common_text(),
                                                "tooltip": "Common concepts for the bank, one per line, with their "
                                                           "article ('a policeman')"}),
                 "images_per_common": _int(_B.per_concept, 1, 100, "Bank images per common concept (paper: 20)"),
@@ -126,7 +126,7 @@ class UnconfusedAugmentBuilder:
                                   "(automatic mode)"}),
                 "clip_model": (CLIP_MODEL, {"tooltip": "For R-Aug (CLIP Scorer Loader): labels each region "
                                     "with a vocabulary word"}),
-                "vocabulary": ("STRING", {"multiline": True, "default": "", "tooltip": "Your words for the "
+                "vocabulary": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip": "Your words for the "
                                           "concepts' parts (e.g. from the SID captioner), comma or line separated"}),
                 "use_default_vocabulary": ("BOOLEAN", {"default": True, "tooltip": "Also the built-in parts list "
                                            "(hair, hat, necklace, ...)"}),
@@ -143,7 +143,7 @@ class UnconfusedAugmentBuilder:
                 "with_class_word": ("BOOLEAN", {"default": _S.with_class_word, "tooltip": "Captions say "
                                     "'<alice> woman' instead of '<alice>'"}),
                 "flip": ("BOOLEAN", {"default": _S.flip, "tooltip": "Random horizontal flips of the elements"}),
-                "templates": ("STRING", {"multiline": True, "default": "\n".join(A.DEFAULT_TEMPLATES),
+                "templates": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "\n".join(A.DEFAULT_TEMPLATES),
                                          "tooltip": "Caption templates, one per line; {} is where the names go"}),
                 "preview_count": _int(8, 0, 64, "Pairs shown in the preview"),
                 "device": (host.DEVICE_CHOICES, {"default": "auto", "tooltip": "Where the bank is generated"}),

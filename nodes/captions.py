@@ -43,7 +43,7 @@ class UnconfusedSIDCaptioner:
                 "describe_pose": ("BOOLEAN", {"default": False, "tooltip":
                                   "Also describe the subject's pose and facial expression (paper D.2: lets prompts "
                                   "change a strong expression of the photos)"}),
-                "instruction": ("STRING", {"multiline": True, "default": sid.SUBJECT_INSTRUCTION, "tooltip":
+                "instruction": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": sid.SUBJECT_INSTRUCTION, "tooltip":
                                 "What the model is told. {subject} = '<token> <class>', {class_word}. In style "
                                 "mode this default text is replaced by the style instruction"}),
                 "base_url": ("STRING", {"default": "http://127.0.0.1:11434/v1", "tooltip":
@@ -60,7 +60,7 @@ class UnconfusedSIDCaptioner:
                                                               "models/LLM (loaded offline, unloaded after use)"}),
                 "device": (host.DEVICE_CHOICES, {"default": "auto"}),
                 "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto"}),
-                "manual_captions": ("STRING", {"multiline": True, "default": "", "tooltip":
+                "manual_captions": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip":
                                     "manual backend: one caption per photo, one per line (empty = the concept's "
                                     "own captions, e.g. edited .txt sidecars)"}),
                 "on_flagged": (sid.ON_FLAGGED, {"default": sid.ON_FLAGGED[0], "tooltip":
@@ -176,7 +176,7 @@ class UnconfusedSIDCaptionSet(UnconfusedSIDCaptioner):
         req = dict(spec["required"])
         del req["concept"]
         req = {"concept_set": (CONCEPT_SET,), **req}
-        req["manual_captions"] = ("STRING", {"multiline": True, "default": "", "tooltip":
+        req["manual_captions"] = ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip":
                                   "manual backend: one caption per photo, one per line, all concepts in the "
                                   "set's order (empty = the concepts' own captions)"})
         return {"required": req, "optional": spec["optional"]}

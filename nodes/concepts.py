@@ -47,7 +47,7 @@ class UnconfusedConcept:
             },
             "optional": {
                 "masks": ("MASK", {"tooltip": "One mask per photo (white = the concept); optional"}),
-                "captions": ("STRING", {"multiline": True, "default": "",
+                "captions": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "",
                                         "tooltip": "Optional: one caption per photo, one per line"}),
             },
         }

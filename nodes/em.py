@@ -38,7 +38,7 @@ class UnconfusedTrainMaskEM:
                 "model": (MODEL_BUNDLE, {"tooltip": "From Load Checkpoint (Unconfused)"}),
                 "images": ("IMAGE", {"tooltip": "One or a few images, each holding several of the concepts (e.g. "
                                                 "two people and a room). A batch: images of one size"}),
-                "concepts": ("STRING", {"multiline": True, "default": "<alice> woman\n<bob> man",
+                "concepts": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "<alice> woman\n<bob> man",
                                         "tooltip": CONCEPTS_TIP}),
                 "name": ("STRING", {"default": _D.name, "tooltip": "Run name: the run folder under "
                                     "output/unconfused/runs and the exported file names. Same name + same "
@@ -78,7 +78,7 @@ class UnconfusedTrainMaskEM:
                                         "the tokens before the first masks (0 = start from the class words)"),
                 "max_concepts_per_step": _int(_D.max_concepts_per_step, 0, 16, "Union sampling: at most this "
                                               "many concepts per training prompt (0 = up to all)"),
-                "validation_prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One prompt per "
+                "validation_prompts": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip": "One prompt per "
                                                   "line, using the tokens"}),
                 "validation_every": _int(_D.validation_every, 0, 100000, "Validation images every N steps "
                                          "(0 = only at the end)"),

@@ -70,7 +70,7 @@ class UnconfusedEvaluate:
             "required": {
                 "images": ("IMAGE", {"tooltip": "The generated images (e.g. the sampler's images; batch several "
                                                 "samplers' outputs together for several prompts)"}),
-                "prompts": ("STRING", {"multiline": True, "default": "a photo of <alice> and <my-dog>",
+                "prompts": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "a photo of <alice> and <my-dog>",
                                        "tooltip": "The prompt the images were made from: one line for all, or one "
                                                   "line per image"}),
                 "concepts": (CONCEPT_SET, {"tooltip": "The concepts with their reference photos (with the SAM cut-out "

@@ -114,9 +114,9 @@ class UnconfusedSAMSegment:
                 "max_regions": _int(0, 0, 1000, "automatic: keep the largest N regions per image (0 = all)"),
             },
             "optional": {
-                "points": ("STRING", {"multiline": True, "default": "", "tooltip": "prompted: x,y per line (pixels "
+                "points": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip": "prompted: x,y per line (pixels "
                                       "or 0..1 fractions); x,y,0 marks a background point"}),
-                "boxes": ("STRING", {"multiline": True, "default": "", "tooltip": "prompted: x0,y0,x1,y1 per line"}),
+                "boxes": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip": "prompted: x0,y0,x1,y1 per line"}),
                 "clip_model": (CLIP_MODEL, {"tooltip": "concept cut-out: scores the segments"}),
                 "class_word": ("STRING", {"default": "dog", "tooltip": "concept cut-out: what the concept is"}),
                 "min_fraction": _float(0.10, 0.0, 1.0, 0.01, "concept cut-out: drop segments under this part of "
@@ -260,7 +260,7 @@ class UnconfusedCLIPRegionLabeller:
             "clip_model": (CLIP_MODEL,),
             "images": ("IMAGE",),
             "regions": (REGIONS,),
-            "vocabulary": ("STRING", {"multiline": True, "default": "hair, hat, necklace, jacket, shoes, face",
+            "vocabulary": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "hair, hat, necklace, jacket, shoes, face",
                                       "tooltip": "Words to label regions with, comma- or line-separated"}),
             "use_default_vocabulary": ("BOOLEAN", {"default": False, "tooltip": "Add the built-in parts vocabulary "
                                                    f"({len(REGION_VOCABULARY)} words)"}),

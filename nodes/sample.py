@@ -19,9 +19,9 @@ class UnconfusedSample:
             "required": {
                 "model": (MODEL_BUNDLE, {"tooltip": "A trained model bundle (LoRA trainer, CLIF, mask EM) or a "
                                                     "plain loaded one"}),
-                "prompt": ("STRING", {"multiline": True, "default": "a photo of <alice> hugging <my-dog> on a beach",
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "a photo of <alice> hugging <my-dog> on a beach",
                                       "tooltip": "Use the concept tokens, e.g. <alice>"}),
-                "negative": ("STRING", {"multiline": True, "default": S.PAPER_NEGATIVE,
+                "negative": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": S.PAPER_NEGATIVE,
                                         "tooltip": "The papers' negative prompt by default"}),
                 "scheduler": (S.SCHEDULERS, {"default": "ddpm", "tooltip": "DDPM 50 steps is CLIF's setting"}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),

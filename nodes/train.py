@@ -52,7 +52,7 @@ class UnconfusedTrainLoRA:
             "optional": {
                 "dataset": (DATASET, {"tooltip": "CLIF's augmented dataset: its Mix pairs (two concepts side "
                                                  "by side) are trained on together with the photos"}),
-                "validation_prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One prompt per "
+                "validation_prompts": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip": "One prompt per "
                                                   "line, using the tokens, e.g. <alice> hugging <my-dog>"}),
                 "validation_every": _int(_D.validation_every, 0, 100000, "Validation images every N steps "
                                          "(0 = only at the end)"),

@@ -180,6 +180,8 @@ def test_live_training_feedback_in_the_browser(comfy_home, frontend):
                              points: n.__unconfused.points.length}};
                 }}""")
                 screenshot(page, frontend + "-no-dom-widgets")
+            # 4. every example's UI form, dropped into this page, queues exactly its API form
+            forms = example_forms(page)
             browser.close()
     assert info["total"] == STEPS and info["step"] == STEPS and info["panels"] == 1, info
     assert 2 <= info["points"] <= STEPS, info  # the first and the last step at least; rate-limited
@@ -190,8 +192,35 @@ def test_live_training_feedback_in_the_browser(comfy_home, frontend):
     assert 2 <= int(cancelled) < 5000 and list(runs.glob("step_*.pt")), (cancelled, list(runs.iterdir()))
     if nodom is not None:
         assert nodom == {"panels": 0, "points": nodom["points"]} and nodom["points"] >= 2, nodom
+    assert forms and all(not d for d in forms.values()), forms
     ours = [line for line in console if "unconfused" in line.lower()]
     assert not ours, "console messages from the extension:\n" + "\n".join(ours)
+
+
+def example_forms(page) -> dict[str, list[str]]:
+    """Load each examples/<name>.json (UI form) into the page as a user's drop does, let the page make
+    its prompt, and list how that differs from examples/<name>_api.json (LoadImage's `upload`
+    button value is frontend-only: today's page leaves it out)."""
+    out = {}
+    for ui_path in sorted((REPO / "examples").glob("*.json")):
+        if ui_path.stem.endswith("_api"):
+            continue
+        api = json.loads(ui_path.with_name(ui_path.stem + "_api.json").read_text())
+        made = page.evaluate("""async (ui) => {
+            await window.app.loadGraphData(ui);
+            return (await window.app.graphToPrompt()).output;
+        }""", json.loads(ui_path.read_text()))
+        diffs = [f"node {nid} missing" for nid in api if nid not in made]
+        diffs += [f"node {nid} extra" for nid in made if nid not in api]
+        for nid, node in api.items():
+            got = made.get(nid, {"class_type": node["class_type"], "inputs": node["inputs"]})
+            if got["class_type"] != node["class_type"]:
+                diffs.append(f"node {nid}: {got['class_type']}")
+            for key in set(node["inputs"]) | set(got["inputs"]):
+                if key != "upload" and node["inputs"].get(key) != got["inputs"].get(key):
+                    diffs.append(f"node {nid} {key}: {str(got['inputs'].get(key))[:60]!r}")
+        out[ui_path.name] = diffs
+    return out
 
 
 def queue(page, wf: dict) -> None:
