@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,8 +239,8 @@ class EvalReport:
 
     def table(self) -> str:
         """The numbers as a fixed-width text table (the node's STRING output)."""
-        lines = [f"convention: {self.settings.get('convention_text', '')}; prompts: "
-                 f"{self.settings.get('text_mode_text', '')}"]
+        lines = [f"convention: {self.settings['convention_text']}; prompts: {self.settings['text_mode_text']}"] \
+            if self.settings.get("convention_text") else []
         lines.append(f"{'metric':<30} {'concept':<16} {'value':>9} {'n':>5}  model")
         for r in self.rows:
             lines.append(f"{r['metric']:<30} {r['concept']:<16} {r['value']:>9.4f} {r['n']:>5}  {r['model']}"
@@ -252,22 +253,40 @@ class EvalReport:
         return "\n".join(lines)
 
     def write(self, folder: str | Path) -> dict[str, Path]:
-        """report.json, metrics.csv, per_image.csv and the heat maps, each written atomically."""
+        """report.json, metrics.csv, per_image.csv and the heat maps. They are written into a
+        temporary folder beside `folder` and moved in only when all are complete, so a full disk
+        or a crash never leaves a report folder with half of its files."""
+        import shutil
+        import uuid
+
         from .files import atomic_save_image, atomic_write_json, atomic_write_text
 
         folder = Path(folder)
-        out = {"json": atomic_write_json(folder / "report.json", self.to_json()),
-               "csv": atomic_write_text(folder / "metrics.csv", self.csv())}
-        if self.per_image:
-            buf = io.StringIO()
-            keys = list(dict.fromkeys(k for row in self.per_image for k in row))
-            w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-            w.writeheader()
-            w.writerows(self.per_image)
-            out["per_image"] = atomic_write_text(folder / "per_image.csv", buf.getvalue())
-        for name, picture in self.pictures().items():
-            out[name] = atomic_save_image(folder / f"{name}.png", picture)
-        return out
+        tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            names = [atomic_write_json(tmp / "report.json", self.to_json()).name,
+                     atomic_write_text(tmp / "metrics.csv", self.csv()).name]
+            if self.per_image:
+                buf = io.StringIO()
+                keys = list(dict.fromkeys(k for row in self.per_image for k in row))
+                w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+                w.writeheader()
+                w.writerows(self.per_image)
+                names.append(atomic_write_text(tmp / "per_image.csv", buf.getvalue()).name)
+            names += [atomic_save_image(tmp / f"{name}.png", picture).name for name, picture in
+                      self.pictures().items()]
+            if folder.exists():  # an existing report folder (the command's output): file by file
+                for name in names:
+                    os.replace(tmp / name, folder / name)
+            else:
+                os.replace(tmp, folder)
+        except OSError as e:
+            raise UnconfusedError(f"could not write the report into {folder}: {e.strerror or e}. Check that the "
+                                  "folder is writable and the disk is not full") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        keys = {"report.json": "json", "metrics.csv": "csv", "per_image.csv": "per_image"}
+        return {keys.get(n, n.removesuffix(".png")): folder / n for n in names}
 
     def pictures(self) -> dict:
         from .preview import heatmap

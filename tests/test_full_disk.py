@@ -87,8 +87,10 @@ def test_evaluation_report(tmp_path, full_disk):
     with pytest.raises(UnconfusedError, match="disk is not full"):
         evaluate(UnconfusedEvaluate(), torch.stack(images), "a photo of <a>", cs, ColourFeatures(), name="r")
     assert no_partials(tmp_path)
+    eval_dir = host.output_dir() / "unconfused" / "eval"
+    assert not eval_dir.exists() or not list(eval_dir.iterdir())  # no report folder with half its files
     full_disk(None)
     table = evaluate(UnconfusedEvaluate(), torch.stack(images), "a photo of <a>", cs, ColourFeatures(),
                      name="r")["result"][0]
-    folders = sorted(p.name for p in (host.output_dir() / "unconfused" / "eval").iterdir())
-    assert folders[-1] in table and (host.output_dir() / "unconfused" / "eval" / folders[-1] / "metrics.csv").is_file()
+    folders = sorted(p.name for p in eval_dir.iterdir())
+    assert folders == ["r_00001"] and folders[-1] in table and (host.output_dir() / "unconfused" / "eval" / folders[-1] / "metrics.csv").is_file()
