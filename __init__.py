@@ -4,8 +4,7 @@ ComfyUI imports this folder as a package from custom_nodes/. Everything inside i
 relatively: ComfyUI has its own top-level `nodes` module.
 """
 
-__version__ = "0.1.0"  # before the imports: the trainers write it into their files' metadata
-
+from .engine.version import __version__  # noqa: F401  (one place: engine/version.py)
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 WEB_DIRECTORY = "./web"

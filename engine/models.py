@@ -278,12 +278,19 @@ def build_text_encoder(family: str, state: dict | None = None, dtype=torch.float
 def load_single_file(path: str | os.PathLike, *, prediction: str = "auto", dtype: torch.dtype = torch.float32,
                      node: str | None = None) -> ModelBundle:
     """Load an original (LDM key) SD 1.x / 2.x checkpoint into diffusers models, offline."""
+    path = Path(path)
+    sd = read_state_dict(path, node=node)
+    return bundle_from_ldm_state_dict(sd, path.name, prediction=prediction, dtype=dtype, node=node, source=path)
+
+
+def bundle_from_ldm_state_dict(sd: dict[str, torch.Tensor], name: str, *, prediction: str = "auto",
+                               dtype: torch.dtype = torch.float32, node: str | None = None,
+                               source: Path | None = None) -> ModelBundle:
+    """A bundle from a whole-checkpoint state dict in LDM keys (a file's, or ComfyUI's models'
+    as a checkpoint saver would write them). `sd` is consumed."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    path = Path(path)
-    name = path.name
-    sd = read_state_dict(path, node=node)
     family = detect_family(sd, name, node=node)
     detected = detect_prediction(sd, family)
     pred = detected if prediction == "auto" else prediction
@@ -311,7 +318,7 @@ def load_single_file(path: str | os.PathLike, *, prediction: str = "auto", dtype
 
     bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder,
                          tokenizer=clip_tokenizer(pad=cfg.TOKENIZER_PAD[family]), family=family,
-                         prediction_type=pred, name=name, source=path)
+                         prediction_type=pred, name=name, source=source)
     if prediction != "auto" and pred != detected:
         bundle.notes.append(f"prediction type set to {pred} (the file looks like {detected})")
     _freeze(bundle)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from ..engine.version import __version__
 from ..engine import host
 from ..engine.clip_tower import FeatureCache, ImageTower, check_pair, file_hash, load_image_tower, tower_from_scorer
 from ..engine.dataset import KINDS, Dataset

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..engine.version import __version__
 from ..engine import host, messages
 from ..engine import losses as L
 from ..engine.concepts import ConceptSet
