@@ -4,7 +4,7 @@ A concept is an identifier token (`<alice>`), a class word ("woman"), reference 
 optionally, one mask and one caption per image. Images keep their own sizes (reference
 photos rarely match), as float32 tensors [H, W, 3] in 0..1; masks are [H, W] in 0..1.
 
-On disk a concept set is a folder (see README, "Concept set folder"):
+On disk a concept set is a folder (docs/guide.md, "Concept set folder"):
 
     concept_set.json            {"format": "unconfused.concept_set", "version": 1, "concepts": [...]}
     <folder>/<stem>.png         reference images
