@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NODES_MD = REPO / "docs" / "nodes.md"
 BENCH_MD = REPO / "docs" / "benchmarks.md"
+LONG = 24  # a choice list longer than this comes from a library, not from the pack: not listed
 
 
 def _import_pack():
@@ -63,6 +64,9 @@ def _describe(spec) -> tuple[str, str, str, str]:
     if isinstance(kind, (list, tuple)) and len(kind) <= 1 and all(str(c).startswith("(") for c in kind):
         # a list of the user's files, empty here: the pack shows one "(none ...)" entry then
         return "file choice", "", "the files of your model folders" + (f" (none: `{kind[0]}`)" if kind else ""), tip
+    if isinstance(kind, (list, tuple)) and len(kind) > LONG:
+        # e.g. open_clip's architectures: what the installed library (and the running process) registers
+        return "choice", _default(opts.get("default", kind[0])), "a long list the installed libraries give", tip
     if isinstance(kind, (list, tuple)):
         choices = ", ".join(f"`{c}`" for c in kind)
         return "choice", _default(opts.get("default", kind[0] if kind else None)), choices, tip
