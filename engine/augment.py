@@ -45,9 +45,9 @@ from .common_concepts import BACKGROUND_COLORS, BANK_PROMPT, COMMON_CONCEPTS, RE
     phrase_of
 from .concepts import IMAGE_SUFFIXES, ConceptSet, tensor_to_pil
 from .dataset import Dataset, DatasetWriter, read_records
-from .regions import iou
 from .errors import UnconfusedError
 from .files import atomic_save_image, atomic_write_json, safe_name
+from .regions import iou
 
 NODE = "UnconfusedAugmentBuilder"
 KIND_IDS = {"global": 1, "region": 2, "mix": 3}

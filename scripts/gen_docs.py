@@ -31,12 +31,16 @@ LONG = 24  # a choice list longer than this comes from a library, not from the p
 
 
 def _import_pack():
-    try:
-        import unconfused  # noqa: F401
-    except ImportError:  # run from a checkout: the repository folder is the package
+    """This checkout's package (the repository folder is the package `unconfused`), whatever else is
+    installed: the pages describe the code beside the script."""
+    if "unconfused" not in sys.modules:
         link = Path(tempfile.mkdtemp(prefix="unconfused-docs-")) / "unconfused"
         link.symlink_to(REPO, target_is_directory=True)
         sys.path.insert(0, str(link.parent))
+    import unconfused
+
+    if Path(unconfused.__file__).resolve().parent != REPO:
+        raise SystemExit(f"the imported unconfused is {unconfused.__file__}, not this checkout {REPO}")
     from unconfused.engine import host
     from unconfused.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
