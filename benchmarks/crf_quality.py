@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from unconfused.engine.regions import iou  # the pack's one IoU (tests/test_crf.py: bench.iou)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("UNCONFUSED_SHARED", REPO.parent / "shared"))
 DREAMBOOTH = SHARED / "datasets" / "dreambooth"
@@ -84,11 +86,6 @@ def degrade(mask: torch.Tensor, kind: str) -> torch.Tensor:
         elif part in ("up", "down"):
             m = (m + (0.25 if part == "up" else -0.25)).clamp(0, 1)
     return m[0, 0].clamp(0, 1)
-
-
-def iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a > 0.5, b > 0.5
-    return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
 
 
 def quality(n: int, size: int, seed: int = 0, settings=None) -> dict:

@@ -47,6 +47,7 @@ from .concepts import IMAGE_SUFFIXES, ConceptSet, tensor_to_pil
 from .dataset import Dataset, DatasetWriter, read_records
 from .errors import UnconfusedError
 from .files import atomic_save_image, atomic_write_json, safe_name
+from .regions import iou
 
 NODE = "UnconfusedAugmentBuilder"
 KIND_IDS = {"global": 1, "region": 2, "mix": 3}
@@ -514,7 +515,7 @@ def find_regions(token: str, cutouts: list[tuple[int, Image.Image]], proposer: R
             frac = mb.sum() / max(area, 1)
             if not (min_part <= frac <= max_part):
                 continue
-            if any((mb & p).sum() / max((mb | p).sum(), 1) > dedupe_iou for p in props):
+            if any(iou(mb, p) > dedupe_iou for p in props):
                 continue
             props.append(mb)
         props.sort(key=lambda p: -int(p.sum()))

@@ -187,7 +187,7 @@ class ClipScorer:
         sims = self.similarities(crops, texts).view(len(crops), len(words), len(self.templates)).mean(dim=2)
         return sims.softmax(dim=1)
 
-    # --- the R-Aug labeller the augmentation builder looks for (nodes/augment.py region_tools)
+    # --- the R-Aug labeller the augmentation builder looks for (engine/regions.py region_tools)
     def label_regions(self, crops: Sequence[torch.Tensor], vocabulary: Sequence[str]) -> list[tuple[str, float]]:
         vocab = clean_vocabulary(vocabulary)
         if not crops:

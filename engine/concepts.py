@@ -4,7 +4,7 @@ A concept is an identifier token (`<alice>`), a class word ("woman"), reference 
 optionally, one mask and one caption per image. Images keep their own sizes (reference
 photos rarely match), as float32 tensors [H, W, 3] in 0..1; masks are [H, W] in 0..1.
 
-On disk a concept set is a folder (see README, "Concept set folder"):
+On disk a concept set is a folder (docs/guide.md, "Concept set folder"):
 
     concept_set.json            {"format": "unconfused.concept_set", "version": 1, "concepts": [...]}
     <folder>/<stem>.png         reference images
@@ -299,6 +299,28 @@ def load_images_from_folder(folder: str | Path, *, node: str, input: str = "fold
     caps = [p.with_suffix(".txt") for p in paths]
     captions = [read_caption(c) for c in caps] if all(c.is_file() for c in caps) else None
     return images, [p.stem for p in paths], captions
+
+
+def concept_from_folder(folder: str | Path, token: str, class_word: str, *, node: str, input: str | None = None
+                        ) -> Concept:
+    """A concept from a plain folder of photos (with kohya .txt sidecars if every photo has one).
+    `input` names the one input all three came from (a CLI's --concept); by default each its own."""
+    token = validate_token(token, node=node, input=input or "token")
+    if not (class_word or "").strip():
+        raise UnconfusedError("the class word is empty; give the kind of thing, e.g. dog or woman", node=node,
+                              input=input or "class_word")
+    images, names, captions = load_images_from_folder(folder, node=node, input=input or "folder")
+    return Concept(token=token, class_word=class_word.strip(), images=images, captions=captions, names=names)
+
+
+def parse_concept_spec(text: str, *, node: str, input: str = "concepts") -> tuple[Path, str, str]:
+    """`FOLDER:TOKEN:CLASS` (the command line's and job files' short form) -> (folder, token, class word).
+    The last two colons split, so a Windows drive letter (C:/photos) stays in the folder."""
+    parts = str(text).rsplit(":", 2)
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise UnconfusedError(f"'{text}' is not FOLDER:TOKEN:CLASS, e.g. photos/alice:<alice>:woman", node=node,
+                              input=input)
+    return Path(parts[0].strip()), parts[1].strip(), parts[2].strip()
 
 
 def new_run_folder(base: Path, prefix: str) -> Path:

@@ -216,7 +216,7 @@ class SamModel:
         """SAM on its compute device for one call (see host.running_on)."""
         return host.running_on(self.sam, self.device_choice, self.precision)
 
-    # --- the R-Aug proposer the augmentation builder looks for (nodes/augment.py region_tools)
+    # --- the R-Aug proposer the augmentation builder looks for (engine/regions.py region_tools)
     def propose_regions(self, image: torch.Tensor, mask: torch.Tensor | None = None, **settings) -> list[torch.Tensor]:
         """Automatic over-segmentation of one image [H,W,3]; regions (bool [H,W]) inside `mask` if given."""
         regs = automatic_regions(self, [image], progress=False, **{**self.proposal_settings, **settings})

@@ -12,6 +12,7 @@ from ..engine.concepts import pil_to_tensor
 from ..engine.dataset import Dataset
 from ..engine.errors import UnconfusedError
 from ..engine.files import safe_name
+from ..engine.regions import region_tools
 from .common import CATEGORY, CLIP_MODEL, CONCEPT_SET, DATASET, MODEL_BUNDLE, SAM_MODEL, with_preview
 
 DATASETS_SUBFOLDER = "unconfused/datasets"
@@ -36,51 +37,6 @@ def dataset_folder(name: str, *, node: str, input: str = "name") -> Path:
     if path.is_absolute():
         return path
     return host.output_dir() / DATASETS_SUBFOLDER / safe_name(name, input=input, node=node)
-
-
-# Names the masks stage may give its automatic-mode proposal and its zero-shot labelling: a method
-# of the loaded model (the socket value) or a function of engine/sam.py / engine/clip_scoring.py.
-PROPOSE_NAMES = ("propose_regions", "automatic_masks", "generate_regions", "over_segment")
-LABEL_NAMES = ("label_regions", "zero_shot_labels", "label_crops", "classify")
-
-
-def _find(model, module_name: str, names: tuple[str, ...]):
-    for n in names:
-        fn = getattr(model, n, None)
-        if callable(fn):
-            return lambda *a, _fn=fn, **kw: _fn(*a, **kw)
-    try:
-        import importlib
-
-        module = importlib.import_module(f"..engine.{module_name}", __package__)
-    except ImportError:
-        return None
-    for n in names:
-        fn = getattr(module, n, None)
-        if callable(fn):
-            return lambda *a, _fn=fn, **kw: _fn(model, *a, **kw)
-    return None
-
-
-def region_tools(sam_model, clip_model, *, node: str, **sam_settings):
-    """The R-Aug region proposer (SAM automatic mode) and labeller (CLIP zero-shot) of the masks
-    stage, as the plain functions `engine.augment` takes:
-    proposer(image [H,W,3], mask [H,W]) -> masks; labeller(crops, words) -> [(word, score)]."""
-    propose = _find(sam_model, "sam", PROPOSE_NAMES)
-    label = _find(clip_model, "clip_scoring", LABEL_NAMES)
-    if propose is None or label is None:
-        what = "automatic region proposal (SAM)" if propose is None else "region labelling (CLIP)"
-        raise UnconfusedError(f"this install's masks stage has no {what} for R-Aug; set region_pairs to 0",
-                              node=node, input="sam_model" if propose is None else "clip_model")
-
-    def proposer(rgb, mask):
-        return propose(rgb, mask, **sam_settings)
-
-    def labeller(crops, vocabulary):
-        out = label(crops, vocabulary)
-        return [(o[0], float(o[1])) if isinstance(o, (tuple, list)) else (o, 1.0) for o in out]
-
-    return proposer, labeller
 
 
 class UnconfusedAugmentBuilder:

@@ -93,12 +93,7 @@ class UnconfusedConceptFromFolder:
             raise UnconfusedError("give the folder that holds the photos", node=self.NODE_ID, input="folder")
         if not path.is_absolute():
             path = host.input_dir() / folder
-        images, names, captions = C.load_images_from_folder(path, node=self.NODE_ID)
-        token = C.validate_token(token, node=self.NODE_ID)
-        if not class_word.strip():
-            raise UnconfusedError("the class word is empty", node=self.NODE_ID, input="class_word")
-        concept = C.Concept(token=token, class_word=class_word.strip(), images=images, captions=captions,
-                            names=names)
+        concept = C.concept_from_folder(path, token, class_word, node=self.NODE_ID)
         return with_preview((concept,), [concept_preview([concept])], "concept")
 
 

@@ -14,6 +14,7 @@ from ..engine import sam as S
 from ..engine.common_concepts import REGION_VOCABULARY, parse_list
 from ..engine.errors import UnconfusedError
 from ..engine.preview import grid, overlay_masks
+from ..engine.regions import label_regions
 from .common import CATEGORY, CLIP_MODEL, CONCEPT, REGIONS, SAM_MODEL, with_preview
 
 CAT = f"{CATEGORY}/masks"
@@ -231,24 +232,6 @@ class UnconfusedCLIPScorerLoader:
         model = CL.load_clip_by_name(name, model_name=model_name, pretrained_tag=pretrained_tag, device=device,
                                      precision=precision, node=self.NODE_ID)
         return {"ui": {"text": [f"{model.name}: open_clip {model.model_name}"]}, "result": (model,)}
-
-
-def label_regions(clip_model: CL.ClipScorer, images: list[torch.Tensor], regions: S.Regions, vocabulary: list[str],
-                  *, node: str = CL.NODE_LABEL) -> S.Regions:
-    """Each region gets the vocabulary word CLIP scores highest for its crop (CLIF R-Aug step 1)."""
-    vocab = CL.clean_vocabulary(vocabulary, node=node)
-    if len(regions.image_sizes) != len(images):
-        raise UnconfusedError(f"the regions were made from {len(regions.image_sizes)} images but {len(images)} are "
-                              "connected; connect the images the Segment node saw", node=node, input="images")
-    for i, img in enumerate(images):
-        if tuple(img.shape[:2]) != tuple(regions.image_sizes[i]):
-            raise UnconfusedError(f"image {i} is {img.shape[1]}x{img.shape[0]} but its regions are "
-                                  f"{regions.image_sizes[i][1]}x{regions.image_sizes[i][0]}", node=node, input="images")
-    crops = [S.region_crop(images[r.image_index], r.mask) for r in regions.regions]
-    labels = clip_model.label_regions(crops, vocab) if crops else []
-    out = [S.Region(r.mask, r.box, r.score, r.image_index, label=w, label_score=p, stability=r.stability)
-           for r, (w, p) in zip(regions.regions, labels)]
-    return S.Regions(out, list(regions.image_sizes), list(regions.notes))
 
 
 class UnconfusedCLIPRegionLabeller:

