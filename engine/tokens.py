@@ -49,6 +49,15 @@ class ConceptEmbedding(nn.Module):
             out = torch.where(is_new[..., None], rows.to(out.dtype), out)
         return out
 
+    def _apply(self, fn, recurse=True):
+        """Casting the model (`.to(bf16)`) casts the frozen rows only: the new rows are what trains,
+        and stay fp32 (on the module's device) - rounding them to half would lose their updates."""
+        old = self.new_rows.data
+        out = super()._apply(fn, recurse)
+        if self.new_rows.dtype != torch.float32:
+            self.new_rows.data = old.to(self.new_rows.device, torch.float32)
+        return out
+
     def append(self, rows: torch.Tensor) -> None:
         data = torch.cat([self.new_rows.data, rows.to(self.new_rows.device, torch.float32)])
         self.new_rows = nn.Parameter(data, requires_grad=self.new_rows.requires_grad)
