@@ -95,14 +95,21 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer, params: list[torch.Tensor], max_grad_norm: float) -> None:
-        """Unscale (fp16), clip, step - a step whose gradients overflowed is skipped by the scaler."""
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(optimizer)
+    def step(self, optimizer, params: list[torch.Tensor], max_grad_norm: float) -> bool:
+        """Unscale (fp16), clip, step. False when the scaler skipped the step (its gradients
+        overflowed; the scale is lowered) - then the LR schedule waits too, as accelerate does."""
+        if not self.scaler.is_enabled():
+            if max_grad_norm and params:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            return True
+        self.scaler.unscale_(optimizer)
         if max_grad_norm and params:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
+        return self.scaler.get_scale() >= scale
 
 
 def first_folder(kind: str, node: str | None) -> Path:
@@ -195,8 +202,8 @@ class TrainerCore:
             loss_t = torch.tensor([total], device=self.device)
             self.world.mean_([p.grad for p in params] + [loss_t])
             total = float(loss_t)
-        self.precision.step(self.optimizer, params, s.max_grad_norm)
-        self.lr_scheduler.step()
+        if self.precision.step(self.optimizer, params, s.max_grad_norm):
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
