@@ -32,7 +32,7 @@ from ..engine.exports import save_embedding
 from ..engine.files import safe_name
 from ..engine.version import __version__
 from .distributed import device_for, world
-from .loop import Loop, LoopState
+from .loop import Loop, LoopState, seed_everything
 
 OPTIMIZERS = ["adamw", "adamw8bit"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
@@ -69,6 +69,17 @@ def make_optimizer(groups: list[dict], name: str, weight_decay: float = 1e-2, no
                                   "GPU; choose adamw", node=node, input="optimizer") from e
         return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def train(trainer_cls, settings_cls, settings, *args, **kwargs):
+    """Build a trainer from settings (a dataclass, a dict from a config file, or None for the
+    defaults), seeded as the settings say, and run it."""
+    if settings is None:
+        settings = settings_cls()
+    elif isinstance(settings, dict):
+        settings = settings_cls.from_dict(settings)
+    seed_everything(settings.seed)
+    return trainer_cls(*args, settings, **kwargs).run()
 
 
 class Precision:

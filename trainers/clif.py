@@ -47,8 +47,9 @@ from ..engine.files import atomic_save_image, atomic_write_json
 from ..engine.models import add_text_encoder_lora, move_module
 from ..engine.preview import line_chart
 from ..engine.tokens import add_concept_tokens, concept_embedding, expand_prompt
-from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME, TrainerCore, check_common, first_folder  # noqa: F401
-from .loop import seed_everything, settings_from_dict
+from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
+from .base import TrainerCore, check_common, first_folder, train
+from .loop import settings_from_dict
 
 log = logging.getLogger("unconfused")
 NODE = "UnconfusedTrainCLIF"
@@ -540,9 +541,4 @@ def resolve_tower(image_tower: str | None, clip_model=None, *, node: str = NODE)
 
 def train_clif(bundle, dataset, tower, settings: ClifSettings | dict | None = None, **kwargs) -> ClifResult:
     """Train and export; `settings` as ClifSettings or a dict (the CLI's config file)."""
-    if settings is None:
-        settings = ClifSettings()
-    elif isinstance(settings, dict):
-        settings = ClifSettings.from_dict(settings)
-    seed_everything(settings.seed)
-    return ClifTrainer(bundle, dataset, tower, settings, **kwargs).run()
+    return train(ClifTrainer, ClifSettings, settings, bundle, dataset, tower, **kwargs)
