@@ -71,7 +71,7 @@ def make_optimizer(groups: list[dict], name: str, weight_decay: float = 1e-2, no
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
-def train(trainer_cls, settings_cls, settings, *args, **kwargs):
+def run_trainer(trainer_cls, settings_cls, settings, *args, **kwargs):
     """Build a trainer from settings (a dataclass, a dict from a config file, or None for the
     defaults), seeded as the settings say, and run it."""
     if settings is None:

@@ -48,7 +48,7 @@ from ..engine.models import add_text_encoder_lora, move_module
 from ..engine.preview import line_chart
 from ..engine.tokens import add_concept_tokens, concept_embedding, expand_prompt
 from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
-from .base import TrainerCore, check_common, first_folder, train
+from .base import TrainerCore, check_common, first_folder, run_trainer
 from .loop import settings_from_dict
 
 log = logging.getLogger("unconfused")
@@ -541,4 +541,4 @@ def resolve_tower(image_tower: str | None, clip_model=None, *, node: str = NODE)
 
 def train_clif(bundle, dataset, tower, settings: ClifSettings | dict | None = None, **kwargs) -> ClifResult:
     """Train and export; `settings` as ClifSettings or a dict (the CLI's config file)."""
-    return train(ClifTrainer, ClifSettings, settings, bundle, dataset, tower, **kwargs)
+    return run_trainer(ClifTrainer, ClifSettings, settings, bundle, dataset, tower, **kwargs)

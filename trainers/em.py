@@ -46,7 +46,7 @@ from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_path, atomic_save_image
 from ..engine.preview import PALETTE, grid, overlay_masks
 from ..engine.training_data import Example, fit_square
-from .base import train
+from .base import run_trainer
 from .loop import config_hash, seed_everything
 from .lora import Batch, LoraResult, LoraSettings, LoraTrainer
 
@@ -671,7 +671,7 @@ def iou_chart(rounds: list[MaskRound], title: str, width: int = 512, height: int
 
 def train_em(bundle, scenes: list[Scene], settings: EMSettings | dict | None = None, **kwargs) -> EMResult:
     """Run the mask EM and export; `settings` as EMSettings or a dict (the CLI's config file)."""
-    return train(EMTrainer, EMSettings, settings, bundle, scenes, **kwargs)
+    return run_trainer(EMTrainer, EMSettings, settings, bundle, scenes, **kwargs)
 
 
 __all__ = ["EMSettings", "EMTrainer", "EMResult", "MaskRound", "Scene", "attention_loss", "binarize", "iou",

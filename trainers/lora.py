@@ -31,7 +31,7 @@ from ..engine.models import add_text_encoder_lora
 from ..engine.tokens import add_concept_tokens, concept_embedding
 from ..engine.training_data import DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
 from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
-from .base import TrainerCore, check_common, first_folder, make_optimizer, train
+from .base import TrainerCore, check_common, first_folder, make_optimizer, run_trainer
 from .loop import settings_from_dict
 
 log = logging.getLogger("unconfused")
@@ -472,5 +472,5 @@ def _pil(img: torch.Tensor):
 
 def train_lora(bundle, data, settings: LoraSettings | dict | None = None, **kwargs) -> LoraResult:
     """Train and export; `settings` as LoraSettings or a dict (the CLI's config file)."""
-    return train(LoraTrainer, LoraSettings, settings, bundle, data, **kwargs)
+    return run_trainer(LoraTrainer, LoraSettings, settings, bundle, data, **kwargs)
 
