@@ -153,7 +153,7 @@ def progress(total: int, desc: str = "") -> Progress:
 
 
 # ---------------------------------------------------------------- device and memory
-DEVICE_CHOICES = ["auto", "cuda", "cpu"]
+DEVICE_CHOICES = ["auto", "cuda", "cpu", "mps"]
 
 
 def device(choice: str = "auto") -> torch.device:
@@ -162,6 +162,12 @@ def device(choice: str = "auto") -> torch.device:
         raise UnconfusedError(f"unknown device '{choice}'; use one of {DEVICE_CHOICES}", input="device")
     if choice == "cpu":
         return torch.device("cpu")
+    if choice == "mps":  # Apple GPUs (torch's Metal backend)
+        if not torch.backends.mps.is_available():
+            raise UnconfusedError("the Apple GPU (mps) was asked for but torch sees none (it needs macOS 12.3+ on "
+                                  "Apple silicon and a torch built with MPS); choose 'cpu' or 'auto'",
+                                  input="device")
+        return torch.device("mps")
     if choice.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UnconfusedError("a CUDA GPU was asked for but torch sees none; choose 'cpu' or 'auto'",
@@ -319,6 +325,14 @@ def output_dir() -> Path:
     if os.environ.get("UNCONFUSED_OUTPUT_DIR"):
         return Path(os.environ["UNCONFUSED_OUTPUT_DIR"])
     return Path.cwd() / "outputs"
+
+
+def text_encoder_folder_kind() -> str:
+    """ComfyUI's model folder kind for text encoders: `text_encoders` (2024-10+), `clip` before."""
+    fp = _comfy("folder_paths")
+    if fp is not None and "text_encoders" not in fp.folder_names_and_paths:
+        return "clip"
+    return "text_encoders"
 
 
 def input_dir() -> Path:

@@ -32,6 +32,17 @@ UNET_PREFIX = "model.diffusion_model."
 PREDICTION_CHOICES = ["auto", "epsilon", "v_prediction"]
 
 
+def move_module(module: torch.nn.Module, device, dtype: torch.dtype | None = None) -> None:
+    """Move/cast a module with new tensors, never in place: frozen weights shared with another
+    bundle (a clone's source) stay as they were."""
+    prev = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        torch.nn.Module.to(module, device=device, dtype=dtype)  # (diffusers' .to only adds a warning)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(prev)
+
+
 @dataclass
 class ModelBundle:
     """Everything a trainer or the sampler needs, in one object (a ComfyUI socket value)."""
@@ -67,13 +78,8 @@ class ModelBundle:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelBundle":
         """Move/cast this bundle's models. Converted weights are new tensors, never changed in
         place: a clone shares its frozen weights with its source, which must stay as it was."""
-        prev = torch.__future__.get_overwrite_module_params_on_conversion()
-        torch.__future__.set_overwrite_module_params_on_conversion(True)
-        try:
-            for m in (self.unet, self.vae, self.text_encoder):
-                torch.nn.Module.to(m, device=device, dtype=dtype)  # (diffusers' .to only adds a warning)
-        finally:
-            torch.__future__.set_overwrite_module_params_on_conversion(prev)
+        for m in (self.unet, self.vae, *self.spec.encoders(self).values()):
+            move_module(m, device, dtype)
         return self
 
     def clone(self) -> "ModelBundle":
@@ -97,22 +103,28 @@ class ModelBundle:
             self._hash = file_sha256(self.source)[:12] if self.source and self.source.is_file() else "unknown"
         return self._hash
 
+    @property
+    def spec(self):
+        """The family object (engine/families.py): what differs between SD1, SD2, SDXL."""
+        from .families import family_of
+
+        return family_of(self)
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids [B, 77], padded as the family does (and as ComfyUI does)."""
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        return self.spec.tokenize(self, prompts)
+
+    def condition(self, prompts: list[str]):
+        """The UNet conditioning of prompts (a families.Conditioning: hidden states + added)."""
+        return self.spec.encode(self, prompts)
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """UNet conditioning [B, 77, D]: the text encoder's last hidden state (for SD2 the
-        model already stops at the penultimate layer, with the final layer norm, as SD2 uses it)."""
-        from .tokens import expand_prompt
-
-        ids = self.tokenize([expand_prompt(self, p) for p in prompts]).to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        """The text hidden states [B, 77, D] the UNet cross-attends to."""
+        return self.condition(prompts).hidden
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.unet.parameters()) / 1e6
-        lines = [f"{self.name}: {cfg.FAMILY_NAMES.get(self.family, self.family)}, {self.prediction_type}",
+        lines = [f"{self.name}: {self.spec.title}, {self.prediction_type}",
                  f"UNet {n:.0f}M parameters, {self.dtype}, on {self.device}"]
         if self.added_tokens:
             lines.append("added tokens: " + ", ".join(self.added_tokens))

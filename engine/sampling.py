@@ -1,6 +1,6 @@
-"""Sampling from a model bundle with diffusers' StableDiffusionPipeline.
+"""Sampling from a model bundle with the family's diffusers pipeline (StableDiffusionPipeline for SD1/SD2).
 
-Prompts are encoded by the bundle (so concept tokens and multi-vector tokens work) and
+Prompts are encoded by the bundle's family (so concept tokens and multi-vector tokens work) and
 handed to the pipeline as embeddings. Each step checks Cancel and moves the progress bar.
 """
 
@@ -58,8 +58,6 @@ def generate(bundle, prompts: list[str], *, negative: str = "", steps: int = 30,
     With `attention_tokens`, also returns each token's cross-attention map averaged over the
     run (engine/attention.py): [B, K, h, w], zero for a token its prompt does not hold.
     Returns (images, latents or None, maps or None) when `return_latents` or tokens are asked."""
-    from diffusers import StableDiffusionPipeline
-
     from .attention import AttentionCapture, token_position_mask
 
     if len(prompts) != len(seeds):
@@ -67,10 +65,8 @@ def generate(bundle, prompts: list[str], *, negative: str = "", steps: int = 30,
     if width % 8 or height % 8:
         raise UnconfusedError(f"width and height must be multiples of 8, got {width}x{height}", input="width")
     device = device or bundle.device
-    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
-                                   unet=bundle.unet, scheduler=make_scheduler(scheduler, bundle.scheduler_config,
-                                                                              bundle.prediction_type),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    family = bundle.spec
+    pipe = family.pipeline(bundle, make_scheduler(scheduler, bundle.scheduler_config, bundle.prediction_type))
     pipe.set_progress_bar_config(disable=True)
     bar = host.progress(steps, desc)
 
@@ -79,8 +75,8 @@ def generate(bundle, prompts: list[str], *, negative: str = "", steps: int = 30,
         return kwargs
 
     dtype = bundle.dtype
-    cond = bundle.encode_prompt(list(prompts)).to(dtype)
-    uncond = bundle.encode_prompt([negative] * len(prompts)).to(dtype)
+    cond = bundle.condition(list(prompts)).to(dtype)
+    uncond = bundle.condition([negative] * len(prompts)).to(dtype)
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     shape = (bundle.unet.config.in_channels, height // 8, width // 8)
     latents = torch.stack([torch.randn(shape, generator=g) for g in gens])
@@ -93,7 +89,7 @@ def generate(bundle, prompts: list[str], *, negative: str = "", steps: int = 30,
     scale = _lora_scale(bundle.unet, lora_strength)
     try:
         with scale, (capture if capture is not None else _nothing()):
-            out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+            out = pipe(**family.pipeline_inputs(cond, uncond), num_inference_steps=steps,
                        guidance_scale=cfg, height=height, width=width, latents=latents.to(device, dtype),
                        generator=gens, output_type="latent", callback_on_step_end=on_step).images
             images = decode(bundle, out)

@@ -49,6 +49,15 @@ class ConceptEmbedding(nn.Module):
             out = torch.where(is_new[..., None], rows.to(out.dtype), out)
         return out
 
+    def _apply(self, fn, recurse=True):
+        """Casting the model (`.to(bf16)`) casts the frozen rows only: the new rows are what trains,
+        and stay fp32 (on the module's device) - rounding them to half would lose their updates."""
+        old = self.new_rows.data
+        out = super()._apply(fn, recurse)
+        if self.new_rows.dtype != torch.float32:
+            self.new_rows.data = old.to(self.new_rows.device, torch.float32)
+        return out
+
     def append(self, rows: torch.Tensor) -> None:
         data = torch.cat([self.new_rows.data, rows.to(self.new_rows.device, torch.float32)])
         self.new_rows = nn.Parameter(data, requires_grad=self.new_rows.requires_grad)
@@ -78,8 +87,12 @@ def add_concept_tokens(bundle, specs: list[tuple[str, str]], vectors: int = 1, *
     already has (e.g. from a CLIF text encoder upstream) are kept as they are."""
     if vectors < 1:
         raise UnconfusedError("vectors per token must be at least 1", node=node, input="vectors_per_token")
+    from .families import family_of
+
     tok = bundle.tokenizer
-    emb = concept_embedding(bundle.text_encoder)
+    # every text encoder of the family gets the rows (SDXL: both); ids follow the first
+    embs = [concept_embedding(te) for te in family_of(bundle).encoders(bundle).values()]
+    emb = embs[0]
     for token, class_word in specs:
         if token in bundle.added_tokens:
             continue
@@ -90,7 +103,7 @@ def add_concept_tokens(bundle, specs: list[tuple[str, str]], vectors: int = 1, *
         if not class_ids:
             raise UnconfusedError(f"the class word {class_word!r} has no tokens", node=node, input=input)
         with torch.no_grad():
-            init = emb.base.weight[class_ids].float().mean(0, keepdim=True)
+            inits = [e.base.weight[class_ids].float().mean(0, keepdim=True) for e in embs]
         added = tok.add_tokens(names)
         if added != len(names):
             raise UnconfusedError(f"could not add {token!r} to the tokenizer", node=node, input=input)
@@ -98,21 +111,22 @@ def add_concept_tokens(bundle, specs: list[tuple[str, str]], vectors: int = 1, *
         if ids[0] != emb.num_embeddings:
             raise UnconfusedError(f"token ids out of step for {token!r} ({ids[0]} != {emb.num_embeddings})",
                                   node=node, input=input)
-        emb.append(init.repeat(len(names), 1))
+        for e, init in zip(embs, inits):
+            e.append(init.repeat(len(names), 1))
         bundle.added_tokens[token] = list(ids)
     return {t: bundle.added_tokens[t] for t, _ in specs}
 
 
-def token_rows(bundle, token: str) -> torch.Tensor:
-    """The embedding vectors [n, D] of an added token."""
-    emb = concept_embedding(bundle.text_encoder)
+def token_rows(bundle, token: str, encoder: str = "text_encoder") -> torch.Tensor:
+    """The embedding vectors [n, D] of an added token (in the bundle's text encoder `encoder`)."""
+    emb = concept_embedding(getattr(bundle, encoder))
     base = emb.base.num_embeddings
     ids = bundle.added_tokens[token]
     return emb.new_rows.detach()[[i - base for i in ids]].clone()
 
 
-def set_token_rows(bundle, token: str, rows: torch.Tensor) -> None:
-    emb = concept_embedding(bundle.text_encoder)
+def set_token_rows(bundle, token: str, rows: torch.Tensor, encoder: str = "text_encoder") -> None:
+    emb = concept_embedding(getattr(bundle, encoder))
     base = emb.base.num_embeddings
     with torch.no_grad():
         for j, i in enumerate(bundle.added_tokens[token]):

@@ -74,7 +74,7 @@ class UnconfusedTrainCLIF:
                 "optimizer": (T.OPTIMIZERS, {"default": _D.optimizer, "tooltip": "adamw8bit needs bitsandbytes "
                               "and a CUDA GPU"}),
                 "precision": (T.PRECISIONS, {"default": _D.precision, "tooltip": "Frozen weights: auto = bf16/fp16 "
-                              "on a GPU, fp32 on the CPU; trained weights stay fp32"}),
+                              "on a GPU, fp32 on the CPU; trained weights stay fp32; fp16 adds a gradient scaler"}),
                 "checkpoint_every": _int(_D.checkpoint_every, 0, 1000000, "Save a resumable checkpoint every N "
                                          "steps (0 = only on Cancel or at the end)"),
                 "eval_every": _int(_D.eval_every, 0, 1000000, "Held-out metrics every N steps (0 = before and "
@@ -83,7 +83,7 @@ class UnconfusedTrainCLIF:
                                                "and train on the cached features (on disk, by content)"}),
                 "export": ("BOOLEAN", {"default": _D.export, "tooltip": "Write embeddings, the text encoder and "
                                        "the text-encoder LoRA into the model folders"}),
-                "device": (["auto", "cuda", "cpu"], {"default": _D.device}),
+                "device": (host.DEVICE_CHOICES, {"default": _D.device}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

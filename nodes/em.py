@@ -94,7 +94,7 @@ class UnconfusedTrainMaskEM:
                 "vectors_per_token": _int(_D.vectors_per_token, 1, 16, "Embedding vectors per concept token"),
                 "export": ("BOOLEAN", {"default": _D.export, "tooltip": "Write the LoRA to models/loras and the "
                                        "tokens to models/embeddings"}),
-                "device": (["auto", "cuda", "cpu"], {"default": _D.device}),
+                "device": (host.DEVICE_CHOICES, {"default": _D.device}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -61,7 +61,7 @@ class UnconfusedTrainLoRA:
                 "batch_size": _int(_D.batch_size, 1, 64, "Images per step"),
                 "gradient_accumulation": _int(_D.gradient_accumulation, 1, 64, "Batches per optimizer step"),
                 "precision": (T.PRECISIONS, {"default": _D.precision, "tooltip": "Frozen weights: auto = bf16/fp16 "
-                              "on a GPU, fp32 on the CPU; trained weights stay fp32"}),
+                              "on a GPU, fp32 on the CPU; trained weights stay fp32; fp16 adds a gradient scaler"}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": _D.gradient_checkpointing,
                                                        "tooltip": "Less GPU memory, ~30% slower"}),
                 "optimizer": (T.OPTIMIZERS, {"default": _D.optimizer}),
@@ -89,7 +89,7 @@ class UnconfusedTrainLoRA:
                 "flip": ("BOOLEAN", {"default": _D.flip, "tooltip": "Random horizontal flips"}),
                 "export": ("BOOLEAN", {"default": _D.export, "tooltip": "Write the LoRA to models/loras and the "
                                        "tokens to models/embeddings"}),
-                "device": (["auto", "cuda", "cpu", "mps"], {"default": _D.device}),
+                "device": (host.DEVICE_CHOICES, {"default": _D.device}),
             },
             # which node of the graph runs: live messages carry it so the browser finds the node
             "hidden": {"unique_id": "UNIQUE_ID"},

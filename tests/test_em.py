@@ -246,3 +246,25 @@ def test_cli_em_job(dreambooth_dir, tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"images": ["pair.png"], "concepts": ["dog dog"]}))
     assert main(["em", "--config", str(tmp_path / "bad.json")]) == 2
     assert "angle brackets" in capsys.readouterr().err
+
+
+def test_cancel_during_a_mask_estimate_stops_at_the_next_timestep_batch(base):
+    """A round of 8 timesteps in batches of 2 is 4 UNet calls; Cancel asked during the 2nd stops it
+    before the 3rd (host.check_cancel per timestep batch), not after the whole round."""
+    img = torch.rand(64, 64, 3)
+    tr = E.EMTrainer(base, E.make_scenes([img], "<a> dog\n<b> cat"),
+                     settings(name="cancel-estimate", estimate_batch=2, crf_at="off"))
+    calls = []
+    real = tr.call_unet
+
+    def counting(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            host.request_cancel()
+        return real(*a, **k)
+
+    tr.call_unet = counting
+    with host.training_mode(), pytest.raises(Cancelled):
+        tr.estimate(0, 8)
+    host.clear_cancel()
+    assert len(calls) == 2

@@ -68,7 +68,8 @@ def test_trainer_applies_the_concept_mask(monkeypatch):
     def run(where: str | None):
         tr.generator.manual_seed(7)
         with host.training_mode():
-            lat, masks, caps = tr._batch(tr.data, 2)
+            batch = tr.draw_batch(tr.data, 2)
+            masks = batch.masks
             assert masks is not None and masks[..., :3].min() == 1 and masks[..., 5:].max() == 0
 
             def target(*a, **k):
@@ -79,7 +80,7 @@ def test_trainer_applies_the_concept_mask(monkeypatch):
                 return t
 
             monkeypatch.setattr(L, "diffusion_target", target)
-            loss = tr._loss(lat, masks, caps, 1.0)
+            loss = tr.batch_loss(batch, 1.0)
             loss.backward()
         grads = torch.cat([p.grad.flatten() for p in tr.trainable.values() if p.grad is not None])
         tr.optimizer.zero_grad(set_to_none=True)

@@ -38,27 +38,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..engine.version import __version__
 from ..engine import host
 from ..engine.clip_tower import FeatureCache, ImageTower, check_pair, file_hash, load_image_tower, tower_from_scorer
 from ..engine.dataset import KINDS, Dataset
 from ..engine.errors import UnconfusedError
-from ..engine.exports import export_name, save_embedding, save_lora, save_text_encoder
-from ..engine.files import atomic_save_image, atomic_write_json, safe_name
-from ..engine.models import add_text_encoder_lora
+from ..engine.exports import export_name, save_lora, save_text_encoder
+from ..engine.files import atomic_save_image, atomic_write_json
+from ..engine.models import add_text_encoder_lora, move_module
 from ..engine.preview import line_chart
-from ..engine.tokens import add_concept_tokens, concept_embedding, expand_prompt, token_rows
-from .distributed import device_for, world
-from .loop import Loop, LoopState, seed_everything, settings_from_dict
+from ..engine.tokens import add_concept_tokens, concept_embedding, expand_prompt
+from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
+from .base import TrainerCore, check_common, first_folder, run_trainer
+from .loop import settings_from_dict
 
 log = logging.getLogger("unconfused")
 NODE = "UnconfusedTrainCLIF"
 TRAIN_MODES = ["tokens", "tokens+lora", "tokens+full"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-OPTIMIZERS = ["adamw", "adamw8bit"]
-LR_SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
-PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
-RESUME = ["auto", "restart"]
 NOT_HASHED = {"checkpoint_every", "keep_checkpoints", "resume", "export", "device", "name", "cache_features",
               "probe_template", "eval_every"}
 
@@ -102,31 +98,20 @@ class ClifSettings:
         def bad(input: str, msg: str):
             raise UnconfusedError(msg, node=node, input=input)
 
-        if self.steps < 1:
-            bad("steps", "must be at least 1")
+        check_common(self, node, ("learning_rate", "token_lr"), {"train": TRAIN_MODES})
         if self.batch_size < 1:
             bad("batch_size", "must be at least 1 (the contrastive batch is batch_size x processes, at least 2)")
         if self.gradient_accumulation < 1:
             bad("gradient_accumulation", "must be at least 1")
-        if self.rank < 1:
-            bad("rank", "must be at least 1 (8 is the usual)")
         if self.vectors_per_token < 1:
             bad("vectors_per_token", "must be at least 1")
-        for name in ("learning_rate", "token_lr"):
-            if not 0 <= getattr(self, name) < 1:
-                bad(name, "must be between 0 and 1 (e.g. 1e-4)")
         if not 0 <= self.holdout < 0.9:
             bad("holdout", "must be between 0 and 0.9 (e.g. 0.05 = 5% of the pairs)")
-        for name, allowed in (("train", TRAIN_MODES), ("optimizer", OPTIMIZERS), ("lr_scheduler", LR_SCHEDULERS),
-                              ("precision", PRECISIONS), ("resume", RESUME)):
-            if getattr(self, name) not in allowed:
-                bad(name, f"'{getattr(self, name)}' is not one of {allowed}")
         unknown = [k for k in self.kind_list() if k not in KINDS]
         if unknown or not self.kind_list():
             bad("kinds", f"{unknown or 'nothing'} - name pair kinds from {KINDS}, comma separated")
         if "{token}" not in self.probe_template:
             bad("probe_template", "must contain {token} (e.g. 'a photo of {token}')")
-        safe_name(self.name, input="name", node=node)
         return self
 
     def kind_list(self) -> list[str]:
@@ -175,17 +160,6 @@ class ClifResult:
 
 
 # ---------------------------------------------------------------- helpers
-def _optimizer(groups: list[dict], name: str, weight_decay: float, node: str):
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb  # optional: CUDA machines that have it
-        except ImportError as e:
-            raise UnconfusedError("adamw8bit needs the bitsandbytes package (pip install bitsandbytes) on a CUDA "
-                                  "GPU; choose adamw", node=node, input="optimizer") from e
-        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
-
-
 def gather_with_grad(t: torch.Tensor, size: int) -> torch.Tensor:
     """All ranks' rows, in rank order, with gradient flowing back to this rank's rows."""
     if size == 1:
@@ -257,24 +231,14 @@ class _StockTextEncoder:
 
 
 # ---------------------------------------------------------------- the trainer
-class ClifTrainer:
+class ClifTrainer(TrainerCore):
     """Set up once, then `run()`. Usable from Python, the CLI and the node."""
+
+    kind = "clif"
 
     def __init__(self, bundle, dataset: Dataset | str | Path, tower: ImageTower | object, settings: ClifSettings,
                  *, class_words: dict[str, str] | None = None, run_root: Path | None = None, node: str = NODE):
-        self.settings = settings.validated(node)
-        self.node = node
-        s = self.settings
-        self.world = world()
-        self.device = device_for(self.world, host.device(s.device))
-        if s.precision == "auto":
-            self.weight_dtype = host.default_dtype(self.device)
-        else:
-            self.weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[s.precision]
-        if self.weight_dtype != torch.float32 and self.device.type == "cpu":
-            if s.precision != "auto":
-                raise UnconfusedError(f"{s.precision} training needs a GPU; use fp32 or auto on the CPU", node=node,
-                                      input="precision")
+        super().__init__(settings, node=node, run_root=run_root)
         if isinstance(dataset, (str, Path)):
             dataset = Dataset(dataset, node=node)
         if not isinstance(dataset, Dataset):
@@ -290,15 +254,11 @@ class ClifTrainer:
         self.tower = tower
         self.class_words = {c.get("token"): c.get("class_word", "") for c in dataset.concepts if c.get("token")}
         self.class_words.update({k: v for k, v in (class_words or {}).items() if v})
-        self.run_dir = Path(run_root or host.output_dir() / "unconfused" / "runs") / safe_name(s.name, input="name",
-                                                                                                node=node)
         with host.training_mode():
             self._setup(bundle)
 
     # ------------------------------------------------------------ setup
     def _setup(self, bundle) -> None:
-        from diffusers.optimization import get_scheduler
-
         s = self.settings
         host.free_memory_for_training()
         records = self.dataset.of_kind(*s.kind_list())
@@ -340,19 +300,18 @@ class ClifTrainer:
         width = te.config.hidden_size
         check_pair(self.tower, width, bundle.family, node=self.node,
                    input="image_tower")
-        # the text encoder runs in the weight dtype; what trains stays fp32
-        te_dtype = torch.float32 if s.train == "tokens+full" else self.weight_dtype
-        _move(te, self.device, te_dtype)
+        self.family = bundle.spec
+        # frozen weights in the run's precision (tokens+full trains them all: fp32); what trains is
+        # upcast to fp32 by configure_optimizer, after everything that trains is known
+        move_module(te, self.device, torch.float32 if s.train == "tokens+full" else self.weight_dtype)
         te.requires_grad_(False)
         emb = concept_embedding(te)
         groups = [{"params": [emb.new_rows], "lr": s.token_lr}]
         if s.train == "tokens+lora":
-            from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
 
             add_text_encoder_lora(te, LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
                                                  init_lora_weights=True, target_modules=TEXT_TARGETS))
-            cast_training_params([te], dtype=torch.float32)
             groups.append({"params": [p for n, p in te.named_parameters() if "lora_" in n], "lr": s.learning_rate})
         elif s.train == "tokens+full":
             full = [p for n, p in te.named_parameters() if "token_embedding" not in n]
@@ -363,10 +322,8 @@ class ClifTrainer:
         self.bundle = bundle
         self.proj = host.detach_clone(self.tower.text_projection).to(self.device)  # used in autograd
         self.eos = int(bundle.tokenizer.eos_token_id)
-        self.trainable = {f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad}
-        self.optimizer = _optimizer([g for g in groups if g["params"]], s.optimizer, s.weight_decay, self.node)
-        self.lr_scheduler = get_scheduler(s.lr_scheduler, self.optimizer,
-                                          num_warmup_steps=min(s.warmup_steps, s.steps), num_training_steps=s.steps)
+        self.configure_optimizer({f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad},
+                                 groups, weight_decay=s.weight_decay, warmup_steps=min(s.warmup_steps, s.steps))
 
         # image features: content keys, then the cache (rank 0 encodes what is missing, the others read)
         self.cache = FeatureCache(self.tower)
@@ -386,27 +343,12 @@ class ClifTrainer:
                   "tower": self.tower.tower_hash, "tokens": tokens,
                   "data": hashlib.sha256(json.dumps([[r.id, r.caption] for r in train] + self.keys)
                                          .encode()).hexdigest()[:16]}
-        self.loop = Loop(self.node, s.steps, self.run_dir, config,
-                         LoopState(self._get_trainables, self._set_trainables, self.optimizer, self.lr_scheduler),
-                         checkpoint_every=s.checkpoint_every, keep_checkpoints=s.keep_checkpoints,
-                         on_step=self._on_step, is_main=self.world.is_main)
+        self.make_loop(config)
         self.metrics: dict = {"before": self.evaluate(), "history": []}
 
     def _load_image(self, i: int) -> torch.Tensor:
         recs = self.train_records + self.held_records
         return self.dataset.image(recs[i])
-
-    def _get_trainables(self) -> dict[str, torch.Tensor]:
-        return self.trainable
-
-    def _set_trainables(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.trainable) - set(state)
-        if missing:
-            raise UnconfusedError(f"the checkpoint lacks {len(missing)} trained tensors; set resume to 'restart'",
-                                  node=self.node, input="resume")
-        with torch.no_grad():
-            for k, p in self.trainable.items():
-                p.copy_(state[k].to(p.device, p.dtype))
 
     # ------------------------------------------------------------ features
     def text_features(self, captions: list[str]) -> torch.Tensor:
@@ -416,10 +358,8 @@ class ClifTrainer:
             ids = self.bundle.tokenize([expand_prompt(self.bundle, c) for c in missing])
             self._ids.update(zip(missing, ids))
         ids = torch.stack([self._ids[c] for c in captions]).to(self.device)
-        autocast = (torch.autocast(self.device.type, dtype=self.weight_dtype)
-                    if self.weight_dtype != torch.float32 else contextlib.nullcontext())
-        with autocast:
-            hidden = self.bundle.text_encoder(ids)[0]  # after the final layer norm
+        with self.precision.autocast():
+            hidden = self.family.encode_ids(self.bundle, ids).hidden  # after the final layer norm
         # pooled = the first end-of-text token (not argmax of ids: added tokens have larger ids)
         pos = (ids == self.eos).int().argmax(dim=-1)
         pooled = hidden[torch.arange(ids.shape[0], device=ids.device), pos].float()
@@ -449,27 +389,13 @@ class ClifTrainer:
         return gather_plain(local, self.world.size)
 
     # ------------------------------------------------------------ one step
-    def step(self, step: int) -> float:
-        s, w = self.settings, self.world
-        host.check_cancel()
-        total = 0.0
-        for micro in range(s.gradient_accumulation):
-            gidx = self._indices(step, micro)
-            mine = w.mine(gidx, s.batch_size)
-            img = self._image_features(gidx, mine)
-            txt = gather_with_grad(self.text_features([self.train_records[i].caption for i in mine.tolist()]), w.size)
-            loss = clip_loss(txt, img, self.tower.logit_scale)
-            (loss / s.gradient_accumulation).backward()
-            total += float(loss.detach()) / s.gradient_accumulation
-        params = [p for p in self.trainable.values() if p.grad is not None]
-        if w.size > 1:  # each rank's grads hold (ranks x) its own samples' share: the mean is the total
-            w.mean_([p.grad for p in params])
-        if s.max_grad_norm and params:
-            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
+    def micro_batch_loss(self, step: int, micro: int) -> torch.Tensor:
+        gidx = self._indices(step, micro)
+        mine = self.world.mine(gidx, self.settings.batch_size)
+        img = self._image_features(gidx, mine)
+        txt = gather_with_grad(self.text_features([self.train_records[i].caption for i in mine.tolist()]),
+                               self.world.size)
+        return clip_loss(txt, img, self.tower.logit_scale)
 
     def _on_step(self, step: int, loss: float) -> None:
         s = self.settings
@@ -526,23 +452,16 @@ class ClifTrainer:
         return out
 
     # ------------------------------------------------------------ run
-    def run(self) -> ClifResult:
+    def train_mode(self, on: bool) -> None:
+        s = self.settings
+        self.bundle.text_encoder.train(on and (s.dropout > 0 or s.train != "tokens"))
+
+    def after_training(self) -> None:
+        self.metrics["after"] = self.evaluate()
+
+    def finish(self, start: int) -> ClifResult:
         s = self.settings
         te = self.bundle.text_encoder
-        with host.training_mode():
-            if s.resume == "restart":
-                self.loop.clear()
-            start = self.loop.resume()
-            te.train(s.dropout > 0 or s.train != "tokens")
-            try:
-                self.loop.run(self.step)
-            finally:
-                te.train(False)
-            if not self.loop.checkpoints() or self.loop.checkpoints()[-1].name != f"step_{s.steps:06d}.pt":
-                self.loop.save_checkpoint(s.steps)  # a rerun of a finished run returns at once
-            for p in self.trainable.values():
-                p.requires_grad_(False)
-            self.metrics["after"] = self.evaluate()
         self.metrics["losses"] = {"first": self.loop.losses[0] if self.loop.losses else None,
                                   "last": self.loop.losses[-1] if self.loop.losses else None}
         curve = line_chart(self.loop.losses, f"{self.node} contrastive loss ({s.name})")
@@ -554,18 +473,14 @@ class ClifTrainer:
             self.bundle.text_encoder = merged_text_encoder(te)
         self.bundle.notes.append(f"CLIF text encoder ({s.train}, {len(self.loop.losses)} steps, run {s.name})")
         self.world.barrier()
-        _move(self.bundle.text_encoder, "cpu", next(self.bundle.unet.parameters()).dtype)
+        move_module(self.bundle.text_encoder, "cpu", next(self.bundle.unet.parameters()).dtype)
         self.tower.to("cpu")
         host.empty_cache()
         return ClifResult(self.bundle, list(self.loop.losses), self.run_dir, self.metrics, exports, curve, start)
 
     def metadata(self) -> dict:
-        s = self.settings
-        return {"ss_base_model_hash": self.bundle.base_hash, "ss_base_family": self.bundle.family,
-                "ss_tokens": self.tokens, "ss_steps": len(self.loop.losses), "ss_seed": s.seed,
-                "ss_network_dim": s.rank, "ss_network_alpha": s.alpha, "unconfused_clif_train": s.train,
-                "unconfused_image_tower": self.tower.model_name, "unconfused_tower_hash": self.tower.tower_hash,
-                "unconfused_trainer": "clif", "unconfused_version": __version__}
+        return dict(self.base_metadata(), unconfused_clif_train=self.settings.train,
+                    unconfused_image_tower=self.tower.model_name, unconfused_tower_hash=self.tower.tower_hash)
 
     def export(self) -> dict[str, Path]:
         """Embeddings (one file per token, models/embeddings/<name>_<token>.safetensors); with a
@@ -573,51 +488,17 @@ class ClifTrainer:
         and, for tokens+lora, the text-encoder LoRA in kohya form (models/loras/<name>_te)."""
         s = self.settings
         name = export_name(s.name, node=self.node)
-        out: dict[str, Path] = {}
-        emb_dir = _first_folder("embeddings", self.node)
-        for token in self.tokens:
-            stem = f"{name}_{safe_name(token.strip('<>'), input='token', node=self.node)}"
-            meta = dict(self.metadata(), ss_tokens=[token], unconfused_class_word=self.class_words.get(token, ""))
-            out[f"embedding:{token}"] = save_embedding(emb_dir / f"{stem}.safetensors", token_rows(self.bundle, token),
-                                                       self.bundle.family, metadata=meta)
+        out = self.export_embeddings(name)
         te = self.bundle.text_encoder
         if s.train == "tokens+lora":
-            out["lora"] = save_lora(_first_folder("loras", self.node) / f"{name}_te.safetensors", None, te,
-                                    alpha=s.alpha, metadata=self.metadata())
+            out["lora"] = save_lora(first_folder("loras", self.node) / f"{name}_te.safetensors", None, te,
+                                    alpha=s.alpha, metadata=self.metadata(), family=self.bundle.family)
             te = merged_text_encoder(te)
         if s.train != "tokens":
-            out["text_encoder"] = save_text_encoder(_first_folder(_text_encoder_kind(), self.node) /
+            out["text_encoder"] = save_text_encoder(first_folder(host.text_encoder_folder_kind(), self.node) /
                                                     f"{name}.safetensors", _StockTextEncoder(te),
                                                     metadata=self.metadata())
         return out
-
-
-def _move(module: torch.nn.Module, device, dtype) -> None:
-    """Move/cast with new tensors (as ModelBundle.to): frozen weights shared with the input bundle
-    are never changed in place."""
-    prev = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        torch.nn.Module.to(module, device=device, dtype=dtype)
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(prev)
-
-
-def _text_encoder_kind() -> str:
-    """ComfyUI's `text_encoders` folder kind (2024-10+), `clip` in older versions."""
-    fp = host._comfy("folder_paths")
-    if fp is not None and "text_encoders" not in fp.folder_names_and_paths:
-        return "clip"
-    return "text_encoders"
-
-
-def _first_folder(kind: str, node: str) -> Path:
-    folders = host.model_folders(kind)
-    if not folders:
-        raise UnconfusedError(f"no models/{kind} folder is configured; set UNCONFUSED_MODELS_DIR", node=node,
-                              input="export")
-    folders[0].mkdir(parents=True, exist_ok=True)
-    return folders[0]
 
 
 def content_keys(folder: Path, rel_paths: list[str], index_root: Path) -> list[str]:
@@ -660,9 +541,4 @@ def resolve_tower(image_tower: str | None, clip_model=None, *, node: str = NODE)
 
 def train_clif(bundle, dataset, tower, settings: ClifSettings | dict | None = None, **kwargs) -> ClifResult:
     """Train and export; `settings` as ClifSettings or a dict (the CLI's config file)."""
-    if settings is None:
-        settings = ClifSettings()
-    elif isinstance(settings, dict):
-        settings = ClifSettings.from_dict(settings)
-    seed_everything(settings.seed)
-    return ClifTrainer(bundle, dataset, tower, settings, **kwargs).run()
+    return run_trainer(ClifTrainer, ClifSettings, settings, bundle, dataset, tower, **kwargs)

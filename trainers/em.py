@@ -18,7 +18,9 @@ Each alternation step is Break-a-Scene's: union sampling (k of the image's conce
 "a photo of <a> and <c>"), masked diffusion loss on the union of their masks + attention_weight x
 the cross-attention loss (each sampled token's map, divided by its maximum, against its mask, MSE),
 image and masks flipped together. The training core (LoRA, token rows, cached latents, optimizer,
-checkpoints with exact resume, Cancel, exports) is `LoraTrainer`; this module adds the masks.
+checkpoints with exact resume, Cancel, exports) is `LoraTrainer`; this module adds the masks through
+its hooks: `draw_batch` (union sampling; the batch carries the per-concept masks), `loss_scope`
+(attention capture around the UNet call) and `extra_loss` (the cross-attention loss).
 
 Every round is kept (run folder `em_masks.pt`, PNGs under `masks/`), with its IoU against optional
 ground-truth masks - the paper's Figure 3.
@@ -26,6 +28,7 @@ ground-truth masks - the paper's Figure 3.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -36,15 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import host, messages
-from ..engine.attention import AttentionCapture, default_layers, token_position_mask
+from ..engine.attention import AttentionCapture, token_position_mask
 from ..engine.concepts import tensor_to_pil, validate_token
 from ..engine.crf import CRFSettings, refine_latent_masks
 from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_path, atomic_save_image
 from ..engine.preview import PALETTE, grid, overlay_masks
 from ..engine.training_data import Example, fit_square
+from .base import run_trainer
 from .loop import config_hash, seed_everything
-from .lora import LoraResult, LoraSettings, LoraTrainer
+from .lora import Batch, LoraResult, LoraSettings, LoraTrainer
 
 log = logging.getLogger("unconfused")
 NODE = "UnconfusedTrainMaskEM"
@@ -299,6 +303,8 @@ class EMResult(LoraResult):
 class EMTrainer(LoraTrainer):
     """LoraTrainer whose masks come from its own cross-attention and improve as its tokens do."""
 
+    kind = "em"
+
     def __init__(self, bundle, scenes: list[Scene], settings: EMSettings, *, run_root: Path | None = None,
                  node: str = NODE):
         if not scenes:
@@ -331,12 +337,11 @@ class EMTrainer(LoraTrainer):
                     self.gt[n, self.em_tokens.index(t)] = fit_square(m[None], s.resolution)[0]
                     self.gt_known[n, self.em_tokens.index(t)] = True
         names = [n.strip() for n in s.attention_layers.split(",") if n.strip()]
-        self.layers = names or default_layers(self.bundle.unet)
+        self.layers = names or self.family.attention_layers(self.bundle.unet)
         self.lora_params = [p for n, p in self.trainable.items() if n.startswith("unet.")]
         self.rounds: list[MaskRound] = []
         self.masks: torch.Tensor | None = None  # [N, K, h, w] current latent masks
         self.capture: AttentionCapture | None = None
-        self._pending = None  # per-concept masks and selection of the batch being trained
         self._positions: dict[tuple[str, ...], torch.Tensor] = {}
         self._history_checked = False
         self.history_path = self.run_dir / "em_masks.pt"
@@ -376,7 +381,7 @@ class EMTrainer(LoraTrainer):
             for n, sc in enumerate(self.scenes):
                 latent = self._latent(n)
                 caption = s.template.format(token=" and ".join(sc.tokens))
-                cond1 = self._encode([caption]).detach()
+                cond1 = self.encode([caption]).detach()
                 pos1 = token_position_mask(self.bundle, [caption], self.em_tokens)
                 ts = torch.randint(0, n_train, (timesteps,), generator=g)
                 noise = torch.randn((timesteps, *latent.shape[1:]), generator=g)
@@ -390,8 +395,8 @@ class EMTrainer(LoraTrainer):
                                                          noise[i:i + b].to(latent), t)
                         cap.reset()
                         cap.watch(pos1.expand(b, -1, -1))
-                        with self._autocast():
-                            unet(noisy, t, cond1.expand(b, -1, -1).to(self.weight_dtype))
+                        with self.precision.autocast():
+                            self.call_unet(noisy, t, cond1.expand(b))
                         total += cap.maps(self.latent_size).sum(0).float().cpu()  # [K, h, w], summed over t
                 maps = total / timesteps
                 maps = AttentionCapture.normalized(maps[None])[0].cpu()
@@ -425,12 +430,6 @@ class EMTrainer(LoraTrainer):
         vae = self.bundle.vae
         px = d.pixels[n:n + 1].to(self.device, self.weight_dtype)
         return vae.encode(px).latent_dist.mean * vae.config.scaling_factor
-
-    def _autocast(self):
-        import contextlib
-
-        return (torch.autocast(self.device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32
-                else contextlib.nullcontext())
 
     def round_iou(self, masks: torch.Tensor) -> dict[str, float]:
         """token -> mean IoU (over the images where its ground truth is known) at training resolution."""
@@ -505,16 +504,14 @@ class EMTrainer(LoraTrainer):
             p.requires_grad_(trains_lora)
         return super().step(step)
 
-    def _batch(self, data, n: int):
+    def draw_batch(self, data, n: int) -> Batch:
         """Union sampling: each drawn image gets k of its concepts (k uniform in 1..its count, capped by
         max_concepts_per_step); the prompt names them; the loss mask is the union of their masks; the
-        image and its masks flip together."""
+        image and its masks flip together. The batch carries the per-concept masks for the attention loss."""
         if data is not self.data:  # prior-preservation images: as the LoRA trainer
-            self._pending = None
-            return super()._batch(data, n)
+            return super().draw_batch(data, n)
         s, g, w = self.settings, self.generator, self.world
-        idx = w.mine(torch.randint(len(data), (n * w.size,), generator=g), n)
-        flip = w.mine(torch.rand(n * w.size, generator=g) < 0.5, n) if s.flip else torch.zeros(n, dtype=torch.bool)
+        idx, flip = self.draw(len(data), n)
         picks = w.mine(torch.rand(n * w.size, len(self.em_tokens), generator=g), n)
         counts = w.mine(torch.rand(n * w.size, generator=g), n)
         select = torch.zeros(n, len(self.em_tokens), dtype=torch.bool)
@@ -528,27 +525,16 @@ class EMTrainer(LoraTrainer):
             select[j, order] = True
             toks = [t for kk, t in enumerate(self.em_tokens) if select[j, kk]]
             captions.append(s.template.format(token=" and ".join(toks)))
-        if data.latents is not None:
-            lat = torch.stack([data.latents_flipped[i] if f else data.latents[i] for i, f in zip(idx.tolist(), flip)])
-            lat = lat.to(self.device, self.weight_dtype)
-        else:
-            px = torch.stack([data.pixels[i].flip(-1) if f else data.pixels[i] for i, f in zip(idx.tolist(), flip)])
-            vae = self.bundle.vae
-            with torch.no_grad():
-                dist = vae.encode(px.to(self.device, self.weight_dtype)).latent_dist
-                noise = w.mine(torch.randn((n * w.size, *dist.mean.shape[1:]), generator=g), n).to(dist.mean)
-                lat = (dist.mean + dist.std * noise) * vae.config.scaling_factor
+        lat = self.latents_of(data, idx, flip)
         if self.masks is None:  # warm-up: whole images, no attention loss
-            self._pending = None
-            return lat, None, captions
+            return Batch(lat, None, captions)
         per = torch.stack([self.masks[i].flip(-1) if f else self.masks[i] for i, f in zip(idx.tolist(), flip)])
         per = F.interpolate(per, size=tuple(lat.shape[-2:]), mode="area") if per.shape[-2:] != lat.shape[-2:] else per
         union = (per * select[..., None, None]).amax(1, keepdim=True)
         # a concept whose mask is still empty would make the union empty: then the whole image counts
         empty = union.flatten(1).amax(1) <= 0
         union[empty] = 1.0
-        self._pending = (per.to(self.device), select, captions)
-        return lat, union.to(self.device), captions
+        return Batch(lat, union.to(self.device), captions, concept_masks=per.to(self.device), select=select)
 
     def _positions_for(self, captions: list[str]) -> torch.Tensor:
         key = tuple(captions)
@@ -558,24 +544,29 @@ class EMTrainer(LoraTrainer):
             self._positions[key] = token_position_mask(self.bundle, captions, self.em_tokens)
         return self._positions[key]
 
-    def _loss(self, latents, masks, captions, weight: float) -> torch.Tensor:
-        pending, self._pending = self._pending, None
+    def _attends(self, batch: Batch) -> bool:
+        return batch.concept_masks is not None and self.capture is not None and self.settings.attention_weight > 0
+
+    @contextlib.contextmanager
+    def loss_scope(self, batch: Batch):
+        """The capture watches this batch's concept tokens during its UNet call (and forgets them after)."""
         cap = self.capture
-        use_attn = (pending is not None and cap is not None and self.settings.attention_weight > 0
-                    and pending[2] is captions)
-        if use_attn:
+        if self._attends(batch):
             cap.reset()
-            cap.watch(self._positions_for(captions).to(self.device))
+            cap.watch(self._positions_for(batch.captions).to(self.device))
         try:
-            loss = super()._loss(latents, masks, captions, weight)
-            if use_attn:
-                per, select, _ = pending
-                loss = loss + self.settings.attention_weight * weight * attention_loss(cap.maps(), per, select)
+            yield
         finally:
             if cap is not None:
                 cap.watch(None)
                 cap.reset()
-        return loss
+
+    def extra_loss(self, batch: Batch, weight: float) -> torch.Tensor | None:
+        """Break-a-Scene's cross-attention loss of the sampled concepts against their masks."""
+        if not self._attends(batch):
+            return None
+        return self.settings.attention_weight * weight * attention_loss(self.capture.maps(), batch.concept_masks,
+                                                                         batch.select)
 
     # ------------------------------------------------------------ run
     def run(self) -> EMResult:
@@ -680,12 +671,7 @@ def iou_chart(rounds: list[MaskRound], title: str, width: int = 512, height: int
 
 def train_em(bundle, scenes: list[Scene], settings: EMSettings | dict | None = None, **kwargs) -> EMResult:
     """Run the mask EM and export; `settings` as EMSettings or a dict (the CLI's config file)."""
-    if settings is None:
-        settings = EMSettings()
-    elif isinstance(settings, dict):
-        settings = EMSettings.from_dict(settings)
-    seed_everything(settings.seed)
-    return EMTrainer(bundle, scenes, settings, **kwargs).run()
+    return run_trainer(EMTrainer, EMSettings, settings, bundle, scenes, **kwargs)
 
 
 __all__ = ["EMSettings", "EMTrainer", "EMResult", "MaskRound", "Scene", "attention_loss", "binarize", "iou",

@@ -86,6 +86,7 @@ class LoopState:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object | None = None
     generator: torch.Generator | None = None  # the data/noise generator
+    scaler: object | None = None  # fp16's torch.amp.GradScaler (its scale is part of the state)
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Loop:
             "optimizer": self.state.optimizer.state_dict(),
             "lr_scheduler": self.state.lr_scheduler.state_dict() if self.state.lr_scheduler else None,
             "generator": self.state.generator.get_state() if self.state.generator is not None else None,
+            "scaler": self.state.scaler.state_dict() if self.state.scaler is not None else None,
             "rng": rng_state(),
         }
         path = self.run_dir / f"step_{step:06d}.pt"
@@ -162,6 +164,8 @@ class Loop:
             self.state.lr_scheduler.load_state_dict(payload["lr_scheduler"])
         if self.state.generator is not None and payload["generator"] is not None:
             self.state.generator.set_state(payload["generator"])
+        if self.state.scaler is not None and payload.get("scaler"):
+            self.state.scaler.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
         self.losses = list(payload["losses"])
         self.start_step = int(payload["step"])

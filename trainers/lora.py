@@ -19,28 +19,26 @@ from pathlib import Path
 
 import torch
 
-from ..engine.version import __version__
 from ..engine import host, messages
 from ..engine import losses as L
 from ..engine.concepts import ConceptSet
 from ..engine.errors import UnconfusedError
-from ..engine.exports import export_name, save_embedding, save_lora
+from ..engine.exports import export_name, save_lora
+from ..engine.families import Conditioning
 from ..engine.files import atomic_save_image, safe_name
 from ..engine.preview import grid, line_chart
 from ..engine.models import add_text_encoder_lora
-from ..engine.tokens import add_concept_tokens, concept_embedding, token_rows
+from ..engine.tokens import add_concept_tokens, concept_embedding
 from ..engine.training_data import DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
-from .distributed import device_for, world
-from .loop import Loop, LoopState, seed_everything, settings_from_dict
+from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
+from .base import TrainerCore, check_common, first_folder, make_optimizer, run_trainer
+from .loop import settings_from_dict
 
 log = logging.getLogger("unconfused")
 NODE = "UnconfusedTrainLoRA"
 UNET_TARGETS = "to_q,to_k,to_v,to_out.0"
 TEXT_TARGETS = "q_proj,k_proj,v_proj,out_proj"
-OPTIMIZERS = ["adamw", "adamw8bit"]
-LR_SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
-PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
-RESUME = ["auto", "restart"]
+
 CAPTIONS = ["auto", "template"]
 # settings that do not change what is trained: a resume may differ in these
 NOT_HASHED = {"checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts", "validation_steps",
@@ -100,27 +98,16 @@ class LoraSettings:
         def bad(input: str, msg: str):
             raise UnconfusedError(msg, node=node, input=input)
 
-        if self.steps < 1:
-            bad("steps", "must be at least 1")
+        check_common(self, node, ("unet_lr", "token_lr", "text_encoder_lr"),
+                     {"captions": CAPTIONS, "mask_normalize": L.MASK_NORMALIZE})
         if self.resolution < 64 or self.resolution % 64:
             bad("resolution", f"must be a multiple of 64 (got {self.resolution}); 512 for SD1, 768 for SD2-v")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             bad("batch_size", "batch size and gradient accumulation must be at least 1")
-        if self.rank < 1:
-            bad("rank", "must be at least 1 (8 is the usual)")
-        for name in ("unet_lr", "token_lr", "text_encoder_lr"):
-            if not 0 <= getattr(self, name) < 1:
-                bad(name, "must be between 0 and 1 (e.g. 1e-4)")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("lr_scheduler", LR_SCHEDULERS),
-                              ("precision", PRECISIONS), ("resume", RESUME), ("captions", CAPTIONS),
-                              ("mask_normalize", L.MASK_NORMALIZE)):
-            if getattr(self, name) not in allowed:
-                bad(name, f"'{getattr(self, name)}' is not one of {allowed}")
         if "{token}" not in self.template:
             bad("template", "must contain {token} (e.g. 'a photo of {token} {class_word}')")
         if not [t for t in self.target_modules.split(",") if t.strip()]:
             bad("target_modules", f"name at least one module, e.g. {UNET_TARGETS}")
-        safe_name(self.name, input="name", node=node)
         return self
 
     def hashed(self) -> dict:
@@ -186,14 +173,7 @@ def class_image_examples(bundle, classes: list[str], settings: LoraSettings, fol
 
 
 def _optimizer(params: list[dict], name: str):
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb  # optional: only on CUDA machines that have it
-        except ImportError as e:
-            raise UnconfusedError("adamw8bit needs the bitsandbytes package (pip install bitsandbytes) on a CUDA "
-                                  "GPU; choose adamw", node=NODE, input="optimizer") from e
-        return bnb.optim.AdamW8bit(params, weight_decay=1e-2)
-    return torch.optim.AdamW(params, weight_decay=1e-2)
+    return make_optimizer(params, name, 1e-2, NODE)
 
 
 @contextlib.contextmanager
@@ -208,34 +188,35 @@ def _eval(*modules):
             m.train(w)
 
 
+@dataclass
+class Batch:
+    """One drawn batch: what the diffusion loss needs, and what a subclass's extra loss needs."""
+
+    latents: torch.Tensor  # [B, 4, h, w]
+    masks: torch.Tensor | None  # [B, 1, h, w] loss mask, or None (whole image)
+    captions: list[str]
+    concept_masks: torch.Tensor | None = None  # [B, K, h, w] one mask per concept (mask EM)
+    select: torch.Tensor | None = None  # [B, K] the concepts each caption names
+
+
 # ---------------------------------------------------------------- the trainer
-class LoraTrainer:
-    """Set up once, then `run()`. Usable from Python, the CLI and the node."""
+class LoraTrainer(TrainerCore):
+    """Set up once, then `run()`. Usable from Python, the CLI and the node.
+
+    Hooks for subclasses (trainers/em.py): `draw_batch`, `get_noise_pred_and_target`, `call_unet`,
+    `loss_scope`, `extra_loss`."""
+
+    kind = "lora"
 
     def __init__(self, bundle, data: ConceptSet | list[Example], settings: LoraSettings, *,
                  run_root: Path | None = None, node: str = NODE, class_words: dict[str, str] | None = None):
-        self.settings = settings.validated(node)
-        self.node = node
+        super().__init__(settings, node=node, run_root=run_root)
         self.class_words = dict(class_words or {})  # token -> class word, for datasets
-        s = self.settings
-        self.world = world()
-        self.device = device_for(self.world, host.device(s.device))
-        if s.precision == "auto":
-            self.weight_dtype = host.default_dtype(self.device)
-        else:
-            self.weight_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[s.precision]
-        if self.weight_dtype == torch.float16 and self.device.type == "cpu":
-            raise UnconfusedError("fp16 training needs a GPU; use bf16 or fp32 on the CPU", node=node,
-                                  input="precision")
-        self.run_dir = Path(run_root or host.output_dir() / "unconfused" / "runs") / safe_name(s.name, input="name",
-                                                                                                node=node)
         with host.training_mode():
             self._setup(bundle, data)
 
     # ------------------------------------------------------------ setup
     def _setup(self, bundle, data) -> None:
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
         s = self.settings
@@ -260,18 +241,20 @@ class LoraTrainer:
         self.tokens = list(dict.fromkeys(t for t, _ in specs))
         self.class_words.update({t: c for t, c in specs if c})
 
-        bundle.to(self.device, self.weight_dtype)
-        unet, vae, te = bundle.unet, bundle.vae, bundle.text_encoder
-        for m in (unet, vae, te):
+        self.family = bundle.spec
+        bundle.to(self.device, self.weight_dtype)  # frozen weights in the run's precision
+        unet, vae = bundle.unet, bundle.vae
+        encoders = self.family.encoders(bundle)
+        for m in (unet, vae, *encoders.values()):
             m.requires_grad_(False)
         vae.eval()
-        unet.train()
-        te.train(s.text_encoder_lora)
+        self.bundle = bundle
+        self.train_mode(True)
 
         # prior preservation images are made by the base model, before any LoRA is attached
         self.prior = None
         if s.prior_preservation:
-            with torch.no_grad(), _eval(unet, te):
+            with torch.no_grad(), _eval(unet, *encoders.values()):
                 classes = sorted({c for c in self.class_words.values() if c})
                 prior = class_image_examples(bundle, classes, s, host.output_dir() / "unconfused" / "class_images")
             self.prior = prepare(prior, s.resolution, vae=vae if s.cache_latents else None, flip=s.flip,
@@ -280,26 +263,26 @@ class LoraTrainer:
         unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, init_lora_weights="gaussian",
                                     target_modules=[t.strip() for t in s.target_modules.split(",") if t.strip()]))
         groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": s.unet_lr}]
-        if s.text_encoder_lora:
-            add_text_encoder_lora(te, LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                                                 init_lora_weights="gaussian", target_modules=TEXT_TARGETS.split(",")))
-            groups.append({"params": [p for n, p in te.named_parameters() if "lora_" in n], "lr": s.text_encoder_lr})
-        emb = concept_embedding(te)
-        emb.new_rows.requires_grad_(s.train_tokens)
-        if s.train_tokens:
-            groups.append({"params": [emb.new_rows], "lr": s.token_lr})
-        # trainable parameters stay fp32 while the frozen weights run in fp16/bf16
-        cast_training_params([unet, te], dtype=torch.float32)
+        for te in encoders.values():
+            if s.text_encoder_lora:
+                add_text_encoder_lora(te, LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                                                     init_lora_weights="gaussian",
+                                                     target_modules=TEXT_TARGETS.split(",")))
+                groups.append({"params": [p for n, p in te.named_parameters() if "lora_" in n],
+                               "lr": s.text_encoder_lr})
+            emb = concept_embedding(te)
+            emb.new_rows.requires_grad_(s.train_tokens)
+            if s.train_tokens:
+                groups.append({"params": [emb.new_rows], "lr": s.token_lr})
         if s.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if s.text_encoder_lora:
-                te.gradient_checkpointing_enable()
-        self.trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-        self.trainable.update({f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad})
-        self.optimizer = _optimizer([g for g in groups if g["params"]], s.optimizer)
-        self.lr_scheduler = get_scheduler(s.lr_scheduler, self.optimizer, num_warmup_steps=s.warmup_steps,
-                                          num_training_steps=s.steps)
-        self.bundle = bundle
+                for te in encoders.values():
+                    te.gradient_checkpointing_enable()
+        trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+        for attr, te in encoders.items():
+            trainable.update({f"{attr}.{n}": p for n, p in te.named_parameters() if p.requires_grad})
+        self.configure_optimizer(trainable, groups, weight_decay=1e-2, warmup_steps=s.warmup_steps)
         self.scheduler = bundle.noise_scheduler()
         bar = host.progress(len(examples) * (2 if s.flip else 1), "caching latents") if s.cache_latents else None
         self.data = prepare(examples, s.resolution, vae=vae if s.cache_latents else None, flip=s.flip,
@@ -311,55 +294,59 @@ class LoraTrainer:
                                "text_encoder": s.text_encoder_lora}
         config = {"settings": s.hashed(), "base": bundle.base_hash, "family": bundle.family,
                   "data": data_fingerprint(examples), "tokens": self.tokens}
-        self.loop = Loop(self.node, s.steps, self.run_dir, config,
-                         LoopState(self._get_trainables, self._set_trainables, self.optimizer, self.lr_scheduler,
-                                   self.generator),
-                         checkpoint_every=s.checkpoint_every, keep_checkpoints=s.keep_checkpoints,
-                         on_step=self._on_step, is_main=self.world.is_main)
+        self.make_loop(config, self.generator)
         self._ids: dict[str, torch.Tensor] = {}
         te_trains = s.train_tokens or s.text_encoder_lora
-        self._cond: dict[str, torch.Tensor] | None = None if te_trains else {}
+        self._cond: dict[str, Conditioning] | None = None if te_trains else {}
         self.validation: torch.Tensor | None = None
         self.validation_history: list[tuple[int, torch.Tensor]] = []
 
-    def _get_trainables(self) -> dict[str, torch.Tensor]:
-        return self.trainable
+    def train_mode(self, on: bool) -> None:
+        self.bundle.unet.train(on)
+        for te in self.family.encoders(self.bundle).values():
+            te.train(on and self.settings.text_encoder_lora)
 
-    def _set_trainables(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.trainable) - set(state)
-        if missing:
-            raise UnconfusedError(f"the checkpoint lacks {len(missing)} trained tensors; set resume to 'restart'",
-                                  node=self.node, input="resume")
-        with torch.no_grad():
-            for k, p in self.trainable.items():
-                p.copy_(state[k].to(p.device, p.dtype))
-
-    # ------------------------------------------------------------ one step
-    def _batch(self, data, n: int):
-        """n examples drawn with the run's generator: latents [n,4,h,w], masks or None, captions."""
+    # ------------------------------------------------------------ hooks: one batch
+    def draw(self, size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n indices into `size` examples and their flips, drawn with the run's generator (this rank's share)."""
         g, w = self.generator, self.world
-        idx = w.mine(torch.randint(len(data), (n * w.size,), generator=g), n)
+        idx = w.mine(torch.randint(size, (n * w.size,), generator=g), n)
         flip = w.mine(torch.rand(n * w.size, generator=g) < 0.5, n) if self.settings.flip else \
             torch.zeros(n, dtype=torch.bool)
-        captions = [data.captions[i] for i in idx.tolist()]
+        return idx, flip
+
+    def latents_of(self, data, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Latents [n,4,h,w] of examples (cached, or encoded now with a sampled posterior)."""
+        g, w, n = self.generator, self.world, len(idx)
         if data.latents is not None:
             lat = torch.stack([data.latents_flipped[i] if f else data.latents[i] for i, f in zip(idx.tolist(), flip)])
-            lat = lat.to(self.device, self.weight_dtype)
-        else:
-            px = torch.stack([data.pixels[i].flip(-1) if f else data.pixels[i] for i, f in zip(idx.tolist(), flip)])
-            vae = self.bundle.vae
-            with torch.no_grad():
-                dist = vae.encode(px.to(self.device, self.weight_dtype)).latent_dist
-                noise = w.mine(torch.randn((n * w.size, *dist.mean.shape[1:]), generator=g), n).to(dist.mean)
-                lat = (dist.mean + dist.std * noise) * vae.config.scaling_factor
+            return lat.to(self.device, self.weight_dtype)
+        px = torch.stack([data.pixels[i].flip(-1) if f else data.pixels[i] for i, f in zip(idx.tolist(), flip)])
+        vae = self.bundle.vae
+        with torch.no_grad():
+            dist = vae.encode(px.to(self.device, self.weight_dtype)).latent_dist
+            noise = w.mine(torch.randn((n * w.size, *dist.mean.shape[1:]), generator=g), n).to(dist.mean)
+            return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+
+    def draw_batch(self, data, n: int) -> Batch:
+        """n examples drawn with the run's generator: latents, loss masks or None, captions."""
+        idx, flip = self.draw(len(data), n)
+        captions = [data.captions[i] for i in idx.tolist()]
+        lat = self.latents_of(data, idx, flip)
         masks = None
         if data.masks is not None and bool(data.has_mask[idx].any()):
             m = torch.stack([data.masks[i].flip(-1) if f else data.masks[i] for i, f in zip(idx.tolist(), flip)])
             masks = L.latent_mask(m, tuple(lat.shape[-2:])).to(self.device)
-        return lat, masks, captions
+        return Batch(lat, masks, captions)
 
-    def _loss(self, latents, masks, captions, weight: float) -> torch.Tensor:
+    def call_unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                  batch: Batch | None = None) -> torch.Tensor:
+        return self.family.call_unet(self.bundle.unet, noisy, timesteps, cond, self.weight_dtype)
+
+    def get_noise_pred_and_target(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise the latents at random timesteps; the UNet's prediction, the objective's target, the timesteps."""
         s, g, w = self.settings, self.generator, self.world
+        latents = batch.latents
         b = latents.shape[0]
         noise = w.mine(torch.randn((b * w.size, *latents.shape[1:]), generator=g), b)
         if s.noise_offset:
@@ -368,19 +355,32 @@ class LoraTrainer:
         t = w.mine(torch.randint(0, self.scheduler.config.num_train_timesteps, (b * w.size,), generator=g), b)
         t = t.to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        autocast = (torch.autocast(self.device.type, dtype=self.weight_dtype)
-                    if self.weight_dtype != torch.float32 else contextlib.nullcontext())
-        with autocast:
-            cond = self._encode(captions)
-            pred = self.bundle.unet(noisy, t, cond.to(self.weight_dtype)).sample
+        with self.precision.autocast():
+            pred = self.call_unet(noisy, t, self.encode(batch.captions), batch)
         target = L.diffusion_target(self.scheduler, latents.float(), noise.float(), t, self.bundle.prediction_type)
-        per_sample = L.masked_mse(pred, target, masks, s.mask_normalize)
-        if s.min_snr_gamma:
-            per_sample = per_sample * L.min_snr_weights(self.scheduler, t, s.min_snr_gamma,
-                                                        self.bundle.prediction_type).to(per_sample)
-        return per_sample.mean() * weight
+        return pred, target, t
 
-    def _encode(self, captions: list[str]) -> torch.Tensor:
+    def loss_scope(self, batch: Batch):
+        """A context around one batch's forward pass (the mask EM captures attention in it)."""
+        return contextlib.nullcontext()
+
+    def extra_loss(self, batch: Batch, weight: float) -> torch.Tensor | None:
+        """A loss added to the diffusion loss of a batch (the mask EM's attention loss)."""
+        return None
+
+    def batch_loss(self, batch: Batch, weight: float) -> torch.Tensor:
+        s = self.settings
+        with self.loss_scope(batch):
+            pred, target, t = self.get_noise_pred_and_target(batch)
+            per_sample = L.masked_mse(pred, target, batch.masks, s.mask_normalize)
+            if s.min_snr_gamma:
+                per_sample = per_sample * L.min_snr_weights(self.scheduler, t, s.min_snr_gamma,
+                                                            self.bundle.prediction_type).to(per_sample)
+            loss = per_sample.mean() * weight
+            extra = self.extra_loss(batch, weight)
+        return loss if extra is None else loss + extra
+
+    def encode(self, captions: list[str]) -> Conditioning:
         """Text conditioning. Token ids are made once per caption; when nothing in the text
         encoder trains, its outputs are cached too (it is frozen and deterministic)."""
         from ..engine.tokens import expand_prompt
@@ -389,39 +389,21 @@ class LoraTrainer:
         if missing:
             ids = self.bundle.tokenize([expand_prompt(self.bundle, c) for c in missing])
             self._ids.update(zip(missing, ids))
-        te = self.bundle.text_encoder
         if self._cond is None:
-            return te(torch.stack([self._ids[c] for c in captions]).to(self.device))[0]
+            return self.family.encode_ids(self.bundle, torch.stack([self._ids[c] for c in captions]))
         missing = [c for c in dict.fromkeys(captions) if c not in self._cond]
         if missing:
             with torch.no_grad():
-                out = te(torch.stack([self._ids[c] for c in missing]).to(self.device))[0]
-            self._cond.update(zip(missing, out))
-        return torch.stack([self._cond[c] for c in captions])
+                out = self.family.encode_ids(self.bundle, torch.stack([self._ids[c] for c in missing]))
+            self._cond.update(zip(missing, out.rows()))
+        return Conditioning.cat([self._cond[c] for c in captions])
 
-    def step(self, step: int) -> float:
+    def micro_batch_loss(self, step: int, micro: int) -> torch.Tensor:
         s = self.settings
-        host.check_cancel()
-        total = 0.0
-        for _ in range(s.gradient_accumulation):
-            lat, masks, caps = self._batch(self.data, s.batch_size)
-            loss = self._loss(lat, masks, caps, 1.0)
-            if self.prior is not None:
-                plat, _, pcaps = self._batch(self.prior, s.batch_size)
-                loss = loss + self._loss(plat, None, pcaps, s.prior_weight)
-            (loss / s.gradient_accumulation).backward()
-            total += float(loss.detach()) / s.gradient_accumulation
-        params = [p for p in self.trainable.values() if p.grad is not None]
-        if self.world.size > 1:  # every rank holds the same weights: average the gradients and the loss
-            loss_t = torch.tensor([total], device=self.device)
-            self.world.mean_([p.grad for p in params] + [loss_t])
-            total = float(loss_t)
-        if s.max_grad_norm and params:
-            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
+        loss = self.batch_loss(self.draw_batch(self.data, s.batch_size), 1.0)
+        if self.prior is not None:
+            loss = loss + self.batch_loss(self.draw_batch(self.prior, s.batch_size), s.prior_weight)
+        return loss
 
     # ------------------------------------------------------------ validation
     def _on_step(self, step: int, loss: float) -> None:
@@ -434,7 +416,7 @@ class LoraTrainer:
         from ..engine.sampling import generate
 
         s = self.settings
-        with torch.no_grad(), _eval(self.bundle.unet, self.bundle.text_encoder):
+        with torch.no_grad(), _eval(self.bundle.unet, *self.family.encoders(self.bundle).values()):
             imgs = generate(self.bundle, list(s.validation_prompts), steps=s.validation_steps,
                             width=s.resolution, height=s.resolution,
                             seeds=[s.validation_seed + i for i in range(len(s.validation_prompts))],
@@ -447,23 +429,12 @@ class LoraTrainer:
         return imgs
 
     # ------------------------------------------------------------ run
-    def run(self) -> LoraResult:
+    def after_training(self) -> None:
+        if self.settings.validation_prompts and self.world.is_main:
+            self.validate(self.settings.steps)
+
+    def finish(self, start: int) -> LoraResult:
         s = self.settings
-        with host.training_mode():
-            if s.resume == "restart":
-                self.loop.clear()
-            start = self.loop.resume()
-            try:
-                self.loop.run(self.step)
-            finally:
-                self.bundle.unet.train(False)
-                self.bundle.text_encoder.train(False)
-            if not self.loop.checkpoints() or self.loop.checkpoints()[-1].name != f"step_{s.steps:06d}.pt":
-                self.loop.save_checkpoint(s.steps)  # a rerun of a finished run returns at once
-            for p in self.trainable.values():
-                p.requires_grad_(False)
-            if s.validation_prompts and self.world.is_main:
-                self.validate(s.steps)
         curve = line_chart(self.loop.losses, f"{self.node} loss ({s.name})")
         if self.world.is_main:
             atomic_save_image(self.run_dir / "loss.png", curve)
@@ -478,37 +449,19 @@ class LoraTrainer:
 
     def metadata(self) -> dict:
         s = self.settings
-        return {"ss_base_model_hash": self.bundle.base_hash, "ss_base_family": self.bundle.family,
-                "ss_tokens": self.tokens, "ss_network_dim": s.rank, "ss_network_alpha": s.alpha,
-                "ss_steps": len(self.loop.losses), "ss_resolution": s.resolution, "ss_seed": s.seed,
-                "ss_prediction_type": self.bundle.prediction_type, "ss_masked_loss": s.masked_loss,
-                "unconfused_trainer": "lora", "unconfused_version": __version__}
+        return dict(self.base_metadata(), ss_resolution=s.resolution, ss_prediction_type=self.bundle.prediction_type,
+                    ss_masked_loss=s.masked_loss)
 
     def export(self) -> dict[str, Path]:
         """LoRA -> models/loras/<name>.safetensors; each token -> models/embeddings/<name>_<token>.safetensors."""
         s = self.settings
         name = export_name(s.name, node=self.node)
         out: dict[str, Path] = {}
-        lora_dir = _first_folder("loras")
-        out["lora"] = save_lora(lora_dir / f"{name}.safetensors", self.bundle.unet,
-                                self.bundle.text_encoder if s.text_encoder_lora else None, alpha=s.alpha,
-                                metadata=self.metadata())
-        emb_dir = _first_folder("embeddings")
-        for token in self.tokens:
-            stem = f"{name}_{safe_name(token.strip('<>'), input='token', node=self.node)}"
-            meta = dict(self.metadata(), ss_tokens=[token], unconfused_class_word=self.class_words.get(token, ""))
-            out[f"embedding:{token}"] = save_embedding(emb_dir / f"{stem}.safetensors", token_rows(self.bundle, token),
-                                                       self.bundle.family, metadata=meta)
+        encoders = self.family.encoders(self.bundle) if s.text_encoder_lora else None
+        out["lora"] = save_lora(first_folder("loras", self.node) / f"{name}.safetensors", self.bundle.unet, encoders,
+                                alpha=s.alpha, metadata=self.metadata(), family=self.bundle.family)
+        out.update(self.export_embeddings(name))
         return out
-
-
-def _first_folder(kind: str) -> Path:
-    folders = host.model_folders(kind)
-    if not folders:
-        raise UnconfusedError(f"no models/{kind} folder is configured; set UNCONFUSED_MODELS_DIR", node=NODE,
-                              input="export")
-    folders[0].mkdir(parents=True, exist_ok=True)
-    return folders[0]
 
 
 def _pil(img: torch.Tensor):
@@ -519,10 +472,5 @@ def _pil(img: torch.Tensor):
 
 def train_lora(bundle, data, settings: LoraSettings | dict | None = None, **kwargs) -> LoraResult:
     """Train and export; `settings` as LoraSettings or a dict (the CLI's config file)."""
-    if settings is None:
-        settings = LoraSettings()
-    elif isinstance(settings, dict):
-        settings = LoraSettings.from_dict(settings)
-    seed_everything(settings.seed)
-    return LoraTrainer(bundle, data, settings, **kwargs).run()
+    return run_trainer(LoraTrainer, LoraSettings, settings, bundle, data, **kwargs)
 
