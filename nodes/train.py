@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine import host
+from ..engine import host, presets
 from ..engine.concepts import pil_to_tensor
 from ..engine.errors import UnconfusedError
 from ..trainers import lora as T
@@ -90,6 +90,8 @@ class UnconfusedTrainLoRA:
                 "export": ("BOOLEAN", {"default": _D.export, "tooltip": "Write the LoRA to models/loras and the "
                                        "tokens to models/embeddings"}),
                 "device": (["auto", "cuda", "cpu", "mps"], {"default": _D.device}),
+                "preset": (presets.choices("lora"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
+                           ". paper = CLIF stage 2; paper-sid = the SID paper's DreamBooth"}),
             },
             # which node of the graph runs: live messages carry it so the browser finds the node
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -107,7 +109,9 @@ class UnconfusedTrainLoRA:
 
     def _train(self, model, concept_set, dataset, validation_prompts: str, **kw):
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
-        settings = T.LoraSettings(**kw, validation_prompts=prompts)
+        preset = kw.pop("preset", presets.CUSTOM)
+        settings = presets.from_widgets(T.LoraSettings, preset, dict(kw, validation_prompts=prompts),
+                                        node=self.NODE_ID)
         if dataset is not None:  # CLIF stage 2: the concept photos plus the dataset's Mix pairs
             from ..engine.training_data import examples_from_concept_set
 

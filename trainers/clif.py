@@ -60,12 +60,13 @@ LR_SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
 PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
 RESUME = ["auto", "restart"]
 NOT_HASHED = {"checkpoint_every", "keep_checkpoints", "resume", "export", "device", "name", "cache_features",
-              "probe_template", "eval_every"}
+              "probe_template", "eval_every", "preset"}  # preset: its values are hashed
 
 
 @dataclass
 class ClifSettings:
     name: str = "clif"  # run folder and export file names
+    preset: str = "custom"  # engine/presets.py: which preset the values came from (paper | quick)
     train: str = "tokens+lora"
     steps: int = 1000
     batch_size: int = 32  # per process; the contrastive batch is batch_size x processes
