@@ -152,8 +152,8 @@ PRESETS: dict[str, dict[str, dict[str, Value]]] = {
                        "the encoder cannot drift)"),
             "steps": V(3000, "ours: an encoder pass at batch 64 on cached image features takes ~0.1 s on a 12 GB "
                        "card (estimate) -> ~5 minutes; 3000 x 64 pairs = ~40 epochs of a 5,000-pair dataset"),
-            "batch_size": V(64, "ours: half the paper's 128 (memory of tokens+full on 12 GB); still 63 negatives "
-                            "per pair"),
+            "batch_size": V(64, "ours: half the paper's 128: steps twice as fast; still 63 negatives per pair in "
+                            "the contrastive batch"),
             "token_lr": V(5e-4, "ours: token rows alone at 1e-4 move little in 3000 steps (the code runs ~78,000); "
                           "5e-4 is Break-a-Scene's token-row rate"),
             "kinds": V("global,region", "CLIF 4.1: the text encoder's pairs"),
@@ -171,17 +171,17 @@ PRESETS: dict[str, dict[str, dict[str, Value]]] = {
             "init_timesteps": V(50, "Rahman et al. Fig. 2 and Sec. 4: attention averaged over 50 random timesteps"),
             "threshold_mode": V("fixed", "Rahman et al. Sec. 3 (mask extraction): 'a fixed threshold'"),
             "threshold": V(0.45, "ours: the paper gives no value; the middle of DiffuMask's 0.35-0.55 sweep"),
-            "crf_at": V("image", "Rahman et al. Sec. 3 (mask extraction): DenseCRF on the image's pixels (colour and distance); "
-                        "CutLER's parameters are in image pixels"),
+            "crf_at": V("image", "Rahman et al. Sec. 3 (mask extraction): DenseCRF on the image's pixels (colour "
+                        "and distance); CutLER's parameters are in image pixels"),
             "crf_iterations": V(10, f"{CUTLER}: 10 iterations"),
             "crf_gaussian_sxy": V(3.0, f"{CUTLER}: Gaussian sxy 3"),
             "crf_gaussian_compat": V(7.0, f"{CUTLER}: Gaussian compat 7"),
             "crf_bilateral_sxy": V(50.0, f"{CUTLER}: bilateral sxy 50"),
             "crf_bilateral_srgb": V(5.0, f"{CUTLER}: bilateral srgb 5"),
             "crf_bilateral_compat": V(10.0, f"{CUTLER}: bilateral compat 10"),
-            "reestimate_every": V(10, "Rahman et al. Sec. 3: tokens and masks alternate 'at each iteration'", "every 10 steps, not "
-                                  "every step: each round is kept on disk (masks, PNGs) and the tokens move little "
-                                  "in 10 steps"),
+            "reestimate_every": V(10, "Rahman et al. Sec. 3: tokens and masks alternate 'at each iteration'",
+                                  "every 10 steps, not every step: each round is kept on disk (masks, PNGs) and the "
+                                  "tokens move little in 10 steps"),
         },
         "quick": {
             "steps": V(400, "ours: half of each Break-a-Scene phase; Rahman et al.'s 'usually 400' in all; about "
@@ -338,7 +338,8 @@ def doc_page(settings_classes: dict[str, type]) -> str:
              "- `paper`: the paper's own recipe for what the trainer runs; the LoRA trainer also has `paper-sid` "
              "(the SID paper's DreamBooth), since it runs both CLIF stage 2 and SID.",
              "- `quick`: a budget that finishes well under an hour on a 12 GB GPU (SD1.5 at 512 px) and still "
-             "learns the concepts.", "",
+             "learns the concepts. Its times are estimates from the per-step speeds named in the table, not "
+             "measured on a 12 GB card.", "",
              "How a preset meets your values: the preset's values first, then every setting you gave explicitly "
              "wins. In a job file that is every key of `[settings]` (write `preset = \"paper\"` at the top or in "
              "`[settings]`; `--set preset=quick` works too). On a node every widget has a value, so a widget still "
