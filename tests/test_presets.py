@@ -269,3 +269,28 @@ def test_nodes_apply_the_preset_under_changed_widgets(monkeypatch):
                                           **dict(kw, preset="paper", crf_at="off"))
     s = _settings_of(e.value)
     assert (s.steps, s.threshold_mode, s.crf_at, s.attention_weight) == (800, "fixed", "off", 1e-2)
+
+
+@pytest.mark.xfail(strict=True, reason="waits for the lead's two calls in the trainers' shared core: "
+                   "presets.write_record(run_dir, settings) once the run folder exists, and "
+                   "**presets.export_metadata(settings) in the export metadata; remove this mark then")
+def test_run_folder_and_exports_record_the_preset(tmp_path, dreambooth_dir, capsys):
+    """A real run records its preset and every effective setting: settings.json in the run folder, the
+    safetensors header of each export."""
+    from safetensors import safe_open
+
+    from unconfused.trainers.cli import main
+
+    job = tmp_path / "job.toml"
+    job.write_text(f'preset = "quick"\nconcepts = ["{dreambooth_dir / "cat"}:<my-cat>:cat"]\n'
+                   '[settings]\nname = "rec"\nsteps = 2\nresolution = 64\n')
+    assert main(["lora", "--config", str(job)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    rec = json.loads((Path(report["run_dir"]) / "settings.json").read_text())
+    assert rec["preset"] == "quick" and rec["from"]["steps"] == "user" and rec["from"]["min_snr_gamma"] == "preset"
+    for path in report["exports"].values():
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        assert meta["unconfused_preset"] == "quick"
+        assert json.loads(meta["unconfused_settings"])["min_snr_gamma"] == 5.0
