@@ -33,7 +33,7 @@ class UnconfusedTrainMaskEM:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        spec = {
             "required": {
                 "model": (MODEL_BUNDLE, {"tooltip": "From Load Checkpoint (Unconfused)"}),
                 "images": ("IMAGE", {"tooltip": "One or a few images, each holding several of the concepts (e.g. "
@@ -95,11 +95,14 @@ class UnconfusedTrainMaskEM:
                 "export": ("BOOLEAN", {"default": _D.export, "tooltip": "Write the LoRA to models/loras and the "
                                        "tokens to models/embeddings"}),
                 "device": (["auto", "cuda", "cpu"], {"default": _D.device}),
-                "preset": (presets.choices("em"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
-                           ". paper = Rahman et al. with Break-a-Scene's losses and phases"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+        # last, so saved workflows keep their widgets in order
+        spec["optional"]["preset"] = (
+            presets.choices("em"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
+                ". paper = Rahman et al. with Break-a-Scene's losses and phases"})
+        return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "MASK", "IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("model", "masks", "mask_history", "iou_curve", "info")
@@ -123,7 +126,8 @@ class UnconfusedTrainMaskEM:
         scenes = E.make_scenes(imgs, concepts, gt, node=self.NODE_ID)
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
         preset = kw.pop("preset", presets.CUSTOM)
-        settings = presets.from_widgets(E.EMSettings, preset, dict(kw, validation_prompts=prompts), node=self.NODE_ID)
+        settings = presets.from_widgets(E.EMSettings, preset, dict(kw, validation_prompts=prompts),
+                                        node=self.NODE_ID)
         result = E.train_em(model, scenes, settings)
         masks = result.mask_batch() if len({tuple(m.shape[-2:]) for m in result.masks}) == 1 else \
             torch.cat([torch.nn.functional.interpolate(m[None], size=result.masks[0].shape[-2:], mode="nearest")[0]

@@ -27,7 +27,7 @@ class UnconfusedTrainLoRA:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        spec = {
             "required": {
                 "model": (MODEL_BUNDLE, {"tooltip": "From Load Checkpoint (Unconfused), or the CLIF text-encoder "
                                                     "trainer"}),
@@ -90,12 +90,15 @@ class UnconfusedTrainLoRA:
                 "export": ("BOOLEAN", {"default": _D.export, "tooltip": "Write the LoRA to models/loras and the "
                                        "tokens to models/embeddings"}),
                 "device": (["auto", "cuda", "cpu", "mps"], {"default": _D.device}),
-                "preset": (presets.choices("lora"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
-                           ". paper = CLIF stage 2; paper-sid = the SID paper's DreamBooth"}),
             },
             # which node of the graph runs: live messages carry it so the browser finds the node
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+        # last, so saved workflows keep their widgets in order
+        spec["optional"]["preset"] = (
+            presets.choices("lora"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
+                ". paper = CLIF stage 2; paper-sid = the SID paper's DreamBooth"})
+        return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("model", "validation", "loss_curve", "info")
