@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine import host
+from ..engine import host, presets
 from ..engine.clip_tower import list_towers
 from ..engine.concepts import pil_to_tensor
 from ..engine.errors import UnconfusedError
@@ -30,7 +30,7 @@ class UnconfusedTrainCLIF:
     @classmethod
     def INPUT_TYPES(cls):
         towers = list_towers() or [""]
-        return {
+        spec = {
             "required": {
                 "model": (MODEL_BUNDLE, {"tooltip": "From Load Checkpoint (Unconfused)"}),
                 "dataset": (DATASET, {"tooltip": "CLIF's augmented pairs (CLIF Augmentation Builder or Load "
@@ -87,6 +87,11 @@ class UnconfusedTrainCLIF:
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+        # last, so saved workflows keep their widgets in order
+        spec["optional"]["preset"] = (
+            presets.choices("clif"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
+                ". paper = CLIF stage 1 at the paper's scale"})
+        return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "IMAGE", "STRING")
     RETURN_NAMES = ("model", "loss_curve", "info")
@@ -99,7 +104,8 @@ class UnconfusedTrainCLIF:
             if model is None or not hasattr(model, "text_encoder"):
                 raise UnconfusedError("connect a model (Load Checkpoint (Unconfused))", node=self.NODE_ID,
                                       input="model")
-            settings = T.ClifSettings(**kw).validated(self.NODE_ID)
+            settings = presets.from_widgets(T.ClifSettings, kw.pop("preset", presets.CUSTOM), kw,
+                                            node=self.NODE_ID)
             tower = T.resolve_tower(image_tower, clip_model, node=self.NODE_ID)
             class_words = {c.token: c.class_word for c in concept_set.concepts} if concept_set is not None else {}
             result = T.train_clif(model, dataset, tower, settings, class_words=class_words)

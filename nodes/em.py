@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import host
+from ..engine import host, presets
 from ..engine.concepts import image_batch_to_list, pil_to_tensor
 from ..engine.errors import UnconfusedError
 from ..trainers import em as E
@@ -33,7 +33,7 @@ class UnconfusedTrainMaskEM:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        spec = {
             "required": {
                 "model": (MODEL_BUNDLE, {"tooltip": "From Load Checkpoint (Unconfused)"}),
                 "images": ("IMAGE", {"tooltip": "One or a few images, each holding several of the concepts (e.g. "
@@ -98,6 +98,11 @@ class UnconfusedTrainMaskEM:
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+        # last, so saved workflows keep their widgets in order
+        spec["optional"]["preset"] = (
+            presets.choices("em"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
+                ". paper = Rahman et al. with Break-a-Scene's losses and phases"})
+        return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "MASK", "IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("model", "masks", "mask_history", "iou_curve", "info")
@@ -120,7 +125,9 @@ class UnconfusedTrainMaskEM:
                 gt = list(host.detach_clone(ground_truth.reshape(-1, *ground_truth.shape[-2:])))
         scenes = E.make_scenes(imgs, concepts, gt, node=self.NODE_ID)
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
-        settings = E.EMSettings(**kw, validation_prompts=prompts)
+        preset = kw.pop("preset", presets.CUSTOM)
+        settings = presets.from_widgets(E.EMSettings, preset, dict(kw, validation_prompts=prompts),
+                                        node=self.NODE_ID)
         result = E.train_em(model, scenes, settings)
         masks = result.mask_batch() if len({tuple(m.shape[-2:]) for m in result.masks}) == 1 else \
             torch.cat([torch.nn.functional.interpolate(m[None], size=result.masks[0].shape[-2:], mode="nearest")[0]

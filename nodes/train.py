@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine import host
+from ..engine import host, presets
 from ..engine.concepts import pil_to_tensor
 from ..engine.errors import UnconfusedError
 from ..trainers import lora as T
@@ -27,7 +27,7 @@ class UnconfusedTrainLoRA:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        spec = {
             "required": {
                 "model": (MODEL_BUNDLE, {"tooltip": "From Load Checkpoint (Unconfused), or the CLIF text-encoder "
                                                     "trainer"}),
@@ -94,6 +94,11 @@ class UnconfusedTrainLoRA:
             # which node of the graph runs: live messages carry it so the browser finds the node
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+        # last, so saved workflows keep their widgets in order
+        spec["optional"]["preset"] = (
+            presets.choices("lora"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
+                ". paper = CLIF stage 2; paper-sid = the SID paper's DreamBooth"})
+        return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("model", "validation", "loss_curve", "info")
@@ -107,7 +112,9 @@ class UnconfusedTrainLoRA:
 
     def _train(self, model, concept_set, dataset, validation_prompts: str, **kw):
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
-        settings = T.LoraSettings(**kw, validation_prompts=prompts)
+        preset = kw.pop("preset", presets.CUSTOM)
+        settings = presets.from_widgets(T.LoraSettings, preset, dict(kw, validation_prompts=prompts),
+                                        node=self.NODE_ID)
         if dataset is not None:  # CLIF stage 2: the concept photos plus the dataset's Mix pairs
             from ..engine.training_data import examples_from_concept_set
 

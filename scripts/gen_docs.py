@@ -3,6 +3,7 @@
     python scripts/gen_docs.py nodes [--check]                    # docs/nodes.md from the nodes' declarations
     python scripts/gen_docs.py benchmarks RESULTS [--check]       # docs/benchmarks.md from benchmarks/run_all's JSON
     python scripts/gen_docs.py picture                            # docs/img/mix_pairs.jpg, the README's picture
+    python scripts/gen_docs.py presets [--check]                  # docs/presets.md from engine/presets.py
 
 `nodes` reads every node class the pack registers (INPUT_TYPES, RETURN_TYPES/RETURN_NAMES, DESCRIPTION or
 the class docstring, tooltips, OUTPUT_NODE). File lists (checkpoints, SAM files, ...) depend on the
@@ -27,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NODES_MD = REPO / "docs" / "nodes.md"
 BENCH_MD = REPO / "docs" / "benchmarks.md"
+PRESETS_MD = REPO / "docs" / "presets.md"
 LONG = 24  # a choice list longer than this comes from a library, not from the pack: not listed
 
 
@@ -205,12 +207,23 @@ def picture(path: Path = REPO / "docs" / "img" / "mix_pairs.jpg") -> Path:
     return path
 
 
+def presets_page() -> str:
+    """docs/presets.md: every preset value of every trainer with its source (engine/presets.py)."""
+    _import_pack()
+    from unconfused.engine import presets
+    from unconfused.trainers.clif import ClifSettings
+    from unconfused.trainers.em import EMSettings
+    from unconfused.trainers.lora import LoraSettings
+
+    return presets.doc_page({"lora": LoraSettings, "clif": ClifSettings, "em": EMSettings})
+
+
 def _write_or_check(path: Path, text: str, check: bool) -> int:
     if check:
         same = path.is_file() and path.read_text("utf-8") == text
         if not same:
             print(f"{path.relative_to(REPO)} differs from the code; run: python scripts/gen_docs.py "
-                  f"{'nodes' if path == NODES_MD else 'benchmarks RESULTS'}", file=sys.stderr)
+                  f"{ {NODES_MD: 'nodes', PRESETS_MD: 'presets'}.get(path, 'benchmarks RESULTS')}", file=sys.stderr)
         return 0 if same else 1
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -229,12 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("results", help="the JSON benchmarks/run_all.py --out wrote (default benchmarks/results.json)")
     b.add_argument("--check", action="store_true")
     sub.add_parser("picture", help="docs/img/mix_pairs.jpg from the test photos")
+    pr = sub.add_parser("presets", help="docs/presets.md from engine/presets.py")
+    pr.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
     if args.page == "picture":
         picture()
         return 0
     if args.page == "nodes":
         return _write_or_check(NODES_MD, nodes_page(), args.check)
+    if args.page == "presets":
+        return _write_or_check(PRESETS_MD, presets_page(), args.check)
     return _write_or_check(BENCH_MD, benchmarks_page(json.loads(Path(args.results).read_text("utf-8"))), args.check)
 
 

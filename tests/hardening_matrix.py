@@ -12,7 +12,8 @@ MATRIX = {
         "test_clif.py::test_bad_inputs_are_named", "test_lora.py::test_bad_settings_name_the_input",
         "test_lora.py::test_unknown_config_keys_are_refused", "test_em.py::test_concept_lines_and_their_messages",
         "test_vlm.py::test_bad_settings_are_named", "test_cli.py::test_smoke_job_with_real_photos_and_a_bad_token",
-        "test_concepts.py::test_one_concept_from_folder_and_one_spec_parser_for_every_caller"],
+        "test_concepts.py::test_one_concept_from_folder_and_one_spec_parser_for_every_caller",
+        "test_presets.py::test_unknown_preset_is_refused_with_the_choices"],
     "missing, damaged, wrong-family or pickled model files": [
         "test_models.py::test_other_families_and_parts_are_named",
         "test_models.py::test_ckpt_with_pickled_code_is_refused_not_run",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import host
+from ..engine import host, presets
 from ..engine.errors import UnconfusedError
 from ..engine.exports import save_embedding
 from ..engine.files import safe_name
@@ -170,6 +170,8 @@ class TrainerCore:
                                    generator, scaler=self.precision.scaler),
                          checkpoint_every=s.checkpoint_every, keep_checkpoints=s.keep_checkpoints,
                          on_step=self._on_step, is_main=self.world.is_main)
+        if self.world.is_main:  # the preset and every effective setting, with where each came from
+            presets.write_record(self.run_dir, s)
 
     def get_trainables(self) -> dict[str, torch.Tensor]:
         return self.trainable
@@ -243,7 +245,7 @@ class TrainerCore:
         return {"ss_base_model_hash": self.bundle.base_hash, "ss_base_family": self.bundle.family,
                 "ss_tokens": self.tokens, "ss_steps": len(self.loop.losses), "ss_seed": s.seed,
                 "ss_network_dim": s.rank, "ss_network_alpha": s.alpha, "unconfused_trainer": self.kind,
-                "unconfused_version": __version__}
+                "unconfused_version": __version__, **presets.export_metadata(s)}
 
     def metadata(self) -> dict:
         return self.base_metadata()

@@ -56,12 +56,13 @@ NODE = "UnconfusedTrainCLIF"
 TRAIN_MODES = ["tokens", "tokens+lora", "tokens+full"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 NOT_HASHED = {"checkpoint_every", "keep_checkpoints", "resume", "export", "device", "name", "cache_features",
-              "probe_template", "eval_every"}
+              "probe_template", "eval_every", "preset"}  # preset: its values are hashed
 
 
 @dataclass
 class ClifSettings:
     name: str = "clif"  # run folder and export file names
+    preset: str = "custom"  # engine/presets.py: which preset the values came from (paper | quick)
     train: str = "tokens+lora"
     steps: int = 1000
     batch_size: int = 32  # per process; the contrastive batch is batch_size x processes

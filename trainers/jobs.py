@@ -24,7 +24,7 @@ from ..engine.concepts import Concept, ConceptSet, load_concept_set, load_images
     validate_token
 from ..engine.errors import UnconfusedError
 
-KNOWN = {"model", "concept_set", "concepts", "settings", "workdir", "prediction", "precision",
+KNOWN = {"model", "concept_set", "concepts", "settings", "preset", "workdir", "prediction", "precision",
          "dataset", "image_tower",  # the CLIF job
          "images", "ground_truth",  # the mask-EM job
          "prompt", "clip", "dino", "region_masks", "masks_a", "masks_b", "output"}  # the eval job
@@ -45,6 +45,8 @@ def read_config(path: str | Path, overrides: list[str] | None = None, *, node: s
         raise UnconfusedError(f"unknown keys {unknown} in {path.name}; known: {sorted(KNOWN)}", node=node,
                               input="--config")
     settings = dict(config.get("settings", {}))
+    if "preset" in config:  # `preset = "paper"` at the top: a setting like the others ([settings] wins)
+        settings.setdefault("preset", config.pop("preset"))
     for item in overrides or []:  # --set steps=10 --set name=\"x\"
         key, sep, value = item.partition("=")
         if not sep:

@@ -45,6 +45,9 @@ def settings_from_dict(cls, data: dict, node: str):
     then the class's own `validated(node)` checks the values."""
     from dataclasses import fields
 
+    from ..engine.presets import with_preset
+
+    data = with_preset(cls, data, node=node)  # a named preset's values, under the table's own
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -42,12 +42,13 @@ TEXT_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 CAPTIONS = ["auto", "template"]
 # settings that do not change what is trained: a resume may differ in these
 NOT_HASHED = {"checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts", "validation_steps",
-              "validation_seed", "resume", "export", "device", "name"}
+              "validation_seed", "resume", "export", "device", "name", "preset"}  # preset: its values are hashed
 
 
 @dataclass
 class LoraSettings:
     name: str = "unconfused"  # run folder and export file names
+    preset: str = "custom"  # engine/presets.py: which preset the values came from (paper | paper-sid | quick)
     steps: int = 800
     resolution: int = 512
     batch_size: int = 1
