@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--no-sam", action="store_true")
     ap.add_argument("--speed-repeats", type=int, default=3, help="timed CRF runs per size and label count")
     ap.add_argument("--json", help="also write the headline numbers as JSON to this path")
-    ap.add_argument("--em-n", type=int, default=30, help="composites for the mask EM's CRF paths (512 px)")
+    ap.add_argument("--em-n", type=int, default=12, help="composites for the mask EM's CRF paths (512 px)")
     ap.add_argument("--quick", action="store_true", help="fewer composites, no SAM")
     args = ap.parse_args()
     if args.quick:
