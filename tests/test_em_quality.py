@@ -73,10 +73,6 @@ def run(model, tmp_path, **kw) -> E.EMResult:
     return E.train_em(copy.deepcopy(model), shapes(), settings(**kw), run_root=tmp_path)
 
 
-def mean_iou(r: E.MaskRound) -> float:
-    return sum(r.iou.values()) / len(r.iou)
-
-
 @torch.no_grad()
 def agreement(res: E.EMResult, masks: torch.Tensor, timesteps=(50, 150, 250, 350, 450, 550, 650, 750)) -> float:
     """How far the trained tokens' cross-attention is from `masks` [N, K, h, w]: the cross-attention
