@@ -196,6 +196,7 @@ folded crumpled stacked potted framed blooming flowering autumn autumnal winter 
 sunset dusk twilight golden-hour warm cool cold hot fresh ripe dried fallen bare tangled thick thin
 two three four five six seven eight nine ten dozen several pair
 cherry oak pine palm maple birch willow bamboo rose roses tulip tulips sunflower sunflowers daisy daisies
+burning melting broken torn scattered half-full
 """.split())
 _DETAIL_HYPHEN = re.compile(r"\b[a-z]+-(?:colored|coloured|striped|patterned|shaped|sized|toned|lit|covered|"
                             r"and-[a-z]+|haired|made|framed|painted)\b", re.I)
@@ -275,7 +276,7 @@ def _subject_description(t: str, subject: str, class_word: str, *, allow_pose: b
                 return before[-1]
         return "none"
 
-    mods = r"(?P<mods>(?:[\w-]+,?\s+){0,3}?)"
+    mods = r"(?P<mods>(?:(?!(?:its|his|her|their)\b)[\w-]+,?\s+){0,3}?)"  # "with its ears": the possessive
     noun_alt = _word_alt(nouns)
     pat = re.compile(rf"(?i)\b(?P<own>its|his|her|their|with|having|has|have|whose|"
                      rf"(?:the|this|that)\s+(?:{cls_alt})'s|{re.escape(subject)}'s)\s+{mods}(?P<noun>{noun_alt})\b")

@@ -117,6 +117,7 @@ LEAKS = [
     "A <sks> dog on a blue rug by a brick fireplace; it has a curly brown coat.",
     "A <sks> dog on a blue rug by a brick fireplace. The dog is fluffy.",
     "The <sks> dog's ears are floppy as it sits on a red plaid blanket.",
+    "A <sks> dog next to a red ball, with its long floppy ears.",
 ]
 
 
