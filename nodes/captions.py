@@ -67,7 +67,8 @@ class UnconfusedSIDCaptioner:
                                     "own captions, e.g. edited .txt sidecars)"}),
                 "on_flagged": (sid.ON_FLAGGED, {"default": sid.ON_FLAGGED[0], "tooltip":
                                "A caption that cannot be repaired (no subject, describes the subject, refusal): "
-                               "train on the template caption instead, keep it, or stop"}),
+                               "train on the template caption instead, keep it, or stop. An uninformative one "
+                               "(no detail of anything but the subject, paper Case 1/2) is kept, not templated"}),
                 "template": ("STRING", {"default": sid.BASELINE_TEMPLATE, "tooltip":
                              "Baseline/fallback caption; {subject} = '<token> <class>'"}),
             },
