@@ -7,6 +7,14 @@ so the true mask is known. The true mask is degraded the way cross-attention mas
 to 16x16 or 32x32 and upsampled, blurred, threshold shifted), refined by `engine.crf.refine` with
 CutLER's defaults, and the IoU against the truth is measured before (degraded mask > 0.5) and after.
 
+Mask EM's CRF path: the EM refines its binary latent masks with a CRF at latent resolution, kernel
+widths scaled by latent/image (`crf_at="latent"`, the default), or upsamples them and runs the CRF at
+image resolution (`crf_at="image"`), or skips it (`"off"`). Measured on the same composites: the true
+mask made into what the E step hands the CRF (area-pooled to the 16x16 attention grid of SD at
+512 px, upsampled to the 64x64 latent, thresholded at 0.3 / 0.5 / 0.7), refined by each path with the
+EM's default settings, upsampled and scored against the truth at image resolution (as the EM's IoU
+per round is), with seconds per image.
+
 Speed: CRF seconds per image at 512x512 and at 64x64 with 2-4 labels; SAM automatic mode with the
 tiny random-weight test SAM, and the ViT-B image-encoder pass (the dominant cost of real SAM) with
 random weights.
@@ -105,6 +113,36 @@ def quality(n: int, size: int, seed: int = 0, settings=None) -> dict:
             "by_kind": {k: (float(np.mean(b)), float(np.mean(a)), len(b)) for k, (b, a) in rows.items() if b}}
 
 
+def em_crf_paths(n: int, size: int = 512, seed: int = 0, attention: int = 16) -> dict:
+    """IoU and seconds per image of the mask EM's three CRF paths (see the module docstring)."""
+    from unconfused.engine.crf import refine, refine_latent_masks
+    from unconfused.trainers.em import EMSettings
+
+    s = EMSettings()
+    lat = size // 8
+    paths = {"off": [], "latent": [], "image": []}
+    secs = {k: 0.0 for k in paths}
+    for j, (img, m) in enumerate(make_composites(n, size, seed)):
+        cut = (0.3, 0.5, 0.7)[j % 3]  # too low / even / too high threshold of the attention map
+        soft = F.interpolate(F.adaptive_avg_pool2d(m[None, None], attention), size=(lat, lat), mode="bilinear",
+                             align_corners=False)[0]
+        binary = (soft > cut).float()  # [1, lat, lat], what binarize() gives the CRF
+        for path in paths:
+            t = time.perf_counter()
+            if path == "off":
+                out = binary
+            elif path == "latent":  # trainers/em.py EMTrainer._refine, crf_at="latent"
+                out = refine_latent_masks(img, binary, s.crf_settings(lat / size))
+            else:  # crf_at="image"
+                up = F.interpolate(binary[None], size=(size, size), mode="nearest")[0]
+                fine = refine(img, up, s.crf_settings(), work_at="image", on_degenerate="keep")
+                out = F.interpolate(fine[None], size=(lat, lat), mode="area")[0]
+            secs[path] += time.perf_counter() - t
+            full = F.interpolate(out[None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+            paths[path].append(iou(full, m))
+    return {p: {"iou": float(np.mean(v)), "s_per_image": secs[p] / n, "n": n} for p, v in paths.items()}
+
+
 def crf_speed(size: int, labels: int, repeats: int = 3) -> float:
     from unconfused.engine import crf
 
@@ -147,8 +185,17 @@ def main() -> None:
     ap.add_argument("--no-sam", action="store_true")
     ap.add_argument("--speed-repeats", type=int, default=3, help="timed CRF runs per size and label count")
     ap.add_argument("--json", help="also write the headline numbers as JSON to this path")
+    ap.add_argument("--em-n", type=int, default=12, help="composites for the mask EM's CRF paths (512 px)")
+    ap.add_argument("--quick", action="store_true", help="fewer composites, no SAM")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.em_n, args.speed_repeats, args.no_sam = min(args.n, 20), min(args.em_n, 9), 1, True
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    em = em_crf_paths(args.em_n)
+    print(f"Mask EM CRF paths, {args.em_n} composites at 512 px, latent 64x64, masks from a 16x16 attention grid:")
+    print("| crf_at | mean IoU | s/image |\n|---|---|---|")
+    for k, v in em.items():
+        print(f"| {k} | {v['iou']:.3f} | {v['s_per_image']:.4f} |")
     q = quality(args.n, args.size)
     print(f"CRF quality, {q['n']} composites at {args.size}px: mean IoU {q['before']:.3f} -> {q['after']:.3f} "
           f"({q['improved']:.0%} improved)")
@@ -177,11 +224,16 @@ def main() -> None:
         heads += [headline(f"iou_{k}", f"DenseCRF IoU, {k} masks ({n})", a, b, "IoU",
                            quality=f"IoU {b:.3f} -> {a:.3f}") for k, (b, a, n) in q["by_kind"].items()]
         heads.append(headline("crf_512_2", "DenseCRF speed, 512x512, 2 labels", speed[(512, 2)], None, "s/image"))
+        heads.append(headline("em_crf_latent_vs_image", f"Mask EM CRF at latent vs image resolution ({args.em_n} "
+                              "composites, 512 px): IoU", em["latent"]["iou"], em["image"]["iou"], "IoU",
+                              quality=f"off {em['off']['iou']:.3f}, latent {em['latent']['iou']:.3f} in "
+                              f"{em['latent']['s_per_image']:.3f} s, image {em['image']['iou']:.3f} in "
+                              f"{em['image']['s_per_image']:.3f} s"))
         write_json(args.json, {
             "benchmark": "crf_quality",
             "settings": {"n": args.n, "size": args.size, "speed_repeats": args.speed_repeats, "sam": not args.no_sam},
             "headline": heads,
-            "details": {"quality": q, "crf_s_per_image": {f"{s}x{s} {k} labels": v for (s, k), v in speed.items()},
+            "details": {"quality": q, "em_crf_paths": em, "crf_s_per_image": {f"{s}x{s} {k} labels": v for (s, k), v in speed.items()},
                         "sam": {k: {"seconds": t, "regions": n} for k, (t, n) in sam.items()}},
         })
 

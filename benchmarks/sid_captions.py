@@ -1,5 +1,8 @@
-"""Benchmark of the SID captioner's plumbing (no real VLM is available offline here):
+"""Benchmark of the SID caption checker and the captioner's plumbing (no real VLM is available offline here):
 
+- checker quality on tests/data/sid_captions.tsv (several hundred captions written from the paper's
+  Case 1-4 definitions): precision and recall of "not a SID caption as written" (Case 1, 2 and 4
+  caught, Case 3 passed), and the share of exact verdicts per form;
 - validation/repair throughput on the 43-caption table of tests/test_sid.py;
 - the OpenAI-compatible backend against a loopback chat-completions server that answers after a
   fixed latency (standing in for a hosted model): wall time for the DreamBooth dog2 photos at
@@ -30,7 +33,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=float, default=0.5)
     ap.add_argument("--json", help="also write the headline numbers as JSON to this path")
+    ap.add_argument("--quick", action="store_true", help="only the checker's quality (no server)")
     args = ap.parse_args()
+    sys.path.insert(0, str(REPO / "tests" / "data"))
+    from sid_make_captions import load_table, score
+
+    q = score(load_table())
+    print(f"SID checker on {q['n']} captions (Case 1-4): precision {q['precision']:.3f}, recall {q['recall']:.3f}, "
+          f"Case 3 passed {q['specificity']:.3f}, exact verdict {q['exact']:.3f}")
+    print("| case / form | exact verdicts |\n|---|---|")
+    for form, (ok, n) in sorted(q["forms"].items()):
+        print(f"| {form} | {ok}/{n} |")
+    for r, c in q["misses"]:
+        print(f"miss: case {r['case']} {r['form']}: expected {r['expected']}, got {c.status}: {r['caption']}")
+    quality = {k: round(q[k], 4) for k in ("n", "precision", "recall", "specificity", "exact")}
+    if args.quick and not args.json:
+        return
     from test_sid import TABLE
     from vlm_helpers import GOOD, FakeServer
 
@@ -41,7 +59,7 @@ def main() -> None:
     for (tok, cls), text in rows:
         sid.check_caption(text, tok, cls, mode="style" if cls == "art" else "subject")
     dt = time.perf_counter() - t
-    out = {"validation_captions_per_s": round(len(rows) / dt)}
+    out = {"validation_captions_per_s": round(len(rows) / dt), "checker": quality}
 
     photos = sorted((SHARED / "datasets" / "dreambooth" / "dog2").glob("*.jp*g"))
     images = [Image.open(p).convert("RGB") for p in photos]
@@ -73,6 +91,8 @@ def main() -> None:
             "benchmark": "sid_captions",
             "settings": {"latency_s": args.latency, "photos": n},
             "headline": [
+                headline("precision", f"SID checker precision ({q['n']} Case 1-4 captions)", q["precision"], None, ""),
+                headline("recall", f"SID checker recall ({q['n']} Case 1-4 captions)", q["recall"], None, ""),
                 headline("validation", "SID caption validation/repair", out["validation_captions_per_s"], None,
                          "captions/s"),
                 headline("concurrency_4", f"SID backend, {n} photos, {args.latency} s server: concurrency 4 vs 1",

@@ -66,7 +66,8 @@ def caption_concept(node, concept, manual_lines, *, backend, mode, describe_pose
             raw = client.caption(pils, [text] * n, on_done=lambda i: bar.update(1))
         finally:
             bar.close()
-    checks = sid.check_captions(raw, concept.token, concept.class_word, mode=mode, allow_pose=describe_pose)
+    checks = sid.check_captions(raw, concept.token, concept.class_word, mode=mode, allow_pose=describe_pose,
+                                require_detail=backend != "template (Case 1 baseline)")  # Case 1 on purpose
     captions = sid.resolve_flagged(checks, concept.token, concept.class_word, on_flagged=on_flagged,
                                    template=fallback, node=node)
     return concept.with_captions(captions), captions, checks, pils

@@ -156,6 +156,190 @@ LOOK_ADJECTIVES = ("small|large|big|tiny|fluffy|furry|shaggy|fat|thin|slim|young
 MAX_WORDS = 60  # CLIP reads 75 tokens; a longer caption is cut in training
 
 
+# ---- who owns a look noun that is not right after the subject ("its golden fur", "whose ears",
+# "... grass. Its fur is golden.", "next to a ball, with floppy ears"). Body nouns belong to living
+# things (and toys with faces); generic look nouns (colour, pattern, material) to anything.
+PERSON_WORDS = ["woman", "women", "man", "men", "person", "people", "girl", "girls", "boy", "boys", "child",
+                "children", "kid", "kids", "baby", "lady", "ladies", "guy", "guys", "owner", "toddler", "player",
+                "rider", "chef", "farmer", "student", "worker", "someone", "mother", "father", "grandmother",
+                "grandfather", "friend", "friends", "couple", "family", "teenager", "adult"]
+ANIMAL_WORDS = ["dog", "dogs", "puppy", "puppies", "cat", "cats", "kitten", "kittens", "bird", "birds", "horse",
+                "horses", "cow", "cows", "sheep", "goat", "goats", "rabbit", "rabbits", "bunny", "hamster", "parrot",
+                "duck", "ducks", "squirrel", "fox", "bear", "teddy", "doll", "dolls", "pony", "chicken", "pigeon",
+                "deer", "lamb", "poodle", "retriever", "terrier", "corgi", "labrador", "beagle", "husky", "tabby"]
+PERSON_CLASSES = {"woman", "man", "person", "girl", "boy", "child", "kid", "baby", "lady", "guy", "people"}
+GENERIC_LOOK_NOUNS = ["color", "colour", "colors", "colours", "coloring", "colouring", "pattern", "patterns",
+                      "texture", "finish", "surface", "material", "materials", "shape", "breed",
+                      "glaze", "paint", "paintwork", "fabric", "size", "build", "physique", "complexion"]
+_LOCATION_PREPS = {"on", "around", "over", "in", "into", "onto", "across", "behind", "under", "against", "from",
+                   "between", "to", "at", "by", "near", "beside", "through", "off", "above", "below", "toward",
+                   "towards", "along", "upon", "inside", "underneath", "beneath", "within", "covering", "covers"}
+_POSSESSIVES = {"its", "his", "her", "their"}
+_OWNER_VERBS = {"with", "having", "has", "have", "whose"}
+# Words that say something specific about a thing (colour, material, pattern, texture, size, shape,
+# state, light, number): the paper's "informative specification" (Case 3 vs Case 2).
+DETAIL_WORDS = set("""
+red orange yellow green blue purple violet pink brown black white grey gray beige tan cream golden gold silver
+navy teal turquoise maroon crimson scarlet olive khaki ivory bronze copper lavender magenta cyan amber burgundy
+mint peach coral charcoal dark light pale bright colorful colourful multicolored multicoloured rainbow pastel
+neon transparent clear
+wooden wood metal metallic steel iron brass chrome aluminum aluminium glass ceramic porcelain clay terracotta
+plastic rubber leather suede cotton wool woolen woollen knitted knit linen silk satin velvet denim nylon canvas
+paper cardboard wicker rattan bamboo stone marble granite concrete brick tiled cobblestone gravel sandy straw
+plush fleece lace woven felt corduroy tweed vinyl asphalt wrought stainless quilted embroidered
+striped plaid checkered checked tartan floral flowered dotted spotted patterned paisley geometric zigzag
+fluffy soft rough smooth shiny glossy matte polished worn weathered rusty rusted old new vintage antique modern
+rustic cozy cosy tidy messy cluttered wet dry muddy dusty snowy frosty icy grassy leafy mossy rocky lush sunny
+sunlit shady shaded cloudy overcast rainy foggy misty dim dimly lit glowing calm busy crowded empty
+small large big tiny huge tall short long wide narrow round square rectangular oval circular triangular curved
+folded crumpled stacked potted framed blooming flowering autumn autumnal winter summer spring evening morning
+sunset dusk twilight golden-hour warm cool cold hot fresh ripe dried fallen bare tangled thick thin
+two three four five six seven eight nine ten dozen several pair
+cherry oak pine palm maple birch willow bamboo rose roses tulip tulips sunflower sunflowers daisy daisies
+burning melting broken torn scattered half-full
+""".split())
+_DETAIL_HYPHEN = re.compile(r"\b[a-z]+-(?:colored|coloured|striped|patterned|shaped|sized|toned|lit|covered|"
+                            r"and-[a-z]+|haired|made|framed|painted)\b", re.I)
+
+
+def _sentences(t: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence (split after . ! ? ; followed by a space)."""
+    out, start = [], 0
+    for m in re.finditer(r"[.!?;]\s+", t):
+        out.append((start, m.end()))
+        start = m.end()
+    return out + [(start, len(t))]
+
+
+def _subject_description(t: str, subject: str, class_word: str, *, allow_pose: bool = False) -> str | None:
+    """Words anywhere in the caption that describe the subject's own looks, or None.
+
+    A look noun ("fur", "ears", "colour", "breed") counts when the subject owns it: after a possessive
+    ("its/his/her/their ..."), after "with/has/having/whose", or as "the dog's ...". The owner is the
+    nearest thing mentioned before that can own it (a body part needs a living thing or a toy; a
+    possessive pronoun must agree: "her" prefers a person, "its" a thing or an animal); a pronoun
+    that opens a later sentence refers to the subject. "on its head" (a place) and, with the pose
+    option, pose words without a look adjective ("ears perked up") do not count. Also "it is
+    fluffy", "the dog looks golden"."""
+    start = t.find(subject)
+    if start < 0:
+        return None
+    cw = class_word.strip().lower()
+    subj_person = cw in PERSON_CLASSES or any(w in PERSON_CLASSES for w in SYNONYMS.get(cw, []))
+    body = [n for n in APPEARANCE_NOUNS if n not in GENERIC_LOOK_NOUNS]
+    if subj_person:
+        body = [n for n in body if n != "coat"]  # a person's coat is clothing
+    nouns = body + [n for n in GENERIC_LOOK_NOUNS if n not in body]
+    look_adj = re.compile(rf"(?i)^(?:{LOOK_ADJECTIVES})$")
+    sents = _sentences(t)
+
+    # things mentioned in the caption: (position, kind) with kind subject | person | animal | thing
+    mentions: list[tuple[int, int, str]] = [(start, start + len(subject), "subject")]
+    cls_alt = _word_alt([cw] + SYNONYMS.get(cw, []))
+    for m in re.finditer(rf"(?i)\b(?P<det>the|this|that)\s+(?:{cls_alt})\b(?:'s)?", t):
+        if m.start() > start:
+            mentions.append((m.start(), m.end(), "subject"))
+    person_alt = _word_alt(PERSON_WORDS)
+    animal_alt = _word_alt(ANIMAL_WORDS)
+    for kind, alt in (("person", person_alt), ("animal", animal_alt)):
+        for m in re.finditer(rf"(?i)\b(?:{alt})\b", t):
+            if start <= m.start() < start + len(subject) or any(a <= m.start() < b for a, b, k in mentions
+                                                                 if k == "subject"):
+                continue
+            mentions.append((m.start(), m.end(), kind))
+    for m in re.finditer(r"(?i)\b(?:a|an|the|another|some|two|three|several|other|its|his|her|their)\s+"
+                         r"(?:[\w-]+\s+){0,3}?(?P<n>[a-z-]{3,})\b", t):
+        if not any(a <= m.start("n") < b for a, b, _ in mentions):
+            mentions.append((m.start("n"), m.end("n"), "thing"))
+    mentions.sort()
+
+    def owner(pos: int, word: str, is_body: bool) -> str:
+        w = word.lower()
+        kinds = {"subject", "person", "animal"} if is_body else {"subject", "person", "animal", "thing"}
+        if w in ("her", "his", "he", "she"):
+            wanted = [{"person"} | ({"subject"} if subj_person else set()), {"subject", "animal"}]
+        elif w in ("its", "it"):
+            wanted = [kinds - {"person"} - ({"subject"} if subj_person else set())]
+        else:
+            wanted = [kinds]
+        sent_start = max(a for a, _ in sents if a <= pos)
+        opens = w in ("its", "his", "her", "their", "it", "he", "she", "they") and \
+            not t[sent_start:pos].strip(" ,\"'")
+        for want in wanted:
+            want = want & kinds
+            if opens and sent_start > start:
+                prev = [k for a, _, k in mentions if a < sent_start and k in want]
+                if prev:  # a pronoun opening a sentence refers to the caption's topic (first mention)
+                    return prev[0]
+            before = [k for a, b, k in mentions if b <= pos and k in want]
+            if before:
+                return before[-1]
+        return "none"
+
+    mods = r"(?P<mods>(?:(?!(?:its|his|her|their)\b)[\w-]+,?\s+){0,3}?)"  # "with its ears": the possessive
+    noun_alt = _word_alt(nouns)
+    pat = re.compile(rf"(?i)\b(?P<own>its|his|her|their|with|having|has|have|whose|"
+                     rf"(?:the|this|that)\s+(?:{cls_alt})'s|{re.escape(subject)}'s)\s+{mods}(?P<noun>{noun_alt})\b")
+    for m in pat.finditer(t):
+        if m.start() < start:
+            continue
+        noun, own = m.group("noun").lower(), m.group("own").lower()
+        words = [w.strip(",").lower() for w in m.group("mods").split()]
+        if any(w in _STOP - _POSSESSIVES - {"a", "an", "the"} or w in _POSSESSIVES for w in words):
+            continue  # "with a ball in its ...": another phrase
+        is_body = noun not in GENERIC_LOOK_NOUNS
+        if allow_pose and noun in POSE_NOUNS and not any(look_adj.match(w) for w in words):
+            continue
+        before = t[:m.start()].split()
+        if own in _POSSESSIVES and before and before[-1].lower().strip(",") in _LOCATION_PREPS:
+            continue  # "a bandana around its head": a place
+        pron = re.search(r"(?i)\b(it|he|she|they)\s+$", t[:m.start()])
+        if own.endswith("'s"):
+            who = "subject"
+        elif own in _POSSESSIVES:
+            who = owner(m.start(), own, is_body)
+        elif own in ("has", "have") and pron:  # "it has floppy ears"
+            who = owner(pron.start(), pron.group(1), is_body)
+        elif own == "with" and t[:m.start()].rstrip().endswith(","):
+            # ", with long ears" is set off from the nearest noun: it says more about the sentence's
+            # own subject (the first thing its sentence names)
+            sent_start = max(a for a, _ in _sentences(t) if a <= m.start())
+            first = [k for a, _, k in mentions if sent_start <= a < m.start()]
+            who = first[0] if first else owner(m.start(), "", is_body)
+        else:
+            who = owner(m.start(), "", is_body)
+        if who == "subject":
+            return m.group(0)
+    # "it is fluffy", "The dog looks golden", "she is young"
+    cop = re.compile(rf"(?i)\b(?P<who>it|he|she|they|(?:the|this|that)\s+(?:{cls_alt}))\s+"
+                     rf"(?:is|are|looks|appears|seems)\s+(?:very\s+|quite\s+|rather\s+|so\s+)?(?:{LOOK_ADJECTIVES})\b")
+    for m in cop.finditer(t):
+        if m.start() <= start:
+            continue
+        w = m.group("who").lower()
+        if w in ("it", "he", "she", "they"):
+            if owner(m.start(), w, False) == "subject":
+                return m.group(0)
+        else:
+            return m.group(0)
+    return None
+
+
+def _detail_words(t: str, subject: str) -> list[str]:
+    """The words of the caption that specify something other than the subject (the minimum detail
+    rule): colour, material, pattern, texture, size, shape, state, light, number, a hyphenated
+    modifier ("rust-coloured"), quoted text or a brand/name (a capitalised word inside a sentence)."""
+    rest = t.replace(subject, " ")
+    found = [w for w in re.findall(r"[A-Za-z]+(?:-[A-Za-z]+)*", rest) if w.lower() in DETAIL_WORDS]
+    found += _DETAIL_HYPHEN.findall(rest)
+    found += re.findall(r"\b\d+\b", rest) + re.findall(r"[\"\u201c][^\"\u201d]{2,}[\"\u201d]", rest)
+    for a, b in _sentences(rest):
+        words = rest[a:b].split()
+        found += [w for w in words[1:] if re.match(r"^[A-Z][a-z]+", w) and w.lower().strip(",.") not in
+                  ("a", "i") and not w.startswith(("A ", "The "))]
+    return found
+
+
 @dataclass
 class CaptionCheck:
     """The outcome for one caption: the caption to use, what was changed, and what is still wrong."""
@@ -167,6 +351,7 @@ class CaptionCheck:
     changes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # why it is flagged
     warnings: list[str] = field(default_factory=list)  # worth a look, not flagged
+    uninformative: bool = False  # flagged by the minimum detail rule (paper Case 1/2), nothing else wrong
 
     @property
     def flagged(self) -> bool:
@@ -244,7 +429,7 @@ def _fix_articles(t: str, subject: str) -> str:
 
 
 def check_caption(text: str, token: str, class_word: str, *, mode: str = "subject", allow_pose: bool = False,
-                  index: int = 0) -> CaptionCheck:
+                  index: int = 0, require_detail: bool = True) -> CaptionCheck:
     """Validate one caption and repair what can be repaired safely.
 
     Rules (paper Case 3): the subject phrase "<token> <class>" occurs exactly once; nothing says
@@ -252,7 +437,12 @@ def check_caption(text: str, token: str, class_word: str, *, mode: str = "subjec
     in style mode the caption must not describe the style. Repairs: markdown, quotes and
     preambles removed; a mangled token fixed; "the brown dog" / "a puppy" turned into the subject
     phrase (the dropped words are reported); repeated mentions turned into "it"; looks right
-    after the subject ("with fluffy brown fur") cut. What cannot be repaired is flagged.
+    after the subject ("with fluffy brown fur") cut. What cannot be repaired is flagged: looks
+    described anywhere else ("its golden fur", "whose ears", a later "Its fur is golden."), and
+    (`require_detail`) a caption that fails the minimum detail rule - it must give at least one
+    specific detail (colour, material, pattern, texture, size, shape, state, light, number, text or
+    brand) of something other than the subject; "a <v> dog" (Case 1) or "a <v> dog on a bed" (Case 2)
+    do not, and leave the bed and the background to leak into the token.
     """
     token, class_word = token.strip(), class_word.strip()
     subject = subject_phrase(token, class_word)
@@ -378,7 +568,11 @@ def check_caption(text: str, token: str, class_word: str, *, mode: str = "subjec
         t = re.sub(r"\s+([,.])", r"\1", re.sub(r"\s{2,}", " ", t)).strip()
         changes.append(f"cut {clause.strip(' ,')!r} (it described the subject)")
     esc = re.escape(subject)
-    leak_res = [
+    leak = _subject_description(t, subject, class_word, allow_pose=allow_pose)
+    if leak:
+        problems.append(f"describes the subject's own looks ('{leak}'); a SID caption must not describe the "
+                        "subject (paper Case 4 destroys its identity) - remove those words")
+    leak_res = [] if leak else [
         (rf"(?i){esc}'s\s+(?:[\w-]+\s+){{0,3}}(?:{app_alt})\b", "describes the subject's own looks ('{}')"),
         (rf"(?i){esc}(?:(?!\b(?:a|an|the|another|some|two|three|several|other)\b)[^.;]){{0,60}}?"
          rf"\b(?:has|have|with|having|its|his|her|their)\s+(?:[\w-]+\s+){{0,3}}"
@@ -422,21 +616,29 @@ def check_caption(text: str, token: str, class_word: str, *, mode: str = "subjec
         pos = len(t[: t.find(subject)].split()) if subject in t else 0
         warnings.append(f"{words} words: CLIP reads only about the first 75 tokens, the rest is cut in training"
                         + (f" (the subject phrase is word {pos + 1})" if pos > 50 else ""))
+    if require_detail and not problems and not _detail_words(t, subject):
+        what = "the painting's content" if mode == "style" else f"the things around the {class_word}"
+        problems.append(f"uninformative (paper Case 1/2): it names no specific detail of {what}. Minimum "
+                        "detail rule: describe at least one other object, surface or the background with a "
+                        "specific attribute (colour, material, pattern, texture, size, shape, state, light, "
+                        "number, text or brand), e.g. 'on a red plaid blanket'")
+        return CaptionCheck(index, original, t, "flagged", changes, problems, warnings, uninformative=True)
     if problems:
         return result("flagged")
     return result("repaired" if changes else "ok")
 
 
 def check_captions(captions: list[str], token: str, class_word: str, *, mode: str = "subject",
-                   allow_pose: bool = False) -> list[CaptionCheck]:
-    return [check_caption(c, token, class_word, mode=mode, allow_pose=allow_pose, index=i)
-            for i, c in enumerate(captions)]
+                   allow_pose: bool = False, require_detail: bool = True) -> list[CaptionCheck]:
+    return [check_caption(c, token, class_word, mode=mode, allow_pose=allow_pose, index=i,
+                          require_detail=require_detail) for i, c in enumerate(captions)]
 
 
 def resolve_flagged(checks: list[CaptionCheck], token: str, class_word: str, *, on_flagged: str,
                     template: str = BASELINE_TEMPLATE, node: str | None = None) -> list[str]:
     """The captions to train on. Flagged ones become the template caption (reported), stay as
-    written (reported), or stop the run with the list of problems."""
+    written (reported), or stop the run with the list of problems. An uninformative caption is
+    kept rather than replaced: the template (Case 1) is no more informative than it."""
     if on_flagged not in ON_FLAGGED:
         raise UnconfusedError(f"unknown choice '{on_flagged}'; use one of {ON_FLAGGED}", node=node,
                               input="on_flagged")
@@ -448,7 +650,10 @@ def resolve_flagged(checks: list[CaptionCheck], token: str, class_word: str, *, 
                               "on_flagged to 'use template caption'", node=node, input="on_flagged")
     out = []
     for c in checks:
-        if c.flagged and on_flagged == "use template caption":
+        if c.flagged and on_flagged == "use template caption" and c.uninformative:
+            out.append(c.caption)
+            c.warnings.append("kept as written: the template caption would be no more informative")
+        elif c.flagged and on_flagged == "use template caption":
             out.append(template_caption(token, class_word, template, node=node))
             c.warnings.append(f"trained with the template caption {out[-1]!r} instead")
         else:

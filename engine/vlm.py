@@ -34,6 +34,11 @@ from PIL import Image
 from . import host
 from .errors import UnconfusedError
 
+# The SID captioner's default model name on an OpenAI-compatible server: Ollama's Qwen2.5-VL (7B).
+# The SID paper (sec. 3.2, tab. E.4) found LLaVA over-describes the subject and GPT-4V follows the
+# instruction best; among models people run locally, Qwen2.5-VL follows such instructions best at a
+# size a 12 GB card holds. docs/sid.md says why; any other name works.
+DEFAULT_MODEL = "qwen2.5vl"
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _KEYISH = re.compile(r"^(sk-|sk_|pk-|gsk_|hf_|xai-|AIza|Bearer\s)|^(?=.*[a-z])(?=.*[0-9])[A-Za-z0-9_\-]{24,}$")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..engine import host, sid
+from ..engine import host, sid, vlm
 from ..engine.captioning import BACKENDS, caption_concept, local_choices as _local_choices
 from ..engine.errors import UnconfusedError
 from ..engine.preview import grid
@@ -38,8 +38,10 @@ class UnconfusedSIDCaptioner:
                 "base_url": ("STRING", {"default": "http://127.0.0.1:11434/v1", "tooltip":
                              "OpenAI-compatible base URL: https://api.openai.com/v1, Ollama "
                              "http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1"}),
-                "model": ("STRING", {"default": "llava", "tooltip": "Model name on that server (gpt-4o, llava, "
-                                                                  "qwen2.5vl, ...)"}),
+                "model": ("STRING", {"default": vlm.DEFAULT_MODEL, "tooltip": "Model name on that server. "
+                          "Default qwen2.5vl (Ollama; 7B, about 6 GB): follows 'do not describe the subject' far "
+                          "better than llava, which the SID paper found over-describes it. Others: gpt-4o "
+                          "(the paper used GPT-4V), gemma3, llama3.2-vision, minicpm-v"}),
                 "api_key_env": ("STRING", {"default": "", "tooltip":
                                 "NAME of the environment variable holding the API key, e.g. OPENAI_API_KEY "
                                 "(never the key itself: this text is saved in the workflow). Empty = no key "
@@ -54,7 +56,8 @@ class UnconfusedSIDCaptioner:
                                     "own captions, e.g. edited .txt sidecars)"}),
                 "on_flagged": (sid.ON_FLAGGED, {"default": sid.ON_FLAGGED[0], "tooltip":
                                "A caption that cannot be repaired (no subject, describes the subject, refusal): "
-                               "train on the template caption instead, keep it, or stop"}),
+                               "train on the template caption instead, keep it, or stop. An uninformative one "
+                               "(no detail of anything but the subject, paper Case 1/2) is kept, not templated"}),
                 "template": ("STRING", {"default": sid.BASELINE_TEMPLATE, "tooltip":
                              "Baseline/fallback caption; {subject} = '<token> <class>'"}),
             },

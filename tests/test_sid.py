@@ -108,6 +108,74 @@ def test_caption_table(who, text, status, has, hasnt):
         assert check.caption.count(f"{token} {cls}") == 1, check.line()
 
 
+# The captions the old look-ahead passed (issue 17) and the Case 1/2 ones it let through.
+LEAKS = [
+    "A <sks> dog lying in a garden, its golden fur shining.",
+    "A <sks> dog next to a red ball, with long floppy ears.",
+    "A <sks> dog whose golden fur glows in the sun sits on a red plaid blanket.",
+    "A <sks> dog lying on short green grass. Its fur is golden.",
+    "A <sks> dog on a blue rug by a brick fireplace; it has a curly brown coat.",
+    "A <sks> dog on a blue rug by a brick fireplace. The dog is fluffy.",
+    "The <sks> dog's ears are floppy as it sits on a red plaid blanket.",
+    "A <sks> dog next to a red ball, with its long floppy ears.",
+]
+
+
+@pytest.mark.parametrize("text", LEAKS)
+def test_subject_descriptions_found_anywhere(text):
+    c = sid.check_caption(text, "<sks>", "dog")
+    assert c.status == "flagged" and not c.uninformative, c.line()
+    assert "subject" in c.problems[0] and "Case 4" in c.problems[0]
+
+
+@pytest.mark.parametrize("text", ["A <sks> dog", "a photo of <sks> dog", "A <sks> dog on a bed.",
+                                  "A <sks> dog sitting next to a purse on sheets."])
+def test_uninformative_captions_flagged(text):
+    c = sid.check_caption(text, "<sks>", "dog")
+    assert c.status == "flagged" and c.uninformative, c.line()
+    assert "Minimum detail rule" in c.problems[0] and "Case 1/2" in c.problems[0]
+    # the baseline on purpose: the rule can be switched off
+    assert sid.check_caption(text, "<sks>", "dog", require_detail=False).status in ("ok", "repaired")
+
+
+@pytest.mark.parametrize("text", [
+    "A <sks> dog running on green grass beside a woman with long brown hair holding a frisbee.",
+    "A <sks> dog wearing a blue bandana tied around its head, on a wooden deck.",
+    "A <sks> dog next to a woman on a red bench. Her hair is long and blonde.",
+    "A <sks> dog next to a ceramic bowl, its glossy surface reflecting the light.",
+])
+def test_other_things_looks_are_not_the_subjects(text):
+    assert sid.check_caption(text, "<sks>", "dog").status == "ok"
+
+
+def test_uninformative_kept_rather_than_replaced_by_the_template():
+    checks = sid.check_captions(["A <sks> dog on a bed.", "I'm sorry, I cannot."], "<sks>", "dog")
+    caps = sid.resolve_flagged(checks, "<sks>", "dog", on_flagged="use template caption")
+    assert caps == ["A <sks> dog on a bed.", "a photo of <sks> dog"]
+    assert "no more informative" in checks[0].line()
+
+
+def test_generated_case_table_precision_recall():
+    """Several hundred captions written from the paper's Case 1-4 definitions (tests/data/
+    sid_captions.tsv): flagging 'not SID as written' keeps precision and recall high (measured
+    1.000 / 0.979 on 743 rows: the misses are ', its glossy glaze' after another object, which is ambiguous,
+    and 'a market square')."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from sid_make_captions import load_table, score
+
+    table = load_table()
+    assert len(table) >= 500 and {r["case"] for r in table} == {1, 2, 3, 4}
+    s = score(table)
+    assert s["precision"] >= 0.97 and s["recall"] >= 0.95 and s["exact"] >= 0.95, (
+        s["precision"], s["recall"], [(r["caption"], c.status) for r, c in s["misses"][:10]])
+    for case in (1, 2, 3):  # every Case 1/2 caption flagged, every plain SID caption passed
+        forms = {k: v for k, v in s["forms"].items() if k.startswith(f"case {case} ") and "style" not in k}
+        assert all(ok == n for ok, n in forms.values()), forms
+
+
 def test_table_is_big_enough():
     assert len(TABLE) >= 30
     assert {r[2] for r in TABLE} == {"ok", "repaired", "flagged"}

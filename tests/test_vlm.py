@@ -276,11 +276,11 @@ def test_node_stop_on_flagged_and_manual_and_template():
 def test_set_node_captions_every_concept(server, tmp_path):
     from unconfused.nodes.captions import UnconfusedSIDCaptionSet
     cs = C.make_concept_set([_concept(2), C.make_concept("<alice>", "woman", torch.rand(1, 40, 40, 3))])
-    server.script = [("ok", GOOD), ("ok", "A dog on a rug by a lamp."), ("ok", "A lady in a red coat at a bus stop.")]
+    server.script = [("ok", GOOD), ("ok", "A dog on a striped rug by a brass lamp."), ("ok", "A lady in a red coat at a bus stop.")]
     inputs = _node_inputs(server, concurrency=1)
     res = UnconfusedSIDCaptionSet().caption(cs, **inputs)
     out, captions, report, flagged = res["result"]
-    assert captions.splitlines() == [GOOD, "A <sks> dog on a rug by a lamp.",
+    assert captions.splitlines() == [GOOD, "A <sks> dog on a striped rug by a brass lamp.",
                                       "A <alice> woman in a red coat at a bus stop."]
     assert out.tokens == ["<sks>", "<alice>"] and out.concepts[1].captions == [captions.splitlines()[2]]
     assert "<sks>: 2 captions" in report and "<alice>: 1 captions" in report and flagged == 0

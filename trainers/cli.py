@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override a setting, e.g. --set {example} (repeatable)")
         s.set_defaults(func=_job(runner) if runner else _eval)
+    from . import captions_cmd  # light: its heavy imports are inside run()
+
+    captions_cmd.add_parser(sub)
     return p
 
 

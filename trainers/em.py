@@ -73,7 +73,7 @@ class EMSettings(LoraSettings):
     estimate_batch: int = 8  # timesteps per UNet call while estimating
     threshold_mode: str = "otsu"  # otsu (per map) | fixed
     threshold: float = 0.45  # the fixed threshold on max-normalised maps (DiffuMask sweeps 0.35-0.55)
-    crf_at: str = "latent"  # latent (fast, kernel widths scaled by the latent factor) | image | off
+    crf_at: str = "image"  # image (IoU 0.973 vs 0.911 at latent, benchmarks/crf_quality) | latent (fast) | off
     crf_iterations: int = 10
     crf_gaussian_sxy: float = 3.0  # CutLER's values, in image pixels
     crf_gaussian_compat: float = 7.0
