@@ -103,6 +103,9 @@ class UnconfusedTrainMaskEM:
         spec["optional"]["preset"] = (
             presets.choices("em"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
                 ". paper = Rahman et al. with Break-a-Scene's losses and phases"})
+        spec["optional"]["fixed_mask_steps"] = _int(
+            _D.fixed_mask_steps, 0, 100000, "A final stage of this many steps on the last masks, no "
+            "re-estimation in it (the paper's final stage: tokens + model jointly, masks fixed)")
         return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "MASK", "IMAGE", "IMAGE", "STRING")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from tiny_models import tiny_bundle
 from unconfused.engine import host
+from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.attention import AttentionCapture, default_layers, token_position_mask
 from unconfused.engine.concepts import pil_to_tensor
 from unconfused.engine.errors import Cancelled, UnconfusedError
@@ -133,6 +134,19 @@ def test_threshold_and_binarize():
     square[4:12, 4:12] = 1
     back = E.unfit_square(square, 16, 32)  # a 2:1 image was centre-cropped to its middle square
     assert back.shape == (16, 32) and back[:, :8].max() == 0 and back[6, 16] == 1
+
+
+def test_fixed_mask_stage_ends_the_re_estimation(dreambooth_dir, base):
+    """The paper's final stage: the last F steps train on the last masks (no round inside them), and a
+    stage that leaves the EM no steps is refused with the input named."""
+    image, gt = composite(dreambooth_dir)
+    scenes = E.make_scenes([image], "<dog> dog\n<cat> cat", gt)
+    assert E.EMTrainer(base, scenes, settings(name="fx", steps=9, fixed_mask_steps=4)).round_steps() == [0, 2, 4, 5]
+    assert E.EMTrainer(base, scenes, settings(name="fx", steps=9, fixed_mask_steps=0)).round_steps() == \
+        [0, 2, 4, 6, 8, 9]
+    with pytest.raises(UnconfusedError) as e:
+        settings(name="fx", steps=6, inversion_steps=2, fixed_mask_steps=4).validated()
+    assert e.value.input == "fixed_mask_steps"
 
 
 def test_em_end_to_end_on_two_photos_in_one_image(dreambooth_dir, base):
