@@ -179,9 +179,8 @@ PRESETS: dict[str, dict[str, dict[str, Value]]] = {
             "crf_bilateral_sxy": V(50.0, f"{CUTLER}: bilateral sxy 50"),
             "crf_bilateral_srgb": V(5.0, f"{CUTLER}: bilateral srgb 5"),
             "crf_bilateral_compat": V(10.0, f"{CUTLER}: bilateral compat 10"),
-            "fixed_mask_steps": V(400, "Rahman et al. Sec. 3: 'Finally, we optimize the tokens and parameters of "
-                                  f"the model jointly keeping the mask fixed, similar to [4]'; {BAS}: phase 2 is 400 "
-                                  "steps"),
+            "fixed_mask_stage": V(True, "Rahman et al. Sec. 3: 'Finally, we optimize the tokens and parameters "
+                                  "of the model jointly keeping the mask fixed, similar to [4]' (phase 2)"),
             "reestimate_every": V(10, "Rahman et al. Sec. 3: tokens and masks alternate 'at each iteration'",
                                   "every 10 steps, not every step: each round is kept on disk (masks, PNGs) and the "
                                   "tokens move little in 10 steps"),

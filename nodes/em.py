@@ -99,13 +99,13 @@ class UnconfusedTrainMaskEM:
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+        spec["optional"]["fixed_mask_stage"] = ("BOOLEAN", {
+            "default": _D.fixed_mask_stage, "tooltip": "Phase 2 (token rows + LoRA) trains on the last masks of "
+            "phase 1, fixed: the paper's final stage ('tokens and model jointly, keeping the mask fixed')"})
         # last, so saved workflows keep their widgets in order
         spec["optional"]["preset"] = (
             presets.choices("em"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
                 ". paper = Rahman et al. with Break-a-Scene's losses and phases"})
-        spec["optional"]["fixed_mask_steps"] = _int(
-            _D.fixed_mask_steps, 0, 100000, "A final stage of this many steps on the last masks, no "
-            "re-estimation in it (the paper's final stage: tokens + model jointly, masks fixed)")
         return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "MASK", "IMAGE", "IMAGE", "STRING")

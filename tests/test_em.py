@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.attention import AttentionCapture, default_layers, token_position_mask
 from unconfused.engine.concepts import pil_to_tensor
 from unconfused.engine.errors import Cancelled, UnconfusedError
@@ -137,16 +136,13 @@ def test_threshold_and_binarize():
 
 
 def test_fixed_mask_stage_ends_the_re_estimation(dreambooth_dir, base):
-    """The paper's final stage: the last F steps train on the last masks (no round inside them), and a
-    stage that leaves the EM no steps is refused with the input named."""
+    """The paper's final stage: phase 2 (tokens + LoRA) trains on the last masks of phase 1, no round in it."""
     image, gt = composite(dreambooth_dir)
     scenes = E.make_scenes([image], "<dog> dog\n<cat> cat", gt)
-    assert E.EMTrainer(base, scenes, settings(name="fx", steps=9, fixed_mask_steps=4)).round_steps() == [0, 2, 4, 5]
-    assert E.EMTrainer(base, scenes, settings(name="fx", steps=9, fixed_mask_steps=0)).round_steps() == \
+    fixed = settings(name="fx", steps=9, tokens_only_steps=5, fixed_mask_stage=True)
+    assert E.EMTrainer(base, scenes, fixed).round_steps() == [0, 2, 4, 5]
+    assert E.EMTrainer(base, scenes, settings(name="fx", steps=9, tokens_only_steps=5)).round_steps() == \
         [0, 2, 4, 6, 8, 9]
-    with pytest.raises(UnconfusedError) as e:
-        settings(name="fx", steps=6, inversion_steps=2, fixed_mask_steps=4).validated()
-    assert e.value.input == "fixed_mask_steps"
 
 
 def test_em_end_to_end_on_two_photos_in_one_image(dreambooth_dir, base):

@@ -12,8 +12,8 @@ The schedule of a run of `steps` optimizer steps (I = inversion_steps, P = token
     steps [I, I+P)      phase 1: token rows only
     steps [I+P, steps)  phase 2: token rows + the UNet LoRA
     every K steps       round r: the masks re-estimated from the current tokens (and LoRA)
-    step `steps`        a final round: the masks the run returns (with fixed_mask_steps = F: the last
-                        round is at `steps - F`, and the last F steps train on those masks)
+    step `steps`        a final round: the masks the run returns (with fixed_mask_stage, the last round
+                        is at the end of phase 1 and phase 2 trains on those masks, fixed)
 
 Each alternation step is Break-a-Scene's: union sampling (k of the image's concepts, prompt
 "a photo of <a> and <c>"), masked diffusion loss on the union of their masks + attention_weight x
@@ -69,7 +69,7 @@ class EMSettings(LoraSettings):
     tokens_only_steps: int = 100  # phase 1 (after the warm-up): token rows only; then tokens + LoRA
     attention_weight: float = 1e-2  # lambda of the cross-attention loss (Break-a-Scene)
     reestimate_every: int = 50  # K: masks re-estimated every K steps (0 = never: the paper's baseline)
-    fixed_mask_steps: int = 0  # a final stage of this many steps on the last masks, no re-estimation in it
+    fixed_mask_stage: bool = False  # phase 2 (tokens + LoRA) trains on the last masks of phase 1, fixed
     init_timesteps: int = 50  # T of the first estimate (paper: 50 random timesteps)
     reestimate_timesteps: int = 10  # T of later rounds (cheaper: the tokens change little in K steps)
     estimate_batch: int = 8  # timesteps per UNet call while estimating
@@ -97,8 +97,7 @@ class EMSettings(LoraSettings):
             bad("threshold", "must be between 0 and 1 (maps are divided by their maximum; 0.35-0.55 is usual)")
         if self.crf_at not in CRF_AT:
             bad("crf_at", f"'{self.crf_at}' is not one of {CRF_AT}")
-        for name in ("inversion_steps", "tokens_only_steps", "reestimate_every", "max_concepts_per_step",
-                     "fixed_mask_steps"):
+        for name in ("inversion_steps", "tokens_only_steps", "reestimate_every", "max_concepts_per_step"):
             if getattr(self, name) < 0:
                 bad(name, "must be 0 or more")
         for name in ("init_timesteps", "reestimate_timesteps", "estimate_batch"):
@@ -106,9 +105,6 @@ class EMSettings(LoraSettings):
                 bad(name, "must be at least 1")
         if self.inversion_steps >= self.steps:
             bad("inversion_steps", f"the warm-up ({self.inversion_steps}) must be shorter than steps ({self.steps})")
-        if self.fixed_mask_steps and self.inversion_steps + self.fixed_mask_steps >= self.steps:
-            bad("fixed_mask_steps", f"the warm-up ({self.inversion_steps}) and the fixed-mask stage "
-                f"({self.fixed_mask_steps}) must leave steps ({self.steps}) for the EM itself; lower it or raise steps")
         if self.attention_weight < 0:
             bad("attention_weight", "must be 0 or more (1e-2 is Break-a-Scene's)")
         if not self.masked_loss:
@@ -358,7 +354,8 @@ class EMTrainer(LoraTrainer):
         """Steps (done) at which masks are made: the first after the warm-up, every K, the final one."""
         s = self.settings
         out = [s.inversion_steps]
-        last = s.steps - s.fixed_mask_steps  # the final fixed-mask stage starts here, on these masks
+        # the paper's final stage: tokens + model jointly on fixed masks, from the end of phase 1
+        last = min(s.inversion_steps + s.tokens_only_steps, s.steps) if s.fixed_mask_stage else s.steps
         if s.reestimate_every:
             out += list(range(s.inversion_steps + s.reestimate_every, last, s.reestimate_every))
         return out + ([last] if last not in out else [])
