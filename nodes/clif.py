@@ -100,6 +100,9 @@ class UnconfusedTrainCLIF:
                 raise UnconfusedError("connect a model (Load Checkpoint (Unconfused))", node=self.NODE_ID,
                                       input="model")
             settings = T.ClifSettings(**kw).validated(self.NODE_ID)
+            from ..engine.memory_plan import check_fits
+
+            check_fits("clif", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would not fit
             tower = T.resolve_tower(image_tower, clip_model, node=self.NODE_ID)
             class_words = {c.token: c.class_word for c in concept_set.concepts} if concept_set is not None else {}
             result = T.train_clif(model, dataset, tower, settings, class_words=class_words)

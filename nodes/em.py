@@ -121,6 +121,9 @@ class UnconfusedTrainMaskEM:
         scenes = E.make_scenes(imgs, concepts, gt, node=self.NODE_ID)
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
         settings = E.EMSettings(**kw, validation_prompts=prompts)
+        from ..engine.memory_plan import check_fits
+
+        check_fits("em", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would not fit
         result = E.train_em(model, scenes, settings)
         masks = result.mask_batch() if len({tuple(m.shape[-2:]) for m in result.masks}) == 1 else \
             torch.cat([torch.nn.functional.interpolate(m[None], size=result.masks[0].shape[-2:], mode="nearest")[0]

@@ -108,6 +108,9 @@ class UnconfusedTrainLoRA:
     def _train(self, model, concept_set, dataset, validation_prompts: str, **kw):
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
         settings = T.LoraSettings(**kw, validation_prompts=prompts)
+        from ..engine.memory_plan import check_fits
+
+        check_fits("lora", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would run out of memory
         if dataset is not None:  # CLIF stage 2: the concept photos plus the dataset's Mix pairs
             from ..engine.training_data import examples_from_concept_set
 
