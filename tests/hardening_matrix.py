@@ -11,7 +11,8 @@ MATRIX = {
         "test_metrics.py::test_mask_iou_known_answers_and_errors", "test_augment.py::test_bad_inputs_are_named",
         "test_clif.py::test_bad_inputs_are_named", "test_lora.py::test_bad_settings_name_the_input",
         "test_lora.py::test_unknown_config_keys_are_refused", "test_em.py::test_concept_lines_and_their_messages",
-        "test_vlm.py::test_bad_settings_are_named", "test_cli.py::test_smoke_job_with_real_photos_and_a_bad_token"],
+        "test_vlm.py::test_bad_settings_are_named", "test_cli.py::test_smoke_job_with_real_photos_and_a_bad_token",
+        "test_memory_plan.py::test_check_fits_refuses_with_a_sentence_naming_the_settings"],
     "missing, damaged, wrong-family or pickled model files": [
         "test_models.py::test_other_families_and_parts_are_named",
         "test_models.py::test_ckpt_with_pickled_code_is_refused_not_run",
