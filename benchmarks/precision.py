@@ -87,10 +87,14 @@ def memory_table() -> str:
         rows += [(family, "LoRA + tokens, batch 1", "lora", LoraSettings(resolution=res)),
                  (family, "LoRA + tokens, batch 4", "lora", LoraSettings(resolution=res, batch_size=4)),
                  (family, "LoRA + tokens, batch 1, fp32", "lora", LoraSettings(resolution=res, precision="fp32")),
+                 (family, "LoRA + tokens + text-encoder LoRA, batch 8, latents not cached", "lora",
+                  LoraSettings(resolution=res, batch_size=8, text_encoder_lora=True, cache_latents=False)),
                  (family, "mask EM, batch 1", "em", EMSettings(resolution=res)),
                  (family, "CLIF tokens, batch 32", "clif", ClifSettings(train="tokens")),
                  (family, "CLIF tokens+lora, batch 32", "clif", ClifSettings(train="tokens+lora")),
-                 (family, "CLIF tokens+full, batch 32", "clif", ClifSettings(train="tokens+full"))]
+                 (family, "CLIF tokens+full, batch 32", "clif", ClifSettings(train="tokens+full")),
+                 (family, "CLIF tokens+full, batch 128, features not cached", "clif",
+                  ClifSettings(train="tokens+full", batch_size=128, cache_features=False))]
     out = ["| model | run (defaults otherwise) | needs | " + " | ".join(f"{g} GB" for g in MP.GPU_SIZES) + " |",
            "|---|---|---|" + "---|" * len(MP.GPU_SIZES)]
     for family, label, trainer, s in rows:

@@ -531,6 +531,14 @@ class Advice:
         return "\n".join(lines)
 
 
+def _merged(names: list[str]) -> list[str]:
+    """Cumulative changes as one list: a setting changed twice is named once, at its last value."""
+    last = {}
+    for n in names:
+        last[n.split("=")[0]] = n
+    return list(last.values())
+
+
 def advise(trainer: str, family: str, settings, sizes=GPU_SIZES) -> Advice:
     """The plan, and for each GPU size the first cumulative list of changes that fits."""
     base = estimate(trainer, family, settings)
@@ -544,7 +552,7 @@ def advise(trainer: str, family: str, settings, sizes=GPU_SIZES) -> Advice:
                 names, s, _ = steps[-1]
                 label, change = knobs[len(steps) - 1]
                 s2 = replace(s, **change)
-                steps.append((names + [label], s2, estimate(trainer, family, s2)))
+                steps.append((_merged(names + [label]), s2, estimate(trainer, family, s2)))
             names, _, plan = steps[i]
             if plan.need <= gb * GIB:
                 fits[gb] = (names, plan)
@@ -585,7 +593,7 @@ def check_fits(trainer: str, bundle, settings, device=None, *, family: str | Non
 def _fitting(trainer, family, settings, free: int):
     s, names = settings, []
     for label, change in _knobs(trainer, settings):
-        s, names = replace(s, **change), names + [label]
+        s, names = replace(s, **change), _merged(names + [label])
         plan = estimate(trainer, family, s)
         if plan.need <= free:
             yield names, plan

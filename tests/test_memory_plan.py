@@ -24,10 +24,12 @@ def _lora(**kw):
 
 
 def test_plan_command_on_full_size_sd1_job_files(tmp_path, capsys):
+    from tiny_models import cached_checkpoint
     from unconfused.trainers.cli import main
 
+    ckpt = cached_checkpoint("sd1")  # the family is read from its keys; the weights are not loaded
     jobs = {
-        "lora": 'concepts = ["photos/a:<a>:dog"]\n[settings]\nresolution = 512\n',
+        "lora": f'model = "{ckpt}"\nconcepts = ["photos/a:<a>:dog"]\n[settings]\nresolution = 512\n',
         "clif": 'dataset = "aug"\nimage_tower = "ViT-L-14.safetensors"\n[settings]\ntrain = "tokens+full"\n',
         "em": 'images = ["scene.png"]\nconcepts = ["<a> dog", "<b> cat"]\n[settings]\nresolution = 512\n',
     }
@@ -35,7 +37,7 @@ def test_plan_command_on_full_size_sd1_job_files(tmp_path, capsys):
     for kind, text in jobs.items():
         path = tmp_path / f"{kind}.toml"
         path.write_text(text)
-        assert main(["plan", "--config", str(path), "--family", "sd1"]) == 0
+        assert main(["plan", "--config", str(path)] + ([] if kind == "lora" else ["--family", "sd1"])) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"{kind} on sd1: needs about ")
         gb[kind] = float(out.split("needs about ")[1].split(" GB")[0])
