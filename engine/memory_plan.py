@@ -109,7 +109,7 @@ class _Scalars(TorchDispatchMode):
 def fake_session():
     """FakeTensorMode for a training set-up: fake parameters may be moved and cast
     (`Module.to` swaps tensors, which fake mode's own weak references forbid - they are dropped
-    first), scalar reads answer 1."""
+    first), scalar reads answer 1.0 / 0 / True."""
     import torch.utils
     from torch._subclasses.fake_tensor import FakeTensorMode
 
