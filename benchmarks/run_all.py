@@ -49,6 +49,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "augment_pairs": ("augment_pairs.py", [], ["--sizes", "10", "30", "--canvas", "256"]),
     "crf_quality": ("crf_quality.py", [], ["--n", "10", "--size", "128", "--speed-repeats", "1", "--no-sam"]),
     "sid_captions": ("sid_captions.py", [], ["--latency", "0.1"]),
+    "precision": ("precision.py", [], ["--quick"]),
 }
 
 # What README.md quotes for each headline row (benchmark, key); a key ending in "*" matches by prefix.
@@ -79,6 +80,8 @@ README: dict[tuple[str, str], str] = {
     ("sid_captions", "concurrency_4"): "1.0 vs 3.0 s (3x)",
     ("sid_captions", "concurrency_8"): "0.5 vs 3.0 s (6x)",
     ("sid_captions", "request_kb"): "26 vs 81 KB",
+    ("precision", "bf16_step"): "- (docs/memory.md)",
+    ("precision", "memory_plan_error"): "- (docs/memory.md)",
 }
 
 COLUMNS = ["benchmark", "what is compared", "ours", "reference", "ratio (or quality)", "README"]

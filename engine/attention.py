@@ -12,13 +12,16 @@ positions of k (all its vectors, every place it occurs), averaged over heads, ca
 layers (resized to the largest captured resolution) and the forward calls since `reset()`.
 Values lie in [0, 1]; a token that is not in the prompt has an all-zero map.
 
+Maps keep the latent's shape: a layer of a h x w latent at 1/f of its resolution gives a
+ceil(h/f) x ceil(w/f) map (the UNet's stride-2 convolutions round up), so 512x768 pictures give
+16x24 maps, never a square guess. The capture reads the latent size from each UNet call (a
+forward pre-hook) or from `latent_size` when the attention layers are driven directly.
+
 Two modes: `detach=True` (mask estimates, the sampler's debugger) accumulates running sums;
 `detach=False` (the cross-attention loss) keeps the graph of the calls since `reset()`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +109,8 @@ class _CaptureProcessor:
 class AttentionCapture:
     """Context manager: `with AttentionCapture(unet) as cap: cap.watch(mask); unet(...); cap.maps()`."""
 
-    def __init__(self, unet, layers: list[str] | None = None, *, detach: bool = True):
+    def __init__(self, unet, layers: list[str] | None = None, *, detach: bool = True,
+                 latent_size: tuple[int, int] | None = None):
         known = cross_attention_layers(unet)
         self.layers = list(layers) if layers else default_layers(unet)
         unknown = [n for n in self.layers if n not in known]
@@ -116,6 +120,9 @@ class AttentionCapture:
         self.detach = detach
         self._positions: torch.Tensor | None = None
         self._saved = None
+        self._hook = None
+        # (h, w) of the latent the UNet runs on; set by each UNet call, or given
+        self.latent_size = tuple(latent_size) if latent_size else None
         self.reset()
 
     # ------------------------------------------------------------ install / remove
@@ -126,9 +133,18 @@ class AttentionCapture:
             name = key[: -len(".processor")]
             procs[key] = _CaptureProcessor(self, name) if name in self.layers else proc
         self.unet.set_attn_processor(procs)
+        self._hook = self.unet.register_forward_pre_hook(self._see_latent, with_kwargs=True)
         return self
 
+    def _see_latent(self, _module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        if isinstance(sample, torch.Tensor) and sample.ndim == 4:
+            self.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+
     def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self._saved is not None:
             self.unet.set_attn_processor(self._saved)
             self._saved = None
@@ -140,9 +156,23 @@ class AttentionCapture:
         self._positions = positions
 
     def reset(self) -> None:
-        self._sum: dict[int, torch.Tensor] = {}  # resolution (pixels) -> summed maps [B, K, HW]
+        self._sum: dict[tuple[int, int], torch.Tensor] = {}  # map size (h, w) -> summed maps [B, K, h, w]
         self._count = 0
-        self._calls: list[torch.Tensor] = []  # differentiable mode
+        self._calls: list[torch.Tensor] = []  # differentiable mode: maps [B, K, h, w] of each call
+
+    def grid_size(self, pixels: int) -> tuple[int, int]:
+        """(h, w) of a layer's map holding `pixels` positions, from the latent size."""
+        if self.latent_size is None:
+            raise RuntimeError("the capture does not know the latent size: run the UNet inside the capture, or "
+                               "give latent_size=(h, w)")
+        h, w = self.latent_size
+        f = 1
+        while f <= max(h, w):
+            gh, gw = -(-h // f), -(-w // f)  # ceil: stride-2 convolutions with padding 1 round up
+            if gh * gw == pixels:
+                return gh, gw
+            f *= 2
+        raise RuntimeError(f"a map of {pixels} positions fits no level of a {h}x{w} latent")
 
     def _add(self, name: str, probs: torch.Tensor, heads: int) -> None:
         if self._positions is None:
@@ -152,28 +182,28 @@ class AttentionCapture:
         if probs.shape[0] != b * heads:
             raise ValueError(f"capture watches a batch of {b} but the UNet ran {probs.shape[0] // heads}")
         p = probs.view(b, heads, probs.shape[1], probs.shape[2]).mean(1)  # [B, HW, 77]
-        maps = torch.einsum("bqt,bkt->bkq", p, pos).float()  # [B, K, HW]
+        maps = torch.einsum("bqt,bkt->bkq", p, pos).float()  # [B, K, HW], HW row-major as the UNet flattens
+        maps = maps.reshape(*maps.shape[:2], *self.grid_size(maps.shape[-1]))
         if self.detach:
             maps = maps.detach()
-            hw = maps.shape[-1]
+            hw = tuple(maps.shape[-2:])
             self._sum[hw] = self._sum[hw] + maps if hw in self._sum else maps.clone()
             self._count += 1
         else:
             self._calls.append(maps)
 
-    def maps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """[B, K, h, w] maps averaged over the captured calls (at `size`, default the largest
-        captured resolution)."""
-        groups = [(hw, m) for hw, m in self._sum.items()] if self.detach else [(m.shape[-1], m) for m in self._calls]
+    def maps(self, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """[B, K, h, w] maps averaged over the captured calls (at `size` (h, w), default the largest
+        captured map)."""
+        groups = list(self._sum.values()) if self.detach else self._calls
         if not groups:
             raise RuntimeError("nothing was captured: call watch() before running the UNet")
-        side = max(int(math.isqrt(hw)) for hw, _ in groups)
-        size = size or (side, side)
+        size = (size, size) if isinstance(size, int) else tuple(size or max((tuple(m.shape[-2:]) for m in groups),
+                                                                          key=lambda hw: hw[0] * hw[1]))
         total, n = 0, 0
-        for hw, m in groups:
-            s = int(math.isqrt(hw))
-            grid = m.reshape(*m.shape[:2], s, s)
-            total = total + F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        for m in groups:
+            total = total + (m if tuple(m.shape[-2:]) == size else
+                             F.interpolate(m, size=size, mode="bilinear", align_corners=False))
             n += 1
         return total / max(self._count if self.detach else n, 1)
 

@@ -106,6 +106,9 @@ class UnconfusedTrainCLIF:
                                       input="model")
             settings = presets.from_widgets(T.ClifSettings, kw.pop("preset", presets.CUSTOM), kw,
                                             node=self.NODE_ID)
+            from ..trainers.memory_plan import check_fits
+
+            check_fits("clif", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would not fit
             tower = T.resolve_tower(image_tower, clip_model, node=self.NODE_ID)
             class_words = {c.token: c.class_word for c in concept_set.concepts} if concept_set is not None else {}
             result = T.train_clif(model, dataset, tower, settings, class_words=class_words)

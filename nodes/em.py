@@ -132,6 +132,9 @@ class UnconfusedTrainMaskEM:
         preset = kw.pop("preset", presets.CUSTOM)
         settings = presets.from_widgets(E.EMSettings, preset, dict(kw, validation_prompts=prompts),
                                         node=self.NODE_ID)
+        from ..trainers.memory_plan import check_fits
+
+        check_fits("em", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would not fit
         result = E.train_em(model, scenes, settings)
         masks = result.mask_batch() if len({tuple(m.shape[-2:]) for m in result.masks}) == 1 else \
             torch.cat([torch.nn.functional.interpolate(m[None], size=result.masks[0].shape[-2:], mode="nearest")[0]

@@ -115,6 +115,9 @@ class UnconfusedTrainLoRA:
         preset = kw.pop("preset", presets.CUSTOM)
         settings = presets.from_widgets(T.LoraSettings, preset, dict(kw, validation_prompts=prompts),
                                         node=self.NODE_ID)
+        from ..trainers.memory_plan import check_fits
+
+        check_fits("lora", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would run out of memory
         if dataset is not None:  # CLIF stage 2: the concept photos plus the dataset's Mix pairs
             from ..engine.training_data import examples_from_concept_set
 

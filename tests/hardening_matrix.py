@@ -14,7 +14,8 @@ MATRIX = {
         "test_vlm.py::test_bad_settings_are_named", "test_cli.py::test_smoke_job_with_real_photos_and_a_bad_token",
         "test_concepts.py::test_one_concept_from_folder_and_one_spec_parser_for_every_caller",
         "test_presets.py::test_unknown_preset_is_refused_with_the_choices",
-        "test_captions_cmd.py::test_bad_input_exit_2_and_the_module_entry_point"],
+        "test_captions_cmd.py::test_bad_input_exit_2_and_the_module_entry_point",
+        "test_memory_plan.py::test_check_fits_refuses_with_a_sentence_naming_the_settings"],
     "missing, damaged, wrong-family or pickled model files": [
         "test_models.py::test_other_families_and_parts_are_named",
         "test_models.py::test_ckpt_with_pickled_code_is_refused_not_run",

@@ -68,6 +68,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from .memory_plan import plan_job
+
+    print(plan_job(args.config, args.set, trainer=args.trainer, family=args.family).text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unconfused", description="Unconfused: multi-concept "
                                 "personalization without concept confusion (headless commands)")
@@ -116,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     from . import captions_cmd  # light: its heavy imports are inside run()
 
     captions_cmd.add_parser(sub)
+    s = sub.add_parser("plan", help="GPU memory plan of a lora/clif/em job file, made on the CPU (one training step "
+                                    "with fake tensors): the estimate and the settings that fit 6/8/12/16/24 GB")
+    s.add_argument("--config", required=True, help="the job file of the lora, clif or em command")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    s.add_argument("--trainer", choices=["lora", "clif", "em"], help="default: from the job's keys")
+    s.add_argument("--family", choices=["sd1", "sd2", "demo"], help="default: read from the model file")
+    s.set_defaults(func=_plan)
     return p
 
 
