@@ -11,12 +11,14 @@ MATRIX = {
         "test_metrics.py::test_mask_iou_known_answers_and_errors", "test_augment.py::test_bad_inputs_are_named",
         "test_clif.py::test_bad_inputs_are_named", "test_lora.py::test_bad_settings_name_the_input",
         "test_lora.py::test_unknown_config_keys_are_refused", "test_em.py::test_concept_lines_and_their_messages",
-        "test_vlm.py::test_bad_settings_are_named", "test_cli.py::test_smoke_job_with_real_photos_and_a_bad_token"],
+        "test_vlm.py::test_bad_settings_are_named", "test_cli.py::test_smoke_job_with_real_photos_and_a_bad_token",
+        "test_handoff.py::test_apply_refuses_an_untrained_model_and_another_family"],
     "missing, damaged, wrong-family or pickled model files": [
         "test_models.py::test_other_families_and_parts_are_named",
         "test_models.py::test_ckpt_with_pickled_code_is_refused_not_run",
         "test_sam.py::test_missing_damaged_and_wrong_files", "test_sam.py::test_clip_loader_files_and_messages",
-        "test_metrics.py::test_dino_loader_features_and_messages"],
+        "test_metrics.py::test_dino_loader_features_and_messages",
+        "test_handoff.py::test_unsupported_families_are_named"],
     "read-only output folder, full disk": [
         "test_lora.py::test_unwritable_output_folder_is_a_clear_error",
         "test_lora.py::test_disk_full_during_export_loses_nothing_and_a_rerun_finishes",

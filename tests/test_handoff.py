@@ -1,0 +1,125 @@
+"""The native hand-off's pure parts (engine/handoff.py) and the nodes' refusals, without ComfyUI:
+family and prediction type from ComfyUI's class names, weights shared instead of copied, the
+concept tokens spelled for ComfyUI's tokenizer, the LoRA in LoraLoader's naming, the text
+encoder's changed weights. Against real ComfyUI: tests/test_handoff_comfy.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from tiny_models import tiny_bundle
+from unconfused.engine import handoff as H
+from unconfused.engine.errors import UnconfusedError
+from unconfused.engine.models import add_text_encoder_lora, hf_text_keys
+from unconfused.engine.tokens import add_concept_tokens
+from unconfused.nodes.handoff import UnconfusedApplyToComfy, UnconfusedBundleFromComfy
+
+
+# ---------------------------------------------------------------- stand-ins for ComfyUI's MODEL (duck-typed)
+def _fake_model(config_class: str, sampling: tuple[str, ...] = ("EPS",)):
+    def cls(name, bases=(object,)):
+        return type(name, bases, {})
+
+    sampling_cls = cls("ModelSamplingDiscrete", tuple(cls(n) for n in sampling))
+    base = type("BaseModel", (), {})()
+    base.model_config = cls(config_class)()
+    base.model_sampling = sampling_cls()
+    base.diffusion_model = None
+    model = type("ModelPatcher", (), {})()
+    model.model, model.object_patches, model.patches = base, {}, {}
+    return model
+
+
+@pytest.mark.parametrize("config,words", [("SDXL", "SDXL"), ("Flux", "Flux"), ("SD3", "SD3"),
+                                          ("SVD_img2vid", "video"), ("WAN21_T2V", "video"),
+                                          ("SomeNewModel", "'SomeNewModel'")])
+def test_unsupported_families_are_named(config, words):
+    for node in (UnconfusedBundleFromComfy(), ):
+        with pytest.raises(UnconfusedError) as e:
+            node.build(_fake_model(config), None, None)
+        msg = str(e.value)
+        assert words in msg and "SD 1.x and SD 2.x" in msg and "Bundle" in msg.replace("UnconfusedBundleFromComfy",
+                                                                                      "Bundle"), msg
+    with pytest.raises(UnconfusedError, match=words.strip("'")):
+        UnconfusedApplyToComfy().apply(_fake_model(config), None, tiny_bundle(), 1.0, 1.0)
+
+
+def test_prediction_type_comes_from_the_model_sampling():
+    assert H.family_of("SD15") == "sd1" and H.family_of("SD20") == "sd2"
+    assert H.prediction_of(["ModelSamplingDiscrete", "EPS", "object"]) == "epsilon"
+    # V_PREDICTION subclasses EPS in ComfyUI: the more specific one wins
+    assert H.prediction_of(["ModelSamplingAdvanced", "ModelSamplingDiscrete", "V_PREDICTION", "EPS"]) == "v_prediction"
+    with pytest.raises(UnconfusedError, match="EDM"):
+        H.prediction_of(["ModelSamplingAdvanced", "EDM", "V_PREDICTION", "EPS"])
+    with pytest.raises(UnconfusedError, match="prediction type"):
+        H.prediction_of(["Something", "object"])
+
+
+def test_inference_tensors_are_shared_not_copied_and_train():
+    with torch.inference_mode():  # how ComfyUI makes its weights
+        w = torch.randn(8, 4)
+    shared = H.shared_tensor(w)
+    assert not shared.is_inference() and shared.data_ptr() == w.data_ptr() and torch.equal(shared, w)
+    assert H.same_storage(shared, w)
+    x = torch.randn(3, 8, requires_grad=True)
+    (x @ torch.nn.Parameter(shared, requires_grad=False)).sum().backward()  # autograd saves it for backward
+    assert x.grad is not None
+    normal = torch.randn(2)
+    assert H.shared_tensor(normal) is normal
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside inference mode"):
+        H.shared_tensor(w)
+
+
+def test_concept_tokens_become_embedding_words_comfyui_reads():
+    names = {t: H.embedding_name(t) for t in ("<a>", "<a-b>", "<my dog>", "[x]")}
+    for t, n in names.items():
+        assert n.startswith("unconfused.") and not any(c in n for c in "<>[] ,"), (t, n)
+    assert len(set(names.values())) == len(names)
+    rewrite = H.prompt_rewriter(["<a>", "<a-b>"])
+    out = rewrite("(<a-b>:1.2) with <a>, and x<a>y")
+    assert out.split() == ["(", "embedding:unconfused.a-b", ":1.2)", "with", "embedding:unconfused.a", ",", "and",
+                           "x", "embedding:unconfused.a", "y"], out
+    assert H.prompt_rewriter([])("<a> stays") == "<a> stays"
+
+
+def test_handback_lora_tokens_and_text_encoder_changes():
+    b = tiny_bundle()
+    assert H.handback(b).empty
+    add_concept_tokens(b, [("<a>", "dog")], vectors=2)
+    b.unet.add_adapter(LoraConfig(r=4, lora_alpha=2.0, target_modules=["to_q", "to_v"]))
+    add_text_encoder_lora(b.text_encoder, LoraConfig(r=2, lora_alpha=8.0, target_modules=["q_proj"]))
+    back = H.handback(b)
+    assert set(back.embeddings) == {"unconfused.a"} and back.embeddings["unconfused.a"].shape[0] == 2
+    alphas = {k.split("_", 2)[1]: float(v) for k, v in back.lora.items() if k.endswith(".alpha")}
+    assert alphas == {"unet": 2.0, "te": 8.0}  # each adapter's own alpha (LoraLoader's scale = alpha / rank)
+    mods = H.lora_modules(back.lora)
+    assert any(m.startswith("lora_unet_") and m.endswith("_to_q") for m in mods)
+    assert any(m.startswith("lora_te_text_model_encoder_layers_") for m in mods)
+
+    # text-encoder weights: ComfyUI's CLIP keys are `<prefix>text_model.<...>`
+    te_state = b.text_encoder.state_dict()
+    comfy_state = {"clip_l.transformer." + k.replace(".base_layer.", "."): v for k, v in hf_text_keys(te_state).items()
+                   if "lora_" not in k}
+    assert H.text_encoder_deltas(te_state, comfy_state) == {}  # same tensors: nothing to send
+    comfy_state = {k: v.clone() for k, v in comfy_state.items()}
+    assert H.text_encoder_deltas(te_state, comfy_state) == {}  # equal values: nothing either
+    key = next(k for k in comfy_state if k.endswith("layers.0.self_attn.q_proj.weight"))
+    comfy_state[key] = comfy_state[key] - 0.5  # our trained weight is 0.5 above ComfyUI's
+    deltas = H.text_encoder_deltas(te_state, comfy_state)
+    assert list(deltas) == [key] and torch.allclose(deltas[key], torch.full_like(deltas[key], 0.5))
+
+
+def test_apply_refuses_an_untrained_model_and_another_family():
+    sd1 = _fake_model("SD15")
+    sd1.model.model_config = type("SD15", (), {})()
+    clip = type("CLIP", (), {})()
+    clip.cond_stage_model = torch.nn.Module()
+    clip.patcher = type("ModelPatcher", (), {"patches": {}, "backup": {}})()
+    with pytest.raises(UnconfusedError, match="no trained concepts"):
+        UnconfusedApplyToComfy().apply(sd1, clip, tiny_bundle(), 1.0, 1.0)
+    b = tiny_bundle()
+    b.family = "sd2"
+    with pytest.raises(UnconfusedError, match="trained on a SD2 model but the MODEL is SD1"):
+        UnconfusedApplyToComfy().apply(sd1, clip, b, 1.0, 1.0)
