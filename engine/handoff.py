@@ -164,6 +164,8 @@ def text_encoder_deltas(te_state: dict[str, torch.Tensor], comfy_clip_state: dic
         theirs = comfy_clip_state.get(prefix + k.replace(".base_layer.", "."))
         if theirs is None or theirs.shape != ours.shape or same_storage(ours, theirs):
             continue
+        if torch.equal(ours.detach().to(theirs.device, theirs.dtype), theirs):
+            continue  # equal in the dtype ComfyUI holds it in (e.g. our fp32 copy of its fp16 CLIP)
         delta = ours.detach().float().cpu() - theirs.detach().float().cpu()
         if bool(delta.abs().max() > 0):
             out[prefix + k.replace(".base_layer.", ".")] = delta

@@ -462,6 +462,8 @@ class _ConceptTokenizer:
         return self._inner.tokenize_with_weights(self._rewrite(text), *args, **kwargs)
 
     def __getattr__(self, name: str):
+        if name in ("_inner", "_rewrite"):  # (not set yet: a copy being made)
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
 
@@ -485,7 +487,11 @@ def comfy_apply_concepts(model, clip, lora: dict, text_deltas: dict, embeddings:
         new_clip.add_patches({k: (v,) for k, v in text_deltas.items()}, strength_clip)
     new_clip.add_patches(patches, strength_clip)
     if embeddings:
-        outer = copy.copy(new_clip.tokenizer)  # (shared by every clone: never changed in place)
+        outer = new_clip.tokenizer
+        if isinstance(outer, _ConceptTokenizer):  # concepts applied before: keep them, add these
+            first, then = outer._rewrite, rewrite
+            outer, rewrite = outer._inner, (lambda text: then(first(text)))
+        outer = copy.copy(outer)  # (shared by every clone: never changed in place)
         inner = copy.copy(getattr(outer, outer.clip))
         if inner.embedding_directory is None:
             inner.embedding_directory = []  # ComfyUI reads `embedding:` words only with a directory list

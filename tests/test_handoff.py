@@ -123,3 +123,101 @@ def test_apply_refuses_an_untrained_model_and_another_family():
     b.family = "sd2"
     with pytest.raises(UnconfusedError, match="trained on a SD2 model but the MODEL is SD1"):
         UnconfusedApplyToComfy().apply(sd1, clip, b, 1.0, 1.0)
+
+
+def test_embedding_weights_equal_in_comfyuis_dtype_are_not_sent():
+    b = tiny_bundle()
+    te_state = b.text_encoder.state_dict()
+    comfy16 = {"clip_l.transformer." + k: v.half() for k, v in hf_text_keys(te_state).items()}
+    assert H.text_encoder_deltas(te_state, comfy16) == {}  # our fp32 copy of ComfyUI's fp16 CLIP: unchanged
+
+
+class _FakeInnerTokenizer:
+    """ComfyUI's SDTokenizer as far as the hand-off uses it: `embedding:<name>` words are looked up with
+    `_try_get_embedding` (2-tuple in 2024, 3-tuple since 2025), other words become their text."""
+
+    def __init__(self, three: bool):
+        self.embedding_directory = None
+        self.three = three
+
+    def _try_get_embedding(self, name):
+        return (None, name, "") if self.three else (None, "")
+
+    def tokenize_with_weights(self, text, return_word_ids=False):
+        out = []
+        for word in text.split():
+            if word.startswith("embedding:") and self.embedding_directory is not None:
+                found = self._try_get_embedding(word[len("embedding:"):])
+                out.append(found[0] if found[0] is not None else f"missing:{word}")
+            else:
+                out.append(word)
+        return out
+
+
+class _FakeOuterTokenizer:
+    def __init__(self, three: bool):
+        self.clip = "clip_l"
+        self.clip_l = _FakeInnerTokenizer(three)
+
+    def tokenize_with_weights(self, text, return_word_ids=False):
+        return {"l": getattr(self, self.clip).tokenize_with_weights(text, return_word_ids)}
+
+
+class _FakePatcher:
+    def __init__(self):
+        self.patches, self.backup = {}, {}
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        for k, v in patches.items():
+            self.patches.setdefault(k, []).append((strength_patch, v, strength_model))
+        return list(patches)
+
+
+class _FakeClip:
+    def __init__(self, three: bool):
+        self.patcher, self.tokenizer, self.cond_stage_model = _FakePatcher(), _FakeOuterTokenizer(three), None
+
+    def clone(self):
+        n = _FakeClip.__new__(_FakeClip)
+        n.patcher, n.tokenizer, n.cond_stage_model = _FakePatcher(), self.tokenizer, self.cond_stage_model
+        n.patcher.patches = {k: list(v) for k, v in self.patcher.patches.items()}
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
+
+    def tokenize(self, text):
+        return self.tokenizer.tokenize_with_weights(text)["l"]
+
+
+@pytest.mark.parametrize("three", [False, True], ids=["comfyui-2024", "comfyui-2025+"])
+def test_clip_gets_concept_tokens_in_memory_and_applies_chain(monkeypatch, three):
+    """host.comfy_apply_concepts on stand-ins for ComfyUI's objects: `<a>` in a prompt reaches the
+    tokenizer as the token's vectors, the input CLIP is unchanged, a second Apply keeps the first's
+    tokens, and the LoRA goes through ComfyUI's key map as patches with the strength."""
+    import sys
+    import types
+
+    from unconfused.engine import host
+
+    lora_mod = types.SimpleNamespace(
+        model_lora_keys_unet=lambda model, km: {**km, "lora_unet_x": "diffusion_model.x.weight"},
+        model_lora_keys_clip=lambda model, km: km,
+        load_lora=lambda lora, km: {km[k.split(".")[0]]: ("lora", k) for k in lora if k.split(".")[0] in km})
+    monkeypatch.setitem(sys.modules, "comfy.lora", lora_mod)
+    model = type("Model", (), {})()
+    model.model, model.patcher = None, _FakePatcher()
+    model.clone = lambda: (lambda m: (setattr(m, "patches", {}), m)[1])(_FakePatcher())
+    clip = _FakeClip(three)
+    va, vb = torch.ones(2, 4), torch.zeros(1, 4)
+    m2, c2, unknown = host.comfy_apply_concepts(
+        model, clip, {"lora_unet_x.lora_up.weight": torch.ones(1), "lora_unet_y.lora_up.weight": torch.ones(1)}, {},
+        {"unconfused.a": va}, H.prompt_rewriter(["<a>"]), 0.7, 1.0)
+    assert unknown == ["lora_unet_y"]
+    assert m2.patches == {"diffusion_model.x.weight": [(0.7, ("lora", "lora_unet_x.lora_up.weight"), 1.0)]}
+    toks = c2.tokenize("a photo of <a>, ok")
+    assert toks[:3] == ["a", "photo", "of"] and toks[3] is va and toks[4:] == [",", "ok"]
+    assert clip.tokenize("a photo of <a>") == ["a", "photo", "of", "<a>"]  # the input CLIP is unchanged
+    _, c3, _ = host.comfy_apply_concepts(model, c2, {}, {}, {"unconfused.b": vb}, H.prompt_rewriter(["<b>"]), 1, 1)
+    toks = c3.tokenize("<a> and <b>")
+    assert toks[0] is va and toks[1] == "and" and toks[2] is vb
