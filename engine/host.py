@@ -428,3 +428,110 @@ class RateLimiter:
             self._last = now
             return True
         return False
+
+
+# ---------------------------------------------------------------- ComfyUI's own models (native hand-off)
+# Used by nodes/handoff.py; the pure logic is in engine/handoff.py. Only calls that exist in both
+# the 2024 ComfyUI and today's are used (or both spellings are tried, as marked).
+def comfy_model_info(model) -> dict:
+    """A MODEL's config class name (`SD15`, `SDXL`, `Flux`...), the class names of its model
+    sampling (a ModelSamplingDiscrete patch included) and its UNet's first conv weight."""
+    base = model.model
+    sampling = getattr(model, "object_patches", {}).get("model_sampling") or base.model_sampling
+    conv = getattr(getattr(base, "diffusion_model", None), "input_blocks", None)
+    try:
+        conv_in = conv[0][0].weight if conv is not None else None
+    except (IndexError, TypeError, AttributeError):
+        conv_in = None
+    return {"family": type(base.model_config).__name__,
+            "sampling": [c.__name__ for c in type(sampling).__mro__], "conv_in": conv_in}
+
+
+def comfy_checkpoint_state_dict(model, clip, vae) -> dict:
+    """MODEL + CLIP + VAE as one checkpoint state dict in LDM keys, built as ComfyUI's checkpoint
+    saver builds it, without writing a file. Unpatched weights are ComfyUI's own tensors (nothing
+    copied); weights with patches (a LoRA, a merge) are computed the saver's way, on ComfyUI's
+    load device."""
+    mm = _comfy("comfy.model_management")
+    if model.patches or clip.patcher.patches:
+        mm.load_models_gpu([model, clip.load_model()])
+    else:
+        mm.unload_all_models()  # every weight back on its offload device (the CPU), unpatched
+    clip_sd = clip.state_dict_for_saving() if hasattr(clip, "state_dict_for_saving") else clip.get_sd()
+    vae_sd = vae.get_sd()
+    if hasattr(model, "state_dict_for_saving"):  # ComfyUI 2025+
+        return model.state_dict_for_saving(clip_sd, vae_sd, None)
+    return model.model.state_dict_for_saving(clip_sd, vae_sd, None)
+
+
+class _ConceptTokenizer:
+    """ComfyUI's tokenizer with concept tokens: the prompt is rewritten (`<alice>` ->
+    `embedding:<name>`) before ComfyUI's own parsing; everything else is the wrapped tokenizer's."""
+
+    def __init__(self, inner, rewrite: Callable[[str], str]):
+        self._inner = inner
+        self._rewrite = rewrite
+
+    def tokenize_with_weights(self, text: str, *args, **kwargs):
+        return self._inner.tokenize_with_weights(self._rewrite(text), *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in ("_inner", "_rewrite"):  # (not set yet: a copy being made)
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def comfy_apply_concepts(model, clip, lora: dict, text_deltas: dict, embeddings: dict,
+                         rewrite: Callable[[str], str], strength_model: float, strength_clip: float):
+    """New MODEL and CLIP (clones; the inputs stay as they were) with a kohya-named LoRA added as
+    patches the way LoraLoader adds them, text-encoder weight differences as patches, and a
+    tokenizer that knows the concept tokens as in-memory embeddings. Returns (model, clip, the
+    kohya module names ComfyUI's key map does not know)."""
+    import copy
+
+    lora_mod = _comfy("comfy.lora")
+    key_map = lora_mod.model_lora_keys_unet(model.model, {})
+    key_map = lora_mod.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    unknown = sorted({k.split(".", 1)[0] for k in lora} - set(key_map))
+    patches = lora_mod.load_lora(lora, key_map) if lora else {}
+    new_model = model.clone()
+    new_model.add_patches(patches, strength_model)
+    new_clip = clip.clone()
+    if text_deltas:
+        new_clip.add_patches({k: (v,) for k, v in text_deltas.items()}, strength_clip)
+    new_clip.add_patches(patches, strength_clip)
+    if embeddings:
+        outer = new_clip.tokenizer
+        if isinstance(outer, _ConceptTokenizer):  # concepts applied before: keep them, add these
+            first, then = outer._rewrite, rewrite
+            outer, rewrite = outer._inner, (lambda text: then(first(text)))
+        outer = copy.copy(outer)  # (shared by every clone: never changed in place)
+        inner = copy.copy(getattr(outer, outer.clip))
+        if inner.embedding_directory is None:
+            inner.embedding_directory = []  # ComfyUI reads `embedding:` words only with a directory list
+        lookup = inner._try_get_embedding
+
+        def try_get_embedding(name: str):
+            found = lookup(name)  # (embed, leftover) in 2024; (embed, name, leftover) since 2025
+            key = found[1] if len(found) == 3 else name
+            return (embeddings[key],) + tuple(found[1:]) if key in embeddings else found
+
+        inner._try_get_embedding = try_get_embedding
+        setattr(outer, outer.clip, inner)
+        new_clip.tokenizer = _ConceptTokenizer(outer, rewrite)
+    return new_model, new_clip, unknown
+
+
+def comfy_clip_state_dict(clip) -> dict:
+    """The CLIP's weights under the keys its patches use, as this CLIP's patches make them (the
+    model is shared by every clone, and may hold another clone's patches right now: those are
+    undone from ComfyUI's backup). Unpatched weights are ComfyUI's tensors, not copies."""
+    sd = clip.cond_stage_model.state_dict()
+    patcher = clip.patcher
+    for k, b in getattr(patcher, "backup", {}).items():
+        if k in sd:
+            sd[k] = getattr(b, "weight", b)  # (a tensor in 2024; a (weight, inplace_update) tuple since)
+    for k, patches in patcher.patches.items():
+        if k in sd:
+            sd[k] = patcher.calculate_weight(patches, sd[k].float().clone(), k).to(sd[k].dtype)
+    return sd

@@ -15,12 +15,14 @@ MATRIX = {
         "test_concepts.py::test_one_concept_from_folder_and_one_spec_parser_for_every_caller",
         "test_presets.py::test_unknown_preset_is_refused_with_the_choices",
         "test_captions_cmd.py::test_bad_input_exit_2_and_the_module_entry_point",
-        "test_memory_plan.py::test_check_fits_refuses_with_a_sentence_naming_the_settings"],
+        "test_memory_plan.py::test_check_fits_refuses_with_a_sentence_naming_the_settings",
+        "test_handoff.py::test_apply_refuses_an_untrained_model_and_another_family"],
     "missing, damaged, wrong-family or pickled model files": [
         "test_models.py::test_other_families_and_parts_are_named",
         "test_models.py::test_ckpt_with_pickled_code_is_refused_not_run",
         "test_sam.py::test_missing_damaged_and_wrong_files", "test_sam.py::test_clip_loader_files_and_messages",
-        "test_metrics.py::test_dino_loader_features_and_messages"],
+        "test_metrics.py::test_dino_loader_features_and_messages",
+        "test_handoff.py::test_unsupported_families_are_named"],
     "read-only output folder, full disk": [
         "test_lora.py::test_unwritable_output_folder_is_a_clear_error",
         "test_lora.py::test_disk_full_during_export_loses_nothing_and_a_rerun_finishes",

@@ -73,5 +73,4 @@ def test_readme_links_resolve():
 
 
 # docs/<topic>.md pages of the other branches of issue 15 (the lead merges them); remove once merged
-PENDING = {"docs/reliability.md",
-           "docs/handoff.md"}
+PENDING = {"docs/reliability.md"}
