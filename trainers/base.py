@@ -40,8 +40,9 @@ PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
 RESUME = ["auto", "restart"]
 
 
-def check_common(settings, node: str, learning_rates: tuple[str, ...], choices: dict[str, list] | None = None):
-    """The checks every trainer's settings share: steps, rank, learning rates, choice fields."""
+def check_common(settings, node: str, learning_rates: tuple[str, ...]):
+    """The checks every trainer's settings share beyond their declared bounds and choices
+    (engine/settings.py: `check_declared` runs after these)."""
     def bad(input: str, msg: str):
         raise UnconfusedError(msg, node=node, input=input)
 
@@ -52,11 +53,6 @@ def check_common(settings, node: str, learning_rates: tuple[str, ...], choices: 
     for name in learning_rates:
         if not 0 <= getattr(settings, name) < 1:
             bad(name, "must be between 0 and 1 (e.g. 1e-4)")
-    allowed = {"optimizer": OPTIMIZERS, "lr_scheduler": LR_SCHEDULERS, "precision": PRECISIONS, "resume": RESUME,
-               **(choices or {})}
-    for name, values in allowed.items():
-        if getattr(settings, name) not in values:
-            bad(name, f"'{getattr(settings, name)}' is not one of {values}")
     safe_name(settings.name, input="name", node=node)
 
 

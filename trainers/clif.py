@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..engine import host
+from ..engine import host, presets
 from ..engine.clip_tower import FeatureCache, ImageTower, check_pair, file_hash, load_image_tower, tower_from_scorer
 from ..engine.dataset import KINDS, Dataset
 from ..engine.errors import UnconfusedError
@@ -46,6 +46,7 @@ from ..engine.exports import export_name, save_lora, save_text_encoder
 from ..engine.files import atomic_save_image, atomic_write_json
 from ..engine.models import add_text_encoder_lora, move_module
 from ..engine.preview import line_chart
+from ..engine.settings import check_declared, setting
 from ..engine.tokens import add_concept_tokens, concept_embedding, expand_prompt
 from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
 from .base import TrainerCore, check_common, first_folder, run_trainer
@@ -61,35 +62,52 @@ NOT_HASHED = {"checkpoint_every", "keep_checkpoints", "resume", "export", "devic
 
 @dataclass
 class ClifSettings:
-    name: str = "clif"  # run folder and export file names
-    preset: str = "custom"  # engine/presets.py: which preset the values came from (paper | quick)
-    train: str = "tokens+lora"
-    steps: int = 1000
-    batch_size: int = 32  # per process; the contrastive batch is batch_size x processes
-    gradient_accumulation: int = 1
-    learning_rate: float = 1e-4  # text-encoder LoRA / full weights
-    token_lr: float = 1e-4  # concept token rows
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    vectors_per_token: int = 1
-    kinds: str = "global,region,mix,photo"  # which dataset pairs to train on
-    holdout: float = 0.05  # share of pairs held out for the retrieval metric (by pair id, stable)
-    cache_features: bool = True
-    probe_template: str = "a photo of {token}"  # the prompt of the concept-similarity metric
-    precision: str = "auto"
-    optimizer: str = "adamw"
-    lr_scheduler: str = "constant_with_warmup"
-    warmup_steps: int = 50
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # held-out metrics every N steps (0 = before and after only)
-    resume: str = "auto"
-    export: bool = True
-    device: str = "auto"
+    name: str = setting("clif", tip='Run name: the run folder under output/unconfused/runs and the exported file '
+                                    'names. Same name + same settings = resume')
+    preset: str = setting("custom", choices=presets.choices("clif"), tip='custom: the widgets as they are. paper: '
+        "the paper's recipe; quick: a budget that finishes well under an hour on a 12 GB GPU. With a preset, the "
+        'preset sets every setting it lists except a widget you changed from its default: that value wins '
+        "(docs/presets.md lists the values and their sources). paper = CLIF stage 1 at the paper's scale")
+    train: str = setting("tokens+lora", choices=TRAIN_MODES, tip='tokens: only the new token rows (the public CLIF '
+        "code); tokens+lora: rows + a text-encoder LoRA; tokens+full: rows + every text-encoder weight (the paper's "
+        'wording)')
+    steps: int = setting(1000, min=1, ui_max=1000000, tip='Optimizer steps')
+    batch_size: int = setting(32, min=1, ui_max=4096, tip='Pairs per step and process; the contrastive batch (the '
+                                                          'negatives) is batch_size x processes')
+    gradient_accumulation: int = setting(1, min=1, ui_max=64, tip='Batches per optimizer step (each batch is its own '
+        'contrastive batch)')
+    learning_rate: float = setting(1e-4, min=0.0, ui_max=0.1, step=1e-05, tip='Text-encoder LoRA / weights')
+    token_lr: float = setting(1e-4, min=0.0, ui_max=0.1, step=1e-05, tip='Concept token rows')
+    rank: int = setting(8, min=1, ui_max=256, tip='Text-encoder LoRA rank')
+    alpha: float = setting(8.0, min=0.1, ui_max=512, step=0.1, tip='LoRA alpha (scale = alpha / rank)')
+    dropout: float = setting(0.0)
+    vectors_per_token: int = setting(1, min=1, ui_max=16, tip='Embedding vectors per concept token, each initialised '
+        'from the class word')
+    kinds: str = setting("global,region,mix,photo", tip='Which pairs to train on (comma separated: global, region, '
+                                                        'mix, photo)')
+    holdout: float = setting(0.05, min=0.0, ui_max=0.5, step=0.01, tip='Share of pairs held out for the retrieval '
+        'metric')
+    cache_features: bool = setting(True, tip='Encode every image once and train on the cached features (on disk, by '
+                                             'content)')
+    probe_template: str = setting("a photo of {token}", tip='the prompt of the concept-similarity metric')
+    precision: str = setting("auto", choices=PRECISIONS, tip='Frozen weights: auto = bf16/fp16 on a GPU, fp32 on the '
+        'CPU; trained weights stay fp32; fp16 adds a gradient scaler')
+    optimizer: str = setting("adamw", choices=OPTIMIZERS, tip='adamw8bit needs bitsandbytes and a CUDA GPU')
+    lr_scheduler: str = setting("constant_with_warmup", choices=LR_SCHEDULERS, tip="Learning-rate schedule")
+    warmup_steps: int = setting(50, min=0, ui_max=100000, tip='Learning-rate warm-up steps')
+    weight_decay: float = setting(1e-2)
+    max_grad_norm: float = setting(1.0)
+    seed: int = setting(0, min=0, ui_max=2147483647, tip='Seeds the order of the pairs')
+    checkpoint_every: int = setting(200, min=0, ui_max=1000000, tip='Save a resumable checkpoint every N steps (0 = '
+        'only on Cancel or at the end)')
+    keep_checkpoints: int = setting(2)
+    eval_every: int = setting(0, min=0, ui_max=1000000, tip='Held-out metrics every N steps (0 = before and after '
+        'only)')
+    resume: str = setting("auto", choices=RESUME, tip="auto: continue from the run's last checkpoint when the "
+                                                      'settings match; restart: start over')
+    export: bool = setting(True, tip='Write embeddings, the text encoder and the text-encoder LoRA into the model '
+                                     'folders')
+    device: str = setting("auto", choices=host.DEVICE_CHOICES, tip='auto: the GPU ComfyUI uses (cuda or mps), else the CPU')
 
     @classmethod
     def from_dict(cls, data: dict, *, node: str = NODE) -> "ClifSettings":
@@ -99,7 +117,7 @@ class ClifSettings:
         def bad(input: str, msg: str):
             raise UnconfusedError(msg, node=node, input=input)
 
-        check_common(self, node, ("learning_rate", "token_lr"), {"train": TRAIN_MODES})
+        check_common(self, node, ("learning_rate", "token_lr"))
         if self.batch_size < 1:
             bad("batch_size", "must be at least 1 (the contrastive batch is batch_size x processes, at least 2)")
         if self.gradient_accumulation < 1:
@@ -113,6 +131,7 @@ class ClifSettings:
             bad("kinds", f"{unknown or 'nothing'} - name pair kinds from {KINDS}, comma separated")
         if "{token}" not in self.probe_template:
             bad("probe_template", "must contain {token} (e.g. 'a photo of {token}')")
+        check_declared(self, node)
         return self
 
     def kind_list(self) -> list[str]:

@@ -39,13 +39,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import host, messages
+from ..engine import host, messages, presets
 from ..engine.attention import AttentionCapture, token_position_mask
 from ..engine.concepts import tensor_to_pil, validate_token
 from ..engine.crf import CRFSettings, refine_latent_masks
 from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_path, atomic_save_image
 from ..engine.preview import PALETTE, grid, overlay_masks
+from ..engine.settings import setting
 from ..engine.training_data import Example, fit_square
 from .base import run_trainer
 from .loop import config_hash, seed_everything
@@ -61,29 +62,55 @@ EM_TEMPLATE = "a photo of {token}"
 # ---------------------------------------------------------------- settings
 @dataclass
 class EMSettings(LoraSettings):
-    name: str = "unconfused-em"
-    steps: int = 400
-    token_lr: float = 5e-4  # Break-a-Scene's phase-1 rate
-    template: str = EM_TEMPLATE  # {token} = the sampled tokens joined by " and "
-    inversion_steps: int = 0  # unmasked textual-inversion warm-up before the masks are first made
-    tokens_only_steps: int = 100  # phase 1 (after the warm-up): token rows only; then tokens + LoRA
-    attention_weight: float = 1e-2  # lambda of the cross-attention loss (Break-a-Scene)
-    reestimate_every: int = 50  # K: masks re-estimated every K steps (0 = never: the paper's baseline)
-    fixed_mask_stage: bool = False  # phase 2 (tokens + LoRA) trains on the last masks of phase 1, fixed
-    init_timesteps: int = 50  # T of the first estimate (paper: 50 random timesteps)
-    reestimate_timesteps: int = 10  # T of later rounds (cheaper: the tokens change little in K steps)
-    estimate_batch: int = 8  # timesteps per UNet call while estimating
-    threshold_mode: str = "otsu"  # otsu (per map) | fixed
-    threshold: float = 0.45  # the fixed threshold on max-normalised maps (DiffuMask sweeps 0.35-0.55)
-    crf_at: str = "image"  # image (IoU 0.973 vs 0.911 at latent, benchmarks/crf_quality) | latent (fast) | off
-    crf_iterations: int = 10
-    crf_gaussian_sxy: float = 3.0  # CutLER's values, in image pixels
-    crf_gaussian_compat: float = 7.0
-    crf_bilateral_sxy: float = 50.0
-    crf_bilateral_srgb: float = 5.0
-    crf_bilateral_compat: float = 10.0
-    max_concepts_per_step: int = 0  # union sampling: at most this many concepts per prompt (0 = all)
-    attention_layers: str = ""  # comma separated attn2 module names; empty = the 1/4-resolution down/up layers
+    # shown by the EM node with its own meaning
+    preset: str = setting("custom", choices=presets.choices("em"), tip='custom: the widgets as they are. paper: '
+        "the paper's recipe; quick: a budget that finishes well under an hour on a 12 GB GPU. With a preset, the "
+        'preset sets every setting it lists except a widget you changed from its default: that value wins '
+        "(docs/presets.md lists the values and their sources). paper = Rahman et al. with Break-a-Scene's losses and "
+        'phases')
+    resolution: int = setting(512, min=64, ui_max=2048, step=64, tip='Training size (square crop of the middle): 512 '
+        'for SD1, 768 for SD2-v')
+    unet_lr: float = setting(1e-4, min=0.0, ui_max=0.1, step=1e-05, tip='Learning rate of the UNet LoRA (phase 2)')
+    flip: bool = setting(True, tip='Random horizontal flips of image and masks together')
+    seed: int = setting(0, min=0, ui_max=2147483647, tip='Seeds sampling, noise, timesteps and the mask estimates')
+    validation_prompts: list[str] = setting([], lines=True, tip='One prompt per line, using the tokens')
+
+    # the EM's own
+    name: str = setting("unconfused-em", tip='Run name: the run folder under output/unconfused/runs and the exported '
+                                             'file names. Same name + same settings = resume')
+    steps: int = setting(400, min=1, ui_max=100000, tip='Optimizer steps in all (paper: about 400)')
+    token_lr: float = setting(5e-4, min=0.0, ui_max=0.1, step=1e-05, tip='Learning rate of the token rows')
+    template: str = setting(EM_TEMPLATE, tip="Training prompt; {token} = the sampled tokens joined by 'and'")
+    inversion_steps: int = setting(0, min=0, ui_max=100000, tip='Unmasked textual-inversion warm-up of the tokens '
+        'before the first masks (0 = start from the class words)')
+    tokens_only_steps: int = setting(100, min=0, ui_max=100000, tip='Phase 1: only the token rows train (after any '
+        'warm-up); then token rows + LoRA')
+    attention_weight: float = setting(1e-2, min=0.0, ui_max=10.0, step=0.001, tip='Weight of the cross-attention '
+        "loss (each token's map vs its mask; Break-a-Scene 1e-2)")
+    reestimate_every: int = setting(50, min=0, ui_max=100000, tip='Re-estimate the masks from the current tokens '
+        'every K steps (0 = never: the masks of the first estimate stay)')
+    fixed_mask_stage: bool = setting(False, tip='Phase 2 (token rows + LoRA) trains on the last masks of phase 1, '
+        "fixed: the paper's final stage ('tokens and model jointly, keeping the mask fixed')")
+    init_timesteps: int = setting(50, min=1, ui_max=1000, tip='Random timesteps the first masks average the '
+        'attention over (paper: 50)')
+    reestimate_timesteps: int = setting(10, min=1, ui_max=1000, tip='Timesteps of each later re-estimation')
+    estimate_batch: int = setting(8, tip='timesteps per UNet call while estimating')
+    threshold_mode: str = setting("otsu", choices=THRESHOLDS, tip='otsu: a threshold per map from its histogram; '
+        'fixed: the threshold below')
+    threshold: float = setting(0.45, min=0.01, ui_max=0.99, step=0.01, tip='Fixed threshold on each map divided by '
+        'its maximum (0.35-0.55 usual)')
+    crf_at: str = setting("image", choices=CRF_AT, tip='DenseCRF refinement at image size (sharper edges: IoU 0.97 '
+        'vs 0.91 in benchmarks/crf_quality; ~3 s per image per round on a CPU), at latent size (fast), or off')
+    crf_iterations: int = setting(10)
+    crf_gaussian_sxy: float = setting(3.0, tip="CutLER's values, in image pixels")
+    crf_gaussian_compat: float = setting(7.0)
+    crf_bilateral_sxy: float = setting(50.0)
+    crf_bilateral_srgb: float = setting(5.0)
+    crf_bilateral_compat: float = setting(10.0)
+    max_concepts_per_step: int = setting(0, min=0, ui_max=16, tip='Union sampling: at most this many concepts per '
+        'training prompt (0 = up to all)')
+    attention_layers: str = setting("", tip='comma separated attn2 module names; empty = the 1/4-resolution down/up '
+                                            'layers')
 
     def validated(self, node: str = NODE) -> "EMSettings":
         def bad(input: str, msg: str):
@@ -91,12 +118,8 @@ class EMSettings(LoraSettings):
 
         if "{token}" not in self.template:
             bad("template", "must contain {token} (the sampled tokens, e.g. 'a photo of {token}')")
-        if self.threshold_mode not in THRESHOLDS:
-            bad("threshold_mode", f"'{self.threshold_mode}' is not one of {THRESHOLDS}")
         if not 0 < self.threshold < 1:
             bad("threshold", "must be between 0 and 1 (maps are divided by their maximum; 0.35-0.55 is usual)")
-        if self.crf_at not in CRF_AT:
-            bad("crf_at", f"'{self.crf_at}' is not one of {CRF_AT}")
         for name in ("inversion_steps", "tokens_only_steps", "reestimate_every", "max_concepts_per_step"):
             if getattr(self, name) < 0:
                 bad(name, "must be 0 or more")
