@@ -20,7 +20,7 @@ from unconfused.engine import host
 from unconfused.engine.concepts import Concept, make_concept_set
 from unconfused.engine.errors import UnconfusedError
 from unconfused.trainers.cli import main
-from unconfused.trainers.loop import Loop, LoopState, RunLock
+from unconfused.trainers.loop import Loop, LoopState
 from unconfused.trainers.lora import LoraSettings, LoraTrainer, data_fingerprint
 from unconfused.trainers.smoke import synthetic_photos
 
