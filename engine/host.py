@@ -442,3 +442,24 @@ def apply_thread_defaults() -> int:
     with contextlib.suppress(RuntimeError):  # only possible before the first inter-op work
         torch.set_num_interop_threads(1)
     return n
+
+
+@contextlib.contextmanager
+def cancel_checks(*modules: torch.nn.Module) -> Iterator[None]:
+    """Check for Cancel before every block of these models runs (their direct children and the
+    children of their block lists), not only between steps: a 512px UNet step or a VAE decode
+    takes seconds on a CPU, and ComfyUI's Cancel should not wait for it."""
+    handles = []
+
+    def hook(_module, _args):
+        check_cancel()
+
+    for m in modules:
+        for child in m.children():
+            targets = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+            handles += [t.register_forward_pre_hook(hook) for t in targets]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -350,3 +350,73 @@ def test_thread_defaults_follow_the_cpus_this_process_may_use(monkeypatch):
         assert host.apply_thread_defaults() == 3  # the user's choice wins
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- 4. odd photos
+def test_16_bit_grayscale_and_gif_photos_load_as_they_look(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from unconfused.engine.concepts import load_images_from_folder, pil_to_mask
+
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "a_16bit.png")
+    frames = [Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 200, 30))]
+    frames[0].save(tmp_path / "b_anim.gif", save_all=True, append_images=frames[1:])
+    images, names, _ = load_images_from_folder(tmp_path, node="t")
+    assert names == ["a_16bit", "b_anim"]
+    gray = images[0]
+    assert gray.shape == (64, 64, 3) and abs(float(gray.mean()) - 0.5) < 0.01  # a ramp, not pure white
+    assert float(gray.min()) == 0.0 and float(gray.max()) == 1.0
+    assert images[1][0, 0, 0] > 0.7 and images[1][0, 0, 1] < 0.2  # the first frame (red)
+    with Image.open(tmp_path / "a_16bit.png") as im:
+        assert abs(float(pil_to_mask(im).mean()) - 0.5) < 0.01
+
+
+# ---------------------------------------------------------------- 16. packaging, previews, Cancel inside a step
+def test_the_package_builds_without_deprecation_or_ignored_folders(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", str(REPO),
+                          "-w", str(tmp_path / "whl")], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=dict(os.environ, PIP_NO_INDEX="1"))
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-2000:]
+    for noise in ("would be ignored", "project.license` as a TOML table is deprecated", "License classifiers"):
+        assert noise not in log, noise
+    import zipfile
+
+    names = zipfile.ZipFile(next((tmp_path / "whl").glob("*.whl"))).namelist()
+    assert "unconfused/web/unconfused.js" in names and any(n.endswith("licenses/LICENSE") for n in names)
+
+
+def test_preview_legends_draw_colours_and_never_split_a_token():
+    from unconfused.engine.preview import PALETTE, grid, wrap
+
+    assert wrap("a photo of <my-long-dog> and <my-other-cat>", 14) == ["a photo of", "<my-long-dog>", "and",
+                                                                       "<my-other-cat>"]
+    from PIL import Image
+
+    sheet = grid([Image.new("RGB", (64, 64))], [[("<a>", PALETTE[0]), ("<b>", PALETTE[1])]], cell=128)
+    colours = {c for _, c in sheet.getcolors(1 << 16)}
+    assert tuple(PALETTE[0]) in colours and tuple(PALETTE[1]) in colours  # swatches, not "rgb(...)" text
+
+
+def test_cancel_is_seen_inside_a_sampling_step():
+    from unconfused.engine import sampling as S
+    from unconfused.engine.errors import Cancelled
+
+    bundle = tiny_bundle()
+    calls = {"n": 0}
+
+    def count(*_):
+        calls["n"] += 1
+        if calls["n"] == 1:  # as the first step's UNet starts
+            host.request_cancel()
+    assert len(bundle.unet.down_blocks) >= 2
+    hooks = [b.register_forward_pre_hook(count) for b in bundle.unet.down_blocks]
+    try:
+        with pytest.raises(Cancelled):
+            S.sample(bundle, "a photo", steps=5, width=64, height=64)
+    finally:
+        for x in hooks:
+            x.remove()
+    assert calls["n"] == 1  # stopped before the next block ran, not at the end of the step
