@@ -189,7 +189,13 @@ def validate_token(token: str, *, node: str, input: str = "token") -> str:
                               node=node, input=input)
     if token.startswith("embedding:"):
         raise UnconfusedError("give the token without the 'embedding:' prefix", node=node, input=input)
+    if len(token) > MAX_TOKEN_CHARS:  # it names the embedding file: refused before anything is written
+        raise UnconfusedError(f"the token is {len(token)} characters long; use at most {MAX_TOKEN_CHARS} "
+                              "(a short new word such as <alice>)", node=node, input=input)
     return token
+
+
+MAX_TOKEN_CHARS = 64
 
 
 def make_concept(token: str, class_word: str, images: torch.Tensor, masks: torch.Tensor | None = None,
@@ -277,7 +283,12 @@ def load_concept_set(folder: str | Path, *, node: str = "UnconfusedLoadConceptSe
                               f"(format {meta.get('format')!r}, version {meta.get('version')})", node=node,
                               input="folder")
     concepts = []
-    for entry in meta["concepts"]:
+    for k, entry in enumerate(meta["concepts"] if isinstance(meta.get("concepts"), list) else [None]):
+        wrong = [key for key, kind in (("folder", str), ("token", str), ("class_word", str), ("images", list))
+                 if not isinstance(entry, dict) or not isinstance(entry.get(key), kind)]
+        if wrong:  # a hand-edited manifest: a sentence, not a KeyError
+            raise UnconfusedError(f"concept {k} of {manifest} lacks {', '.join(wrong)} (or has the wrong type); "
+                                  "fix the file or save the concept set again", node=node, input="folder")
         sub = folder / safe_name(entry["folder"], input="folder", node=node)
         names = [Path(n).stem for n in entry["images"]]
         images = [pil_to_tensor(_read_image(sub / n, "image", node)) for n in entry["images"]]

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from .errors import UnconfusedError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\- ]+")
+MAX_NAME_CHARS = 120
 
 
 PARTIAL = ".partial"
@@ -102,7 +103,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     removes what a killed process left. The file gets the mode a new file gets under the
     umask (0644 under 022), whatever mode the library created it with (safetensors: 0600)."""
     final = Path(path)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
+    tmp = final.with_name(f".{final.name[:200]}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")  # < 255 bytes
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         key = str(final.parent)
@@ -165,6 +166,9 @@ def safe_name(name: str, *, input: str = "name", node: str | None = None) -> str
     if not cleaned or cleaned in {".", ".."}:
         raise UnconfusedError(f"'{name}' is not usable as a file name; use letters, digits, '-', '_'",
                               node=node, input=input)
+    if len(cleaned) > MAX_NAME_CHARS:  # with a suffix and a token it must still fit a file name (255 bytes)
+        raise UnconfusedError(f"'{cleaned[:40]}...' is {len(cleaned)} characters long; use at most "
+                              f"{MAX_NAME_CHARS}", node=node, input=input)
     return cleaned
 
 

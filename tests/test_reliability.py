@@ -420,3 +420,51 @@ def test_cancel_is_seen_inside_a_sampling_step():
         for x in hooks:
             x.remove()
     assert calls["n"] == 1  # stopped before the next block ran, not at the end of the step
+
+
+# ---------------------------------------------------------------- 7. names and manifests
+def test_a_too_long_token_or_name_is_refused_before_anything_is_written(tmp_path, capsys):
+    from unconfused.engine.concepts import validate_token
+    from unconfused.engine.files import atomic_write_json
+
+    with pytest.raises(UnconfusedError, match="at most 64"):
+        validate_token("<" + "a" * 258 + ">", node="t")
+    with pytest.raises(UnconfusedError, match="at most 120"):
+        LoraSettings(name="n" * 200).validated()
+    photos = tmp_path / "p"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(photos / "a.png")
+    cfg = _job(tmp_path, f'concepts = ["p:<{"x" * 258}>:dog"]\n[settings]\nsteps = 1\nresolution = 64\n')
+    assert main(["lora", "--config", str(cfg)]) == 2
+    assert "at most 64" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "loras").exists() or not any((tmp_path / "models" / "loras").iterdir())
+    long = atomic_write_json(tmp_path / ("f" * 240 + ".json"), {})  # a long final name still gets its temp name
+    assert long.is_file()
+
+
+def test_a_concept_set_entry_without_folder_is_a_sentence(tmp_path):
+    from unconfused.engine.concepts import load_concept_set
+
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "concept_set.json").write_text(json.dumps(
+        {"format": "unconfused.concept_set", "version": 1, "concepts": [{"token": "<a>", "class_word": "dog",
+                                                                         "images": ["a.png"]}]}))
+    with pytest.raises(UnconfusedError, match="lacks folder"):
+        load_concept_set(tmp_path / "set")
+
+
+def test_a_corrupt_mask_in_eval_is_a_sentence_and_a_huge_resolution_is_warned(tmp_path, capsys, caplog):
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "m.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cfg = _job(tmp_path, 'masks_a = "a"\nmasks_b = "b"\n')
+    assert main(["eval", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the mask" in err and "Traceback" not in err
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="unconfused"):
+        LoraSettings.from_dict({"resolution": 4096})
+    assert "resolution 4096" in caplog.text

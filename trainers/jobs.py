@@ -236,8 +236,12 @@ def run_em(config_path: str | Path, overrides: list[str] | None = None) -> dict:
         path = _path(base, name)
         if not path.is_file():
             raise UnconfusedError(f"{what} {path} does not exist", node="em", input="--config")
-        with Image.open(path) as im:
-            return pil_to_mask(im) if as_mask else pil_to_tensor(im)
+        try:
+            with Image.open(path) as im:
+                return pil_to_mask(im) if as_mask else pil_to_tensor(im)
+        except Exception as e:  # PIL raises many types for damaged files
+            raise UnconfusedError(f"cannot read {what} {path} ({e}); replace the file", node="em",
+                                  input="--config") from e
 
     workdir = _path(base, config.get("workdir", "."))
     host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
@@ -276,8 +280,12 @@ def _read_mask_folder(folder: Path, stems: list[str], *, what: str, input: str) 
         if path is None:
             raise UnconfusedError(f"{what}: {folder} has no mask {stem}.png (one per image, same name)", node="eval",
                                   input=input)
-        with Image.open(path) as im:
-            out.append(pil_to_mask(im))
+        try:
+            with Image.open(path) as im:
+                out.append(pil_to_mask(im))
+        except Exception as e:  # PIL raises many types for damaged files
+            raise UnconfusedError(f"{what}: cannot read the mask {path} ({e}); replace the file", node="eval",
+                                  input=input) from e
     return out
 
 

@@ -138,6 +138,10 @@ def settings_from_dict(cls, data: dict, node: str):
             except (KeyError, IndexError, ValueError) as e:
                 raise UnconfusedError(f"'{text}' uses {e}, which templates do not know; use {{token}} and "
                                       "{class_word} (write {{ and }} for braces)", node=node, input=key) from e
+    if isinstance(values.get("resolution"), int) and values["resolution"] > 2048:
+        log.warning("%s: resolution %d is far above what SD 1.x/2.x were trained at (512/768): memory and time grow "
+                    "with its square (%.0fx of 512) and the model has never seen such pictures", node,
+                    values["resolution"], (values["resolution"] / 512) ** 2)
     made = cls(**values)
     return made.validated(node) if hasattr(made, "validated") else made
 
