@@ -468,3 +468,19 @@ def test_a_corrupt_mask_in_eval_is_a_sentence_and_a_huge_resolution_is_warned(tm
     with caplog.at_level(logging.WARNING, logger="unconfused"):
         LoraSettings.from_dict({"resolution": 4096})
     assert "resolution 4096" in caplog.text
+
+
+# ---------------------------------------------------------------- 15. benchmarks that hold still
+def test_run_all_flags_a_ratio_whose_rounds_disagree_more_than_it_claims():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _results import headline, interleaved, ratio_spread, unsteady
+    from run_all import _ratio
+
+    steady = headline("k", "w", 0.5, 1.0, "s", 0.5, "x ref", spread=ratio_spread([0.50, 0.52, 0.49], [1.0, 1.0, 1.0]))
+    shaky = headline("k", "w", 1.0, 1.0, "s", 1.0, "x ref", spread=ratio_spread([0.45, 1.0, 2.26], [1.0, 1.0, 1.0]))
+    assert not unsteady(steady) and unsteady(shaky)
+    assert "UNSTEADY" in _ratio(shaky) and "rounds 0.45 / 1.00 / 2.26" in _ratio(shaky)
+    assert "UNSTEADY" not in _ratio(steady)
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a"] and all(len(v) == 2 for v in times.values())

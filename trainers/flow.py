@@ -184,14 +184,20 @@ def run(s: FlowSettings) -> dict:
 
 
 def _stage_key(exports: dict, prompt: str, s: FlowSettings) -> str:
-    """What the pictures depend on: the trained files' bytes, the prompt, the sampling settings."""
+    """What the pictures depend on: the trained tensors (by name and bytes: a re-export may order a
+    file's header differently), the prompt, the sampling settings."""
     import hashlib
 
-    from ..engine.models import file_sha256
+    import torch
+    from safetensors import safe_open
 
     h = hashlib.sha256(json.dumps([prompt, s.sample_steps, s.resolution, s.seed]).encode())
     for k, path in sorted(exports.items()):
-        h.update(f"{k}:{file_sha256(Path(path))}".encode())
+        with safe_open(str(path), "pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name).contiguous()
+                h.update(f"{k}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -233,8 +233,9 @@ class RunLock:
                         f"the run folder {self.path.parent} is in use by another run (process {owner.get('pid')} on "
                         f"{owner.get('host')}, since {owner.get('since')}); wait for it to finish, or choose another "
                         f"run name. If that run is gone, delete {self.path}", node=self.node, input="name")
-                log.warning("%s: taking over the lock of a run that ended (%s)", self.node,
-                            f"process {owner.get('pid')}" if owner else "an unreadable lock")
+                if owner.get("pid") != os.getpid():  # (this process's own earlier, finished loop: no news)
+                    log.warning("%s: taking over the lock of a run that ended (%s)", self.node,
+                                f"process {owner.get('pid')}" if owner else "an unreadable lock")
                 self.path.unlink(missing_ok=True)
             raise UnconfusedError(f"could not lock the run folder {self.path.parent}; try again", node=self.node,
                                   input="name")
