@@ -22,15 +22,19 @@ from pathlib import Path
 def headline(key: str, what: str, ours=None, reference=None, unit: str = "", ratio=None, ratio_label: str = "",
              quality: str | None = None, spread: list[float] | None = None, margin: float | None = None) -> dict:
     """One row. `spread`: [min, median, max] of the per-round ratios (interleaved rounds); `margin`:
-    how far from 1.0 the row claims the ratio is (default |median - 1|) - run_all flags a row whose
-    spread is wider than that."""
+    how far from 1.0 the row claims the ratio is (default |ratio - 1|, at least SAME) - run_all flags
+    a row whose spread is wider than that."""
     f = (lambda v: None if v is None else float(v))
     row = {"key": key, "what": what, "ours": f(ours), "reference": f(reference), "unit": unit, "ratio": f(ratio),
            "ratio_label": ratio_label, "quality": quality}
     if spread is not None:
         row["spread"] = [float(x) for x in spread]
-        row["margin"] = float(margin) if margin is not None else abs(float(spread[1]) - 1.0)
+        claimed = float(ratio) if ratio is not None else float(spread[1])
+        row["margin"] = float(margin) if margin is not None else max(abs(claimed - 1.0), SAME)
     return row
+
+
+SAME = 0.05  # a ratio within 5% of 1.0 claims "the same speed": its rounds may spread that much
 
 
 def unsteady(row: dict) -> bool:
