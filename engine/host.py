@@ -416,27 +416,19 @@ class RateLimiter:
         return False
 
 
-def available_cpus() -> int:
-    """CPUs this process may really use: its affinity mask and, in a container, the cgroup CPU
-    quota (docker --cpus), which os.cpu_count() and torch's default both ignore."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, -(-int(quota) // int(period))))
-    return max(1, n)
-
-
 def apply_thread_defaults() -> int:
     """Thread defaults for a headless run (the CLI calls this; inside ComfyUI the host decides):
     torch's intra-op threads = the CPUs this process may use (torch counts every core of the
-    machine, so in a container limited to 2 CPUs of 64 it ran 32 spinning threads), one
-    inter-op thread, no tokenizers thread pool. A user's OMP_NUM_THREADS / MKL_NUM_THREADS
-    wins. Returns the intra-op thread count."""
+    machine, so in a container limited to 2 CPUs of 64 it ran 32 spinning threads) less those
+    other processes keep busy (`threads.idle_cpus`), one inter-op thread, no tokenizers thread
+    pool. A user's OMP_NUM_THREADS / MKL_NUM_THREADS wins. Returns the intra-op thread count.
+    (The CLI also sets the variables before torch loads: `threads.set_thread_environment`.)"""
+    from .threads import idle_cpus, user_chose_threads
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+    if user_chose_threads():
         return torch.get_num_threads()
-    n = available_cpus()
+    n = idle_cpus()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # only possible before the first inter-op work

@@ -336,14 +336,33 @@ def test_help_answers_without_importing_heavy_libraries():
     assert "HEAVY []" in out.stdout, out.stdout[-300:]
 
 
+def test_the_cli_sets_thread_variables_before_torch_loads():
+    code = ("import os, sys\nfrom unconfused.trainers.cli import main\n"
+            "try:\n    main(['smoke', '--resolution', '0'])\nexcept SystemExit:\n    pass\n"
+            "main(['lora', '--config', '/nonexistent.toml'])\n"
+            "print('OMP', os.environ.get('OMP_NUM_THREADS'), 'TOK', os.environ.get('TOKENIZERS_PARALLELISM'))")
+    env = {k: v for k, v in _env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    omp = out.stdout.split("OMP ")[1].split()[0]
+    assert omp.isdigit() and int(omp) >= 1 and "TOK false" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_NUM_THREADS="3"), capture_output=True,
+                         text=True, timeout=120)
+    assert "OMP 3 " in out.stdout  # the user's choice wins
+
+
 def test_thread_defaults_follow_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(7)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
         n = host.apply_thread_defaults()
-        assert n == host.available_cpus() == torch.get_num_threads()
+        from unconfused.engine.threads import available_cpus
+
+        assert n == available_cpus() == torch.get_num_threads()  # an idle machine: every usable CPU
+        monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+        assert host.apply_thread_defaults() == 1 == torch.get_num_threads()  # a saturated one: one thread
         assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(3)

@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from ..engine.threads import set_thread_environment
+
+    set_thread_environment()  # before torch loads: OpenMP's default then holds for every thread
     from ..engine import host
     from ..engine.errors import Cancelled, UnconfusedError
 
