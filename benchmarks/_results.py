@@ -20,10 +20,66 @@ from pathlib import Path
 
 
 def headline(key: str, what: str, ours=None, reference=None, unit: str = "", ratio=None, ratio_label: str = "",
-             quality: str | None = None) -> dict:
+             quality: str | None = None, spread: list[float] | None = None, margin: float | None = None) -> dict:
+    """One row. `spread`: [min, median, max] of the per-round ratios (interleaved rounds); `margin`:
+    how far from 1.0 the row claims the ratio is (default |ratio - 1|, at least SAME) - run_all flags
+    a row whose spread is wider than that."""
     f = (lambda v: None if v is None else float(v))
-    return {"key": key, "what": what, "ours": f(ours), "reference": f(reference), "unit": unit, "ratio": f(ratio),
-            "ratio_label": ratio_label, "quality": quality}
+    row = {"key": key, "what": what, "ours": f(ours), "reference": f(reference), "unit": unit, "ratio": f(ratio),
+           "ratio_label": ratio_label, "quality": quality}
+    if spread is not None:
+        row["spread"] = [float(x) for x in spread]
+        claimed = float(ratio) if ratio is not None else float(spread[1])
+        row["margin"] = float(margin) if margin is not None else max(abs(claimed - 1.0), SAME)
+    return row
+
+
+SAME = 0.05  # a ratio within 5% of 1.0 claims "the same speed": its rounds may spread that much
+
+
+def unsteady(row: dict) -> bool:
+    """A ratio whose rounds disagree more than the claim: half the min-max width of the per-round
+    ratios is wider than the claimed margin (e.g. 0.45x..2.26x around a claimed 1.00x +- 0.05)."""
+    spread, margin = row.get("spread"), row.get("margin")
+    if not spread or margin is None:
+        return False
+    return (spread[2] - spread[0]) / 2 > max(margin, 1e-9)
+
+
+def fix_threads(n: int) -> int:
+    """Pin torch's threads for a benchmark: one fixed count for every variant and round (a shared
+    machine's load otherwise changes what 'default threads' means between rounds)."""
+    import torch
+
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def interleaved(variants: dict, rounds: int, *, warmup: int = 1, per: float = 1.0) -> dict[str, list[float]]:
+    """Seconds per call (divided by `per`) of every variant: each is warmed up first, then the
+    rounds run them interleaved in a rotating order, so load and caches hit all alike."""
+    import time
+
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            variants[name]()
+            times[name].append((time.perf_counter() - t0) / per)
+    return times
+
+
+def ratio_spread(ours: list[float], reference: list[float]) -> list[float]:
+    """[min, median, max] of the per-round ratios ours/reference."""
+    import statistics
+
+    r = [a / b for a, b in zip(ours, reference)]
+    return [min(r), statistics.median(r), max(r)]
 
 
 def write_json(path: str | os.PathLike | None, data: dict) -> None:

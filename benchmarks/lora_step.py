@@ -197,8 +197,8 @@ def main() -> None:
     print(f"LoRA step benchmark: batch {args.batch}, {args.resolution}px, median of {args.steps} interleaved rounds, "
           f"device {args.device}, "
           f"epoch = {IMAGES} images")
-    print(f"| variant | ms/step | x reference step | s/epoch | epoch speed-up | peak MB |")
-    print(f"|---|---|---|---|---|---|")
+    print("| variant | ms/step | x reference step | s/epoch | epoch speed-up | peak MB |")
+    print("|---|---|---|---|---|---|")
     for v, r in rows.items():
         print(f"| {VARIANTS[v]} | {r['step_ms']:.1f} | {r['step_ms'] / ref['step_ms']:.2f} | "
               f"{r['step_ms'] * steps_per_epoch / 1000:.2f} | {ref['step_ms'] / r['step_ms']:.2f}x | "

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from _results import write_json  # noqa: E402
+from _results import unsteady, write_json  # noqa: E402
 
 # name: (script, full-run args, --quick args). Defaults of each script are the README's settings, but
 # lora_step runs on one torch thread, as em_step and clif_cache do by default: on a busy shared 2-CPU
@@ -43,7 +43,7 @@ from _results import write_json  # noqa: E402
 # loop 5.4 s/step vs ours 1.8 s/step at load ~5 with two threads; one thread: 0.95x / 1.32x as the README).
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "lora_step": ("lora_step.py", ["--threads", "1"], ["--steps", "2", "--threads", "1"]),
-    "sample_step": ("sample_step.py", [], ["--steps", "3", "--rounds", "1", "--size", "64"]),
+    "sample_step": ("sample_step.py", [], ["--steps", "3", "--rounds", "3", "--size", "64"]),
     "clif_cache": ("clif_cache.py", [], ["--pairs", "32", "--batch", "16"]),
     "em_step": ("em_step.py", [], ["--steps", "2", "--resolution", "128", "--first-timesteps", "20"]),
     "augment_pairs": ("augment_pairs.py", [], ["--sizes", "10", "30", "--canvas", "256"]),
@@ -108,6 +108,11 @@ def _ratio(h: dict) -> str:
     if h.get("ratio") is not None:
         label = h.get("ratio_label") or ""
         parts.append(f"{h['ratio']:.2f}{label}" if label.startswith("x") else f"{h['ratio']:.2f}x {label}".strip())
+    if h.get("spread"):  # min / median / max of the per-round ratios, flagged when wider than the claim
+        lo, mid, hi = h["spread"]
+        parts[-1:] = [f"{parts[-1] if parts else ''} [rounds {lo:.2f} / {mid:.2f} / {hi:.2f}]".strip()]
+        if unsteady(h):
+            parts.append(f"UNSTEADY: spread +-{(hi - lo) / 2:.2f} wider than the claimed margin {h['margin']:.2f}")
     if h.get("quality"):
         parts.append(h["quality"])
     return "; ".join(parts) or "-"
@@ -232,6 +237,13 @@ def main() -> int:
     for n, st in statuses.items():
         print(f"| {n} | {st['status']} | {st['wall_s']:.1f} |")
     print(f"| total | {len(names) - len(failed)}/{len(names)} ok | {summary['wall_s']:.1f} |")
+    shaky = [f"{n}:{h['key']}" for n, st in statuses.items() if st["status"] == "ok"
+             for h in st["result"]["headline"] if unsteady(h)]
+    summary["unsteady"] = shaky
+    write_json(args.out, summary)
+    if shaky:
+        print(f"\nUNSTEADY rows (their rounds disagree more than the ratio claims; rerun on a quieter machine or "
+              f"with more --rounds): {', '.join(shaky)}")
     print(f"\nsummary: {args.out}; benchmark logs: {work}")
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

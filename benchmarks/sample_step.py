@@ -1,8 +1,10 @@
 """Sampler speed: seconds per sampling step of Unconfused's sampler (debugger off and on) vs
 diffusers' StableDiffusionPipeline called directly, same model, prompt, scheduler, size.
-Rounds alternate between the variants so machine load hits them alike. Prints a table.
+Every variant is warmed up, torch's threads are fixed (--threads), and the rounds run the variants
+interleaved in a rotating order so machine load hits them alike. Prints a table with the min /
+median / max of the per-round ratios beside each ratio.
 
-    .venv/bin/python benchmarks/sample_step.py [--steps 20] [--size 128] [--rounds 3] [--json PATH]
+    .venv/bin/python benchmarks/sample_step.py [--steps 20] [--size 128] [--rounds 7] [--threads 1] [--json PATH]
 
 --json PATH also writes the headline numbers (read by benchmarks/run_all.py).
 """
@@ -13,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every variant (default 1)")
     p.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = p.parse_args()
 
@@ -58,37 +60,36 @@ def main() -> None:
 
     variants = {"diffusers StableDiffusionPipeline": reference, "Unconfused sampler, debugger off": ours(False),
                 "Unconfused sampler, debugger on": ours(True)}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():
-        fn()  # warm-up
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) / args.steps)
-    ref = statistics.median(times["diffusers StableDiffusionPipeline"])
-    print(f"Sampling benchmark: {args.size}px, DDIM {args.steps} steps, CFG 7.5, batch 1, median of {args.rounds} "
-          f"rounds (whole call / steps, so prompt encoding and VAE decode are included)")
-    print("| variant | s/step | x diffusers |")
+    from _results import fix_threads, interleaved, ratio_spread
+
+    threads = fix_threads(args.threads)
+    times = interleaved(variants, args.rounds, per=args.steps)
+    ref_name = "diffusers StableDiffusionPipeline"
+    ref = statistics.median(times[ref_name])
+    print(f"Sampling benchmark: {args.size}px, DDIM {args.steps} steps, CFG 7.5, batch 1, {threads} thread(s), "
+          f"median of {args.rounds} interleaved rounds after a warm-up (whole call / steps, so prompt encoding and "
+          "VAE decode are included)")
+    print("| variant | s/step (min / median / max) | x diffusers, median (min .. max of rounds) |")
     print("|---|---|---|")
     for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"| {name} | {m:.4f} | {m / ref:.3f} |")
+        lo, mid, hi = ratio_spread(ts, times[ref_name])
+        print(f"| {name} | {min(ts):.4f} / {statistics.median(ts):.4f} / {max(ts):.4f} | "
+              f"{statistics.median(ts) / ref:.3f} ({lo:.2f} .. {hi:.2f}) |")
     if args.json:
         from _results import headline, write_json
 
         med = {name: statistics.median(ts) for name, ts in times.items()}
+        rows = []
+        for key, name in (("debugger_off", "Unconfused sampler, debugger off"),
+                          ("debugger_on", "Unconfused sampler, debugger on")):
+            rows.append(headline(key, f"sampling step: ours ({name.split(', ')[1]}) vs diffusers StableDiffusionPipeline",
+                                 med[name], ref, "s/step", med[name] / ref, "x diffusers",
+                                 spread=ratio_spread(times[name], times[ref_name])))
         write_json(args.json, {
             "benchmark": "sample_step",
-            "settings": {"steps": args.steps, "size": args.size, "rounds": args.rounds, "scheduler": "ddim"},
-            "headline": [
-                headline("debugger_off", "sampling step: ours (debugger off) vs diffusers StableDiffusionPipeline",
-                         med["Unconfused sampler, debugger off"], ref, "s/step",
-                         med["Unconfused sampler, debugger off"] / ref, "x diffusers"),
-                headline("debugger_on", "sampling step: ours (debugger on) vs diffusers StableDiffusionPipeline",
-                         med["Unconfused sampler, debugger on"], ref, "s/step",
-                         med["Unconfused sampler, debugger on"] / ref, "x diffusers"),
-            ],
+            "settings": {"steps": args.steps, "size": args.size, "rounds": args.rounds, "scheduler": "ddim",
+                         "threads": threads},
+            "headline": rows,
             "details": {"s_per_step": times},
         })
 

@@ -33,7 +33,7 @@ from .tokenizer import in_vocabulary
 
 FORMAT = "unconfused.concept_set"
 VERSION = 1
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}  # a GIF: its first frame
 _TOKEN_RE = re.compile(r"^\S+$")
 
 
@@ -140,13 +140,27 @@ def tensor_to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
 
 
+def _wide_gray(img: Image.Image) -> torch.Tensor | None:
+    """16-bit (and 32-bit integer) grayscale scaled to 0..1 by its bit depth; PIL's convert()
+    would clip it to 255 (a full-range 16-bit PNG became pure white)."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I"):
+        return None
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else float(2**32 - 1)
+    return torch.from_numpy((arr / top).clip(0, 1).astype(np.float32))
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    img = ImageOps.exif_transpose(img).convert("RGB")
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    img = ImageOps.exif_transpose(img)
+    gray = _wide_gray(img)
+    if gray is not None:
+        return gray[..., None].expand(*gray.shape, 3).contiguous()
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
 
 
 def pil_to_mask(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)
+    gray = _wide_gray(img)
+    return gray if gray is not None else torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)
 
 
 def to_batch(images: list[torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -175,7 +189,13 @@ def validate_token(token: str, *, node: str, input: str = "token") -> str:
                               node=node, input=input)
     if token.startswith("embedding:"):
         raise UnconfusedError("give the token without the 'embedding:' prefix", node=node, input=input)
+    if len(token) > MAX_TOKEN_CHARS:  # it names the embedding file: refused before anything is written
+        raise UnconfusedError(f"the token is {len(token)} characters long; use at most {MAX_TOKEN_CHARS} "
+                              "(a short new word such as <alice>)", node=node, input=input)
     return token
+
+
+MAX_TOKEN_CHARS = 64
 
 
 def make_concept(token: str, class_word: str, images: torch.Tensor, masks: torch.Tensor | None = None,
@@ -263,7 +283,12 @@ def load_concept_set(folder: str | Path, *, node: str = "UnconfusedLoadConceptSe
                               f"(format {meta.get('format')!r}, version {meta.get('version')})", node=node,
                               input="folder")
     concepts = []
-    for entry in meta["concepts"]:
+    for k, entry in enumerate(meta["concepts"] if isinstance(meta.get("concepts"), list) else [None]):
+        wrong = [key for key, kind in (("folder", str), ("token", str), ("class_word", str), ("images", list))
+                 if not isinstance(entry, dict) or not isinstance(entry.get(key), kind)]
+        if wrong:  # a hand-edited manifest: a sentence, not a KeyError
+            raise UnconfusedError(f"concept {k} of {manifest} lacks {', '.join(wrong)} (or has the wrong type); "
+                                  "fix the file or save the concept set again", node=node, input="folder")
         sub = folder / safe_name(entry["folder"], input="folder", node=node)
         names = [Path(n).stem for n in entry["images"]]
         images = [pil_to_tensor(_read_image(sub / n, "image", node)) for n in entry["images"]]

@@ -535,3 +535,44 @@ def comfy_clip_state_dict(clip) -> dict:
         if k in sd:
             sd[k] = patcher.calculate_weight(patches, sd[k].float().clone(), k).to(sd[k].dtype)
     return sd
+
+
+def apply_thread_defaults() -> int:
+    """Thread defaults for a headless run (the CLI calls this; inside ComfyUI the host decides):
+    torch's intra-op threads = the CPUs this process may use (torch counts every core of the
+    machine, so in a container limited to 2 CPUs of 64 it ran 32 spinning threads) less those
+    other processes keep busy (`threads.idle_cpus`), one inter-op thread, no tokenizers thread
+    pool. A user's OMP_NUM_THREADS / MKL_NUM_THREADS wins. Returns the intra-op thread count.
+    (The CLI also sets the variables before torch loads: `threads.set_thread_environment`.)"""
+    from .threads import idle_cpus, user_chose_threads
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if user_chose_threads():
+        return torch.get_num_threads()
+    n = idle_cpus()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # only possible before the first inter-op work
+        torch.set_num_interop_threads(1)
+    return n
+
+
+@contextlib.contextmanager
+def cancel_checks(*modules: torch.nn.Module) -> Iterator[None]:
+    """Check for Cancel before every block of these models runs (their direct children and the
+    children of their block lists), not only between steps: a 512px UNet step or a VAE decode
+    takes seconds on a CPU, and ComfyUI's Cancel should not wait for it."""
+    handles = []
+
+    def hook(_module, _args):
+        check_cancel()
+
+    for m in modules:
+        for child in m.children():
+            targets = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+            handles += [t.register_forward_pre_hook(hook) for t in targets]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import host
 from .errors import UnconfusedError
+from .regions import iou
 
 NODE = "UnconfusedEvaluate"
 NODE_IOU = "UnconfusedMaskIoU"
@@ -164,9 +165,7 @@ def mask_iou(a: Sequence[torch.Tensor] | torch.Tensor, b: Sequence[torch.Tensor]
                                       "different aspect ratios cannot be compared; resize or crop one batch to the "
                                       "other's size", node=node, input="masks_b")
             y = F.interpolate(y[None, None], size=tuple(x.shape), mode="nearest")[0, 0]
-        xb, yb = x > threshold, y > threshold
-        union = (xb | yb).sum()
-        out.append(1.0 if union == 0 else float((xb & yb).sum() / union))
+        out.append(iou(x, y, threshold))
     return out
 
 

@@ -98,9 +98,18 @@ class ModelBundle:
 
     @property
     def base_hash(self) -> str:
-        """sha256 of the checkpoint file (first 12 hex digits), for export metadata."""
+        """The base model's identity by content (12 hex digits of a sha256): of the checkpoint
+        file, of a diffusers folder's files, or of the frozen weights of a model without files.
+        Export metadata, resumes and caches (class images, banks) are keyed by it, so two
+        models never share one. Computed once per bundle (clones keep it)."""
         if self._hash is None:
-            self._hash = file_sha256(self.source)[:12] if self.source and self.source.is_file() else "unknown"
+            src = Path(self.source) if self.source else None
+            if src is not None and src.is_file():
+                self._hash = file_sha256(src)[:12]
+            elif src is not None and src.is_dir():
+                self._hash = folder_sha256(src)[:12]
+            else:
+                self._hash = weights_sha256(self)[:12]
         return self._hash
 
     @property
@@ -133,11 +142,42 @@ class ModelBundle:
         return "\n".join(lines + self.notes)
 
 
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: a big file is read once
+
+
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def folder_sha256(folder: Path) -> str:
+    """A diffusers folder by content: every file's relative path and sha256 (hidden files,
+    e.g. an interrupted write's `.partial`, are not part of the model)."""
+    folder = Path(folder)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            h.update(f"{rel.as_posix()}\0{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def weights_sha256(bundle: "ModelBundle") -> str:
+    """A model without files by the bytes of its frozen weights (trainable LoRA weights and
+    concept token rows left out, so a clone in training keeps its base's identity)."""
+    h = hashlib.sha256(f"{bundle.family}:{bundle.prediction_type}".encode())
+    for m in (bundle.unet, bundle.text_encoder, bundle.vae):
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            if "lora_" in name or "new_rows" in name:
+                continue
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -28,9 +28,32 @@ def overlay_masks(image: torch.Tensor, masks: list[torch.Tensor], alpha: float =
     return tensor_to_pil(torch.from_numpy(base))
 
 
-def grid(images: list[Image.Image], captions: list[str] | None = None, *, cell: int = 256, columns: int = 4,
+def wrap(text: str, chars: int) -> list[str]:
+    """Lines of at most `chars` characters, broken between words only: a concept token such as
+    `<my-dog>` is never split (a word longer than a line gets a line of its own, cut at its end)."""
+    lines = textwrap.wrap(text, chars, break_long_words=False, break_on_hyphens=False)
+    return [line if len(line) <= chars else line[:chars - 1] + "…" for line in lines]
+
+
+def _legend(draw, x: int, y: int, items: list[tuple[str, tuple]], width: int, line_h: int, lines: int, font):
+    """Colour swatches with their labels, wrapped between items (never inside one)."""
+    cx, row = x, 0
+    for text, colour in items:
+        text = text if len(text) * 6 <= width - 16 else text[:max(1, (width - 16) // 6 - 1)] + "…"
+        w = 12 + 6 * len(text) + 10
+        if cx > x and cx + w > x + width:
+            cx, row = x, row + 1
+        if row >= lines:
+            return
+        draw.rectangle([cx, y + row * line_h + 1, cx + 8, y + row * line_h + 9], fill=tuple(colour))
+        draw.text((cx + 12, y + row * line_h), text, fill=(235, 235, 235), font=font)
+        cx += w
+
+
+def grid(images: list[Image.Image], captions: list | None = None, *, cell: int = 256, columns: int = 4,
          caption_lines: int = 4, marks: list[bool] | None = None) -> Image.Image:
-    """Images fitted into square cells with up to `caption_lines` wrapped caption lines under each;
+    """Images fitted into square cells with up to `caption_lines` wrapped caption lines under each
+    (a caption is text, or a legend: a list of (label, (r, g, b)) drawn as colour swatches);
     `marks[i]` draws a red frame (e.g. a flagged caption)."""
     if not images:
         raise ValueError("nothing to show")
@@ -49,8 +72,10 @@ def grid(images: list[Image.Image], captions: list[str] | None = None, *, cell: 
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
         if marks and marks[i]:
             draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell + text_h - 2], outline=(230, 40, 40), width=3)
-        if captions:
-            lines = textwrap.wrap(captions[i] or "", chars)[:caption_lines]
+        if captions and isinstance(captions[i], list):
+            _legend(draw, x + 4, y + cell + 3, captions[i], cell - 8, line_h, caption_lines, font)
+        elif captions:
+            lines = wrap(captions[i] or "", chars)[:caption_lines]
             for j, line in enumerate(lines):
                 draw.text((x + 4, y + cell + 3 + j * line_h), line, fill=(235, 235, 235), font=font)
     return sheet

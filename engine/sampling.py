@@ -88,7 +88,7 @@ def generate(bundle, prompts: list[str], *, negative: str = "", steps: int = 30,
         capture.watch(torch.cat([torch.zeros_like(pos), pos]) if cfg > 1 else pos)
     scale = _lora_scale(bundle.unet, lora_strength)
     try:
-        with scale, (capture if capture is not None else _nothing()):
+        with scale, (capture if capture is not None else _nothing()), host.cancel_checks(bundle.unet, bundle.vae):
             out = pipe(**family.pipeline_inputs(cond, uncond), num_inference_steps=steps,
                        guidance_scale=cfg, height=height, width=width, latents=latents.to(device, dtype),
                        generator=gens, output_type="latent", callback_on_step_end=on_step).images
@@ -159,8 +159,7 @@ class SampleResult:
         cells, labels = [], []
         for i, img in enumerate(self.images):
             cells.append(overlay_masks(img, list(self.maps[i])) if self.maps is not None else img)
-            labels.append("  ".join(f"{t}: {'rgb' + str(PALETTE[k % len(PALETTE)])}" for k, t in
-                                    enumerate(self.tokens)))
+            labels.append([(t, PALETTE[k % len(PALETTE)]) for k, t in enumerate(self.tokens)])  # colour swatches
         from .concepts import tensor_to_pil
 
         return grid([c if not isinstance(c, torch.Tensor) else tensor_to_pil(c) for c in cells], labels,

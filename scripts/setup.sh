@@ -12,6 +12,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install --upgrade --quiet pip
+# setuptools >= 77 reads the SPDX license string; tests/test_reliability.py builds the wheel offline with it
+$PIP install --quiet "setuptools>=77" wheel
 
 # torch + torchvision (segment-anything's automatic masks need torchvision). A CPU-only
 # machine can use any matching pair; this pair is the one the tests run with.

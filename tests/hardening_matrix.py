@@ -48,6 +48,31 @@ MATRIX = {
         "test_sid_comfy.py::test_example_workflow_in_real_comfyui",
         "test_host.py::test_output_names_cannot_escape",
         "test_concepts.py::test_save_refuses_names_outside_the_output_folder"],
+    # issue 21 (reliability round)
+    "runs that cannot be mixed up (another base model, two runs at once, thread counts)": [
+        "test_reliability.py::test_base_model_is_identified_by_content_and_a_resume_on_another_is_refused",
+        "test_reliability.py::test_class_images_are_cached_per_base_model",
+        "test_reliability.py::test_a_second_run_of_the_same_folder_is_refused_and_a_dead_owner_is_taken_over",
+        "test_reliability.py::test_the_lock_is_released_on_every_exit_path",
+        "test_reliability.py::test_data_fingerprint_does_not_depend_on_the_thread_count"],
+    "wrong types in job files, settings and manifests; odd photos": [
+        "test_reliability.py::test_wrong_setting_types_are_named",
+        "test_reliability.py::test_settings_are_parsed_by_their_declared_type",
+        "test_reliability.py::test_wrong_job_file_types_are_sentences",
+        "test_reliability.py::test_config_file_kinds_are_named",
+        "test_reliability.py::test_smoke_refuses_a_zero_resolution",
+        "test_reliability.py::test_float_steps_train_and_export",
+        "test_reliability.py::test_a_too_long_token_or_name_is_refused_before_anything_is_written",
+        "test_reliability.py::test_a_concept_set_entry_without_folder_is_a_sentence",
+        "test_reliability.py::test_a_corrupt_mask_in_eval_is_a_sentence_and_a_huge_resolution_is_warned",
+        "test_reliability.py::test_16_bit_grayscale_and_gif_photos_load_as_they_look"],
+    "real full and read-only disks (the libraries failing, not simulated)": [
+        "test_full_disk.py::test_a_real_full_disk_gives_a_sentence_and_no_partial_file",
+        "test_full_disk.py::test_a_folder_that_becomes_read_only_mid_write_gives_a_sentence"],
+    "signals and kills (SIGTERM, a second Ctrl-C, files a kill leaves)": [
+        "test_reliability.py::test_sigterm_writes_a_checkpoint_and_a_second_signal_prints_no_traceback",
+        "test_reliability.py::test_partial_files_of_a_killed_run_are_cleaned_up",
+        "test_reliability.py::test_cancel_is_seen_inside_a_sampling_step"],
 }
 
 

@@ -78,4 +78,14 @@ def test_demo_runs_the_whole_clif_flow_on_builtin_defaults(tmp_path, capsys):
     assert main(["demo", "--workdir", str(work), "--clif-steps", "3", "--lora-steps", "3"]) == 0
     again = json.loads((work / "report.json").read_text())["stages"]
     assert again["CLIF text encoder"]["resumed_from"] == 3 and again["LoRA + tokens"]["resumed_from"] == 3
+    # finished sampling and evaluation return at once too (issue 21), with the same numbers
+    assert again["sample"]["reused"] and again["evaluate"]["reused"]
+    assert again["evaluate"]["rows"] == ev["rows"] and again["sample"]["attention_overlap"] == \
+        report["stages"]["sample"]["attention_overlap"]
+    # another run name in the same workdir is a separate run (the option the refusal names)
+    assert main(["demo", "--workdir", str(work), "--clif-steps", "3", "--lora-steps", "3", "--name", "other",
+                 "--resume", "restart", "--sample-steps", "2"]) == 0
+    other = json.loads((work / "report.json").read_text())["stages"]
+    assert other["LoRA + tokens"]["resumed_from"] == 0 and not other["sample"].get("reused")
+    assert (work / "models" / "loras" / "other-lora.safetensors").is_file()
     assert "report written" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from sam_helpers import TINY_CLIP_CFG, register_tiny_clip
 from tiny_models import tiny_bundle
 from unconfused.engine import host
 from unconfused.engine.clip_scoring import ClipScorer
-from unconfused.engine.clip_tower import FeatureCache, load_image_tower, tower_from_scorer
+from unconfused.engine.clip_tower import FeatureCache, load_image_tower
 from unconfused.engine.concepts import tensor_to_pil
 from unconfused.engine.dataset import Dataset, DatasetWriter
 from unconfused.engine.errors import Cancelled, UnconfusedError

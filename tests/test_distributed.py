@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 def _job(folder, name: str, batch: int):
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "job.toml"
-    config.write_text(f'[settings]\nname = "{name}"\nsteps = 3\nresolution = 64\nbatch_size = {batch}\n'
+    config.write_text(f'concepts = "demo"\n[settings]\nname = "{name}"\nsteps = 3\nresolution = 64\nbatch_size = {batch}\n'
                       'checkpoint_every = 2\nunet_lr = 0.001\ntoken_lr = 0.01\n')
     return config
 

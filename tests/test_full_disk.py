@@ -94,3 +94,72 @@ def test_evaluation_report(tmp_path, full_disk):
                      name="r")["result"][0]
     folders = sorted(p.name for p in eval_dir.iterdir())
     assert folders == ["r_00001"] and folders[-1] in table and (host.output_dir() / "unconfused" / "eval" / folders[-1] / "metrics.csv").is_file()
+
+
+# ---------------------------------------------------------------- the real libraries failing (issue 21)
+import contextlib  # noqa: E402
+import subprocess  # noqa: E402
+
+
+@contextlib.contextmanager
+def _mounted(folder, size: str = "256k"):
+    """A small tmpfs at `folder` (CI runs as root). Not skipped when impossible: a fault that is not
+    made is not tested."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"cannot mount a tmpfs (run as root): {done.stderr}"
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _writers(folder):
+    from PIL import Image
+
+    from unconfused.engine.files import atomic_path, atomic_save_image, atomic_save_safetensors, atomic_write_json
+
+    def torch_save():
+        with atomic_path(folder / "step_000010.pt") as tmp:
+            torch.save({"w": torch.zeros(200_000)}, tmp)
+    return {"safetensors": lambda: atomic_save_safetensors(folder / "lora.safetensors", {"w": torch.zeros(200_000)}),
+            "torch.save": torch_save,
+            "json": lambda: atomic_write_json(folder / "run.json", {"x": "y" * 400_000}),
+            "png": lambda: atomic_save_image(folder / "a.png", Image.frombytes("RGB", (400, 400), os.urandom(480_000)))}
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save", "json", "png"])
+def test_a_real_full_disk_gives_a_sentence_and_no_partial_file(tmp_path, writer):
+    with _mounted(tmp_path / "disk") as disk:
+        with pytest.raises(UnconfusedError, match="No space left on device.*disk is not full"):
+            _writers(disk)[writer]()
+        assert os.listdir(disk) == []  # nothing half-written, no hidden temporary file
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save", "png"])
+def test_a_folder_that_becomes_read_only_mid_write_gives_a_sentence(tmp_path, writer, monkeypatch):
+    """The mount turns read-only while the library writes: the rename and the clean-up both meet
+    EROFS; the user still gets one sentence, not the clean-up's traceback."""
+    import safetensors.torch as st
+
+    with _mounted(tmp_path / "disk", "4m") as disk:
+        real = {"safetensors": st.save_file, "torch.save": torch.save}
+
+        def remount():
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        if writer == "safetensors":
+            def save_file(*a, **k):
+                real["safetensors"](*a, **k)
+                remount()
+            monkeypatch.setattr(st, "save_file", save_file)
+        elif writer == "torch.save":
+            def save(*a, **k):
+                real["torch.save"](*a, **k)
+                remount()
+            monkeypatch.setattr(torch, "save", save)
+        else:
+            remount()
+        with pytest.raises(UnconfusedError, match="Read-only file system"):
+            _writers(disk)[writer]()
+        assert not any(p.startswith(".") is False for p in os.listdir(disk))  # no final file appeared

@@ -9,11 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from tiny_models import cached_checkpoint
-from unconfused.engine import host
 from unconfused.engine.concepts import Concept, make_concept_set
 from unconfused.engine.models import load_model
 from unconfused.trainers.lora import LoraSettings, LoraTrainer

@@ -1,24 +1,52 @@
-"""Command line: `python -m unconfused <command> ...` (the trainers add their commands here)."""
+"""Command line: `python -m unconfused <command> ...` (the trainers add their commands here).
+
+Heavy libraries (torch, diffusers, ...) are imported only when a command runs, so `--help`
+answers at once. Ctrl-C and SIGTERM (what `timeout`, `docker stop` and job schedulers send)
+ask the job to stop at its next check: a training run writes a checkpoint of its last
+finished step, and rerunning the command resumes there. A second signal stops at once, with a
+line, not a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
-from ..engine import host
-from ..engine.errors import Cancelled, UnconfusedError
 
 
 def _concept_spec(text: str):
+    from ..engine.concepts import parse_concept_spec
+    from ..engine.errors import UnconfusedError
     from .smoke import ConceptSpec
 
-    parts = text.split(":")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError("use FOLDER:TOKEN:CLASS, e.g. photos/alice:<alice>:woman")
-    return ConceptSpec(Path(parts[0]), parts[1], parts[2])
+    try:
+        return ConceptSpec(*parse_concept_spec(text, node="cli", input="--concept"))
+    except UnconfusedError:
+        raise argparse.ArgumentTypeError("use FOLDER:TOKEN:CLASS, e.g. photos/alice:<alice>:woman") from None
+
+
+def _resolution(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of pixels, e.g. 64") from None
+    if value < 64 or value % 64:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 64 (at least 64), e.g. 64 or 512")
+    return value
+
+
+def _count(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more (got {value})")
+        return value
+    return parse
 
 
 def _smoke(args) -> int:
@@ -52,7 +80,8 @@ def _demo(args) -> int:
     s = flow.FlowSettings(workdir=Path(args.workdir), ckpt=Path(args.ckpt) if args.ckpt else None,
                           clip=Path(args.clip) if args.clip else None, sam=Path(args.sam) if args.sam else None,
                           concepts=args.concept or [], resolution=args.resolution, clif_steps=args.clif_steps,
-                          lora_steps=args.lora_steps, prompt=args.prompt)
+                          lora_steps=args.lora_steps, prompt=args.prompt, sample_steps=args.sample_steps,
+                          name=args.name, resume=args.resume, seed=args.seed)
     report = flow.run(s)
     print(flow.format_report(report))
     print(f"report written to {Path(args.workdir) / 'report.json'}")
@@ -86,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "random demo model)")
     s.add_argument("--concept", action="append", type=_concept_spec,
                    help="FOLDER:TOKEN:CLASS, repeatable (default: two built-in synthetic concepts)")
-    s.add_argument("--resolution", type=int, default=64)
+    s.add_argument("--resolution", type=_resolution, default=64, help="training resolution in pixels, a multiple "
+                                                                        "of 64 (default: %(default)s)")
     s.set_defaults(func=_smoke)
     s = sub.add_parser("demo", help="the whole CLIF flow (cut-outs, augmentations, CLIF, LoRA, sampling with the "
                                     "attention debugger) on built-in defaults or your files; rerun to resume")
@@ -97,10 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sam", help="a SAM checkpoint (sam_vit_b/l/h): cut-outs of your photos")
     s.add_argument("--concept", action="append", type=_concept_spec,
                    help="FOLDER:TOKEN:CLASS, repeatable (default: two built-in synthetic concepts)")
-    s.add_argument("--resolution", type=int, default=64)
-    s.add_argument("--clif-steps", type=int, default=30)
-    s.add_argument("--lora-steps", type=int, default=40)
+    s.add_argument("--resolution", type=_resolution, default=64,
+                   help="LoRA training resolution in pixels, a multiple of 64; pictures are twice as large "
+                        "(default: %(default)s)")
+    s.add_argument("--clif-steps", type=_count(0), default=30, help="CLIF text-encoder steps (default: %(default)s)")
+    s.add_argument("--lora-steps", type=_count(1), default=40, help="LoRA + token steps (default: %(default)s)")
+    s.add_argument("--sample-steps", type=_count(1), default=20, help="sampling steps per picture "
+                                                                       "(default: %(default)s)")
     s.add_argument("--prompt", default="", help="default: a photo of <first token> and <second token>")
+    s.add_argument("--name", default="demo", help="run name: the CLIF and LoRA runs are <name>-clif and <name>-lora "
+                                                  "and the exports carry it; another name starts a separate run in "
+                                                  "the same workdir (default: %(default)s)")
+    s.add_argument("--resume", choices=["auto", "restart"], default="auto",
+                   help="auto: continue where the last run of this name stopped, finished stages return at once; "
+                        "restart: train every stage again from step 0 (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
     s.set_defaults(func=_demo)
     for name, runner, about, config, example in (
             ("lora", "run_lora", "train concept tokens + a shared UNet LoRA from a config file (JSON/TOML); rerun the "
@@ -133,20 +174,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stop:
+    """The signal handler: the first Ctrl-C or SIGTERM asks the job to stop at its next check
+    (a checkpoint is written); the second stops at once (KeyboardInterrupt, caught in main)."""
+
+    def __init__(self):
+        self.asked = None
+
+    def __call__(self, signum, frame):
+        import signal
+
+        if self.asked is None:
+            from ..engine import host
+
+            self.asked = signal.Signals(signum).name
+            print(f"\n{self.asked}: stopping at the next step (a checkpoint is written; rerun the command to "
+                  "resume); send it again to stop at once", file=sys.stderr)
+            host.request_cancel()
+        else:
+            raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    # Ctrl-C asks the job to stop at its next check; a second Ctrl-C kills it.
-    signal.signal(signal.SIGINT, lambda *_: (host.request_cancel(), signal.signal(signal.SIGINT,
-                                                                                   signal.default_int_handler)))
+    from ..engine.threads import set_thread_environment
+
+    set_thread_environment()  # before torch loads: OpenMP's default then holds for every thread
+    from ..engine import host
+    from ..engine.errors import Cancelled, UnconfusedError
+
+    host.apply_thread_defaults()
+    stop = _Stop()
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread (main() called from a thread): keep the defaults
+            pass
     try:
         return args.func(args)
     except Cancelled:
-        print("cancelled", file=sys.stderr)
+        print(f"cancelled ({stop.asked or 'by request'}); rerun the command to resume", file=sys.stderr)
+        return 130 if stop.asked != "SIGTERM" else 143
+    except KeyboardInterrupt:
+        print("stopped; rerun the command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except UnconfusedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        host.clear_cancel()
 
 
 if __name__ == "__main__":

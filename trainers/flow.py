@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..engine import host
-from ..engine.concepts import Concept, ConceptSet, load_images_from_folder, make_concept_set, validate_token
+from ..engine.concepts import Concept, ConceptSet, concept_from_folder, make_concept_set
 from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_save_image, atomic_write_json
 from .smoke import ConceptSpec, synthetic_concept
@@ -42,6 +42,8 @@ class FlowSettings:
     sample_steps: int = 20
     prompt: str = ""  # default: "a photo of <first> and <second>"
     seed: int = 0
+    name: str = "demo"  # the runs <name>-clif and <name>-lora, the dataset <name>
+    resume: str = "auto"  # "restart": train every stage again
 
 
 class Stages:
@@ -70,9 +72,7 @@ def _concepts(s: FlowSettings, sam_model, scorer) -> ConceptSet:
         return make_concept_set(made, node=NODE)
     concepts = []
     for spec in s.concepts:
-        token = validate_token(spec.token, node=NODE, input="--concept")
-        images, names, captions = load_images_from_folder(spec.folder, node=NODE, input="--concept")
-        concepts.append(Concept(token, spec.class_word, images, names=names, captions=captions))
+        concepts.append(concept_from_folder(spec.folder, spec.token, spec.class_word, node=NODE, input="--concept"))
     if sam_model is None:
         raise UnconfusedError("your photos need cut-outs: give --sam (a SAM checkpoint, e.g. sam_vit_b_01ec64.pth) "
                               "and --clip (an open_clip checkpoint)", node=NODE, input="--sam")
@@ -123,38 +123,53 @@ def run(s: FlowSettings) -> dict:
         from ..engine.regions import region_tools
 
         proposer, labeller = region_tools(sam_model, scorer, node=NODE)
-    built = st.run("augmentations", build_dataset, cs, work / "output" / "unconfused" / "datasets" / "demo", aug,
+    from ..engine.files import safe_name
+
+    name = safe_name(s.name, input="--name", node=NODE)
+    if s.resume not in ("auto", "restart"):
+        raise UnconfusedError(f"'{s.resume}' is not auto or restart", node=NODE, input="--resume")
+    built = st.run("augmentations", build_dataset, cs, work / "output" / "unconfused" / "datasets" / name, aug,
                    bank=bank, proposer=proposer, labeller=labeller, node=NODE)
     st.note("augmentations", pairs=built.counts)
     dataset = Dataset(built.folder, node=NODE)
 
     clif = st.run("CLIF text encoder", train_clif, bundle, dataset, tower_from_scorer(scorer),
-                  ClifSettings(name="demo-clif", steps=s.clif_steps, batch_size=8, warmup_steps=0,
-                               checkpoint_every=0, seed=s.seed, holdout=0.2))
+                  ClifSettings(name=f"{name}-clif", steps=s.clif_steps, batch_size=8, warmup_steps=0,
+                               checkpoint_every=0, seed=s.seed, holdout=0.2, resume=s.resume))
     st.note("CLIF text encoder", resumed_from=clif.resumed_from, metrics=clif.metrics, exports={k: v.name for k, v in clif.exports.items()})
 
     from ..engine.training_data import examples_from_concept_set
 
     examples = examples_from_concept_set(cs, node=NODE) + list(dataset.examples(("mix",)))
     lora = st.run("LoRA + tokens", train_lora, clif.bundle, examples,
-                  LoraSettings(name="demo-lora", steps=s.lora_steps, resolution=s.resolution, checkpoint_every=0,
-                               seed=s.seed), class_words={c.token: c.class_word for c in cs.concepts})
+                  LoraSettings(name=f"{name}-lora", steps=s.lora_steps, resolution=s.resolution, checkpoint_every=0,
+                               seed=s.seed, resume=s.resume), class_words={c.token: c.class_word for c in cs.concepts})
     st.note("LoRA + tokens", resumed_from=lora.resumed_from, final_loss=lora.losses[-1], exports={k: v.name for k, v in lora.exports.items()})
 
     tokens = [c.token for c in cs.concepts]
     prompt = s.prompt or f"a photo of {tokens[0]} and {tokens[1] if len(tokens) > 1 else 'a friend'}"
-    res = st.run("sample", S.sample, lora.bundle, prompt, steps=s.sample_steps, width=s.resolution * 2,
-                 height=s.resolution * 2, seed=s.seed, batch_size=2, debug_attention=True, node=NODE)
-    from ..engine.concepts import tensor_to_pil
-    from ..engine.preview import grid
+    # sampling and evaluation: done once per (trained weights, prompt, settings); a rerun reads the result
+    key = _stage_key(lora.exports, prompt, s)
+    done = _read_stage(work, "sample", key)
+    if done is None or not all((work / f).exists() for f in ("samples.png", "attention.png", "eval")):
+        res = st.run("sample", S.sample, lora.bundle, prompt, steps=s.sample_steps, width=s.resolution * 2,
+                     height=s.resolution * 2, seed=s.seed, batch_size=2, debug_attention=True, node=NODE)
+        from ..engine.concepts import tensor_to_pil
+        from ..engine.preview import grid
 
-    atomic_save_image(work / "samples.png", grid([tensor_to_pil(i) for i in res.images], [prompt] * len(res.images)))
-    atomic_save_image(work / "attention.png", res.overlay())
-    overlap = _attention_overlap(res.maps)
-    st.note("sample", prompt=prompt, attention_tokens=res.tokens, attention_overlap=overlap, warnings=res.warnings)
-
-    evaluation = st.run("evaluate", _evaluate, lora.bundle, cs, scorer, res, prompt, s, work / "eval")
-    st.note("evaluate", **evaluation)
+        atomic_save_image(work / "samples.png", grid([tensor_to_pil(i) for i in res.images],
+                                                     [prompt] * len(res.images)))
+        atomic_save_image(work / "attention.png", res.overlay())
+        done = {"prompt": prompt, "attention_tokens": res.tokens, "attention_overlap": _attention_overlap(res.maps),
+                "warnings": res.warnings}
+        evaluation = st.run("evaluate", _evaluate, lora.bundle, cs, scorer, res, prompt, s, work / "eval")
+        _write_stage(work, "sample", key, {"sample": done, "evaluate": evaluation})
+        done = {"sample": done, "evaluate": evaluation}
+    else:
+        st.note("sample", seconds=0.0, reused=True)
+        st.note("evaluate", seconds=0.0, reused=True)
+    st.note("sample", **done["sample"])
+    st.note("evaluate", **done["evaluate"])
 
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
                            if k != "concepts"},
@@ -164,6 +179,37 @@ def run(s: FlowSettings) -> dict:
                         "evaluation": str(work / "eval")}}
     atomic_write_json(work / "report.json", json.loads(json.dumps(report, default=str)))
     return report
+
+
+def _stage_key(exports: dict, prompt: str, s: FlowSettings) -> str:
+    """What the pictures depend on: the trained tensors (by name and bytes: a re-export may order a
+    file's header differently), the prompt, the sampling settings."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256(json.dumps([prompt, s.sample_steps, s.resolution, s.seed]).encode())
+    for k, path in sorted(exports.items()):
+        with safe_open(str(path), "pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name).contiguous()
+                h.update(f"{k}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _read_stage(work: Path, stage: str, key: str) -> dict | None:
+    try:
+        done = json.loads((work / "stages" / f"{stage}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return done.get("result") if isinstance(done, dict) and done.get("key") == key else None
+
+
+def _write_stage(work: Path, stage: str, key: str, result: dict) -> None:
+    atomic_write_json(work / "stages" / f"{stage}.json",
+                      {"key": key, "result": json.loads(json.dumps(result, default=str))})
 
 
 def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings, folder: Path) -> dict:
@@ -196,10 +242,9 @@ def _attention_overlap(maps) -> float | None:
     maximum, mean over images): lower = the concepts went to different places."""
     if maps is None or maps.shape[1] < 2:
         return None
-    a, b = maps[:, 0] > 0.5, maps[:, 1] > 0.5
-    inter = (a & b).flatten(1).sum(1).float()
-    union = (a | b).flatten(1).sum(1).float().clamp(min=1)
-    return round(float((inter / union).mean()), 4)
+    from ..engine.regions import iou
+
+    return round(sum(iou(a, b) for a, b in zip(maps[:, 0], maps[:, 1])) / maps.shape[0], 4)
 
 
 def format_report(report: dict) -> str:

@@ -20,8 +20,8 @@ import tomllib
 from pathlib import Path
 
 from ..engine import host
-from ..engine.concepts import Concept, ConceptSet, load_concept_set, load_images_from_folder, make_concept_set, \
-    validate_token
+from ..engine.concepts import Concept, ConceptSet, concept_from_folder, load_concept_set, load_images_from_folder, \
+    make_concept_set, parse_concept_spec
 from ..engine.errors import UnconfusedError
 
 KNOWN = {"model", "concept_set", "concepts", "settings", "preset", "workdir", "prediction", "precision",
@@ -30,33 +30,93 @@ KNOWN = {"model", "concept_set", "concepts", "settings", "preset", "workdir", "p
          "prompt", "clip", "dino", "region_masks", "masks_a", "masks_b", "output"}  # the eval job
 
 
+TEXT_KEYS = {"model", "concept_set", "workdir", "prediction", "precision", "dataset", "image_tower", "prompt", "clip",
+             "dino", "region_masks", "masks_a", "masks_b", "output"}
+TEXT_OR_LIST_KEYS = {"images", "ground_truth"}  # one file name or a list of them
+
+
+def check_config_types(config: dict, name: str, *, node: str) -> None:
+    """Refuse a value of the wrong type with a sentence naming the key and the type (a number where a
+    path belongs, a table where a list belongs), before anything reads it."""
+    def bad(key: str, want: str):
+        raise UnconfusedError(f"'{key}' in {name} must be {want}, not {config[key]!r}", node=node, input=key)
+
+    for key in TEXT_KEYS & set(config):
+        if not isinstance(config[key], str):
+            bad(key, "text (a path or a name)")
+    for key in TEXT_OR_LIST_KEYS & set(config):
+        v = config[key]
+        if not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            bad(key, "a file name or a list of file names")
+    if "settings" in config and not isinstance(config["settings"], dict):
+        bad("settings", "a table of settings ([settings] in TOML, an object in JSON)")
+    if "concepts" in config:
+        v = config["concepts"]
+        if isinstance(v, str):
+            if node != "em" and v != "demo":
+                bad("concepts", "a list of \"FOLDER:TOKEN:CLASS\" entries (or \"demo\" for the two built-in "
+                                "concepts)")
+        elif not isinstance(v, list):
+            bad("concepts", "a list of \"FOLDER:TOKEN:CLASS\" entries or {folder, token, class_word} tables")
+        elif node != "em":
+            for spec in v:
+                if isinstance(spec, dict):
+                    missing = [k for k in ("folder", "token", "class_word") if not isinstance(spec.get(k), str)]
+                    if missing:
+                        raise UnconfusedError(f"the concept {spec!r} in {name} needs {', '.join(missing)} as text "
+                                              "({folder = \"photos/alice\", token = \"<alice>\", class_word = "
+                                              "\"woman\"})", node=node, input="concepts")
+                elif not isinstance(spec, str):
+                    raise UnconfusedError(f"the concept {spec!r} in {name} must be \"FOLDER:TOKEN:CLASS\" or a "
+                                          "{folder, token, class_word} table", node=node, input="concepts")
+        else:
+            if not all(isinstance(x, str) for x in v):
+                bad("concepts", "text lines (\"<token> class word\")")
+
+
 def read_config(path: str | Path, overrides: list[str] | None = None, *, node: str) -> tuple[dict, Path]:
+    from .loop import CliText
+
     path = Path(path)
+    if path.is_dir():
+        raise UnconfusedError(f"{path} is a folder; give the job file itself (a .toml or .json file)", node=node,
+                              input="--config")
     if not path.is_file():
         raise UnconfusedError(f"{path} does not exist", node=node, input="--config")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise UnconfusedError(f"{path.name}: job files are TOML (.toml) or JSON (.json), not '{suffix or 'no suffix'}'"
+                              "; rename or convert it", node=node, input="--config")
     try:
         text = path.read_text(encoding="utf-8")
-        config = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UnconfusedError(f"{path.name} is not valid {path.suffix[1:].upper() or 'JSON'}: {e}", node=node,
+        config = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UnconfusedError(f"{path.name} is not valid {suffix[1:].upper()}: {e}", node=node,
                               input="--config") from e
+    except OSError as e:
+        raise UnconfusedError(f"cannot read {path}: {e.strerror or e}", node=node, input="--config") from e
+    if not isinstance(config, dict):
+        raise UnconfusedError(f"{path.name} must hold an object of keys (model, concepts, settings, ...)", node=node,
+                              input="--config")
     unknown = sorted(set(config) - KNOWN)
     if unknown:
         raise UnconfusedError(f"unknown keys {unknown} in {path.name}; known: {sorted(KNOWN)}", node=node,
                               input="--config")
+    check_config_types(config, path.name, node=node)
     settings = dict(config.get("settings", {}))
     if "preset" in config:  # `preset = "paper"` at the top: a setting like the others ([settings] wins)
         settings.setdefault("preset", config.pop("preset"))
-    for item in overrides or []:  # --set steps=10 --set name=\"x\"
+    for item in overrides or []:  # --set steps=10 --set name=x: parsed by the setting's declared type
         key, sep, value = item.partition("=")
         if not sep:
             raise UnconfusedError(f"'{item}' is not key=value", node=node, input="--set")
-        try:
-            settings[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key.strip()] = value
+        settings[key.strip()] = CliText(value)
     config["settings"] = settings
-    return config, path.parent.resolve()
+    base = path.parent.resolve()
+    if "workdir" in config and _path(base, config["workdir"]).exists() and not _path(base, config["workdir"]).is_dir():
+        raise UnconfusedError(f"workdir {_path(base, config['workdir'])} is a file; give a folder (it holds models/, "
+                              "output/ and temp/)", node=node, input="workdir")
+    return config, base
 
 
 def _path(base: Path, value: str) -> Path:
@@ -85,6 +145,10 @@ def concepts_from_config(config: dict, base: Path, *, node: str) -> ConceptSet:
         return load_concept_set(_path(base, config["concept_set"]), node=node)
     specs = config.get("concepts")
     if not specs:
+        raise UnconfusedError("the job names no concepts: give 'concepts' (a list of \"FOLDER:TOKEN:CLASS\") or "
+                              "'concept_set' (a saved concept set folder); concepts = \"demo\" trains the two "
+                              "built-in synthetic concepts", node=node, input="concepts")
+    if specs == "demo":
         from .smoke import synthetic_photos
 
         return make_concept_set([Concept("<red-thing>", "ball", synthetic_photos(0)),
@@ -92,14 +156,10 @@ def concepts_from_config(config: dict, base: Path, *, node: str) -> ConceptSet:
     concepts = []
     for spec in specs:
         if isinstance(spec, str):
-            parts = spec.split(":")
-            if len(parts) != 3:
-                raise UnconfusedError(f"'{spec}' is not FOLDER:TOKEN:CLASS", node=node, input="concepts")
-            spec = {"folder": parts[0], "token": parts[1], "class_word": parts[2]}
-        token = validate_token(spec["token"], node=node, input="concepts")
-        images, names, captions = load_images_from_folder(_path(base, spec["folder"]), node=node, input="concepts")
-        concepts.append(Concept(token=token, class_word=spec["class_word"], images=images, names=names,
-                                captions=captions))
+            folder, token, class_word = parse_concept_spec(spec, node=node, input="concepts")
+            spec = {"folder": str(folder), "token": token, "class_word": class_word}
+        concepts.append(concept_from_folder(_path(base, spec["folder"]), spec["token"], spec["class_word"], node=node,
+                                            input="concepts"))
     return make_concept_set(concepts, node=node)
 
 
@@ -174,8 +234,12 @@ def run_em(config_path: str | Path, overrides: list[str] | None = None) -> dict:
         path = _path(base, name)
         if not path.is_file():
             raise UnconfusedError(f"{what} {path} does not exist", node="em", input="--config")
-        with Image.open(path) as im:
-            return pil_to_mask(im) if as_mask else pil_to_tensor(im)
+        try:
+            with Image.open(path) as im:
+                return pil_to_mask(im) if as_mask else pil_to_tensor(im)
+        except Exception as e:  # PIL raises many types for damaged files
+            raise UnconfusedError(f"cannot read {what} {path} ({e}); replace the file", node="em",
+                                  input="--config") from e
 
     workdir = _path(base, config.get("workdir", "."))
     host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
@@ -214,8 +278,12 @@ def _read_mask_folder(folder: Path, stems: list[str], *, what: str, input: str) 
         if path is None:
             raise UnconfusedError(f"{what}: {folder} has no mask {stem}.png (one per image, same name)", node="eval",
                                   input=input)
-        with Image.open(path) as im:
-            out.append(pil_to_mask(im))
+        try:
+            with Image.open(path) as im:
+                out.append(pil_to_mask(im))
+        except Exception as e:  # PIL raises many types for damaged files
+            raise UnconfusedError(f"{what}: cannot read the mask {path} ({e}); replace the file", node="eval",
+                                  input=input) from e
     return out
 
 
@@ -237,6 +305,11 @@ def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dic
     if unknown:
         raise UnconfusedError(f"unknown settings {unknown}; known: convention, text_mode, region_threshold",
                               node="eval", input="--config")
+    from dataclasses import asdict
+
+    from .loop import settings_from_dict
+
+    settings = asdict(settings_from_dict(M.EvalSettings, settings, "eval"))
     workdir = _path(base, config.get("workdir", "."))
     host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
     out_dir = _path(base, config.get("output", "eval-report"))
@@ -268,7 +341,8 @@ def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dic
             masks = c.masks
             if masks is None and k < len(specs):
                 spec = specs[k]
-                ref_folder = _path(base, spec.split(":")[0] if isinstance(spec, str) else spec["folder"]) / "masks"
+                ref_folder = _path(base, parse_concept_spec(spec, node="eval", input="concepts")[0]
+                                   if isinstance(spec, str) else spec["folder"]) / "masks"
                 if ref_folder.is_dir():
                     masks = _read_mask_folder(ref_folder, c.names, what=f"references of {c.token}", input="concepts")
             refs.append(M.Reference(c.token, c.class_word, c.images, masks))

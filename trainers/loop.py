@@ -9,12 +9,17 @@ A Cancel or crash writes a checkpoint of the last finished step before it propag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import socket
 import logging
 import random
 import re
 import time
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,7 +29,7 @@ import torch
 
 from ..engine import host, messages
 from ..engine.errors import UnconfusedError
-from ..engine.files import atomic_path, atomic_write_json
+from ..engine.files import atomic_path, atomic_write_json, clean_stale_partials, process_alive
 
 log = logging.getLogger("unconfused")
 CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
@@ -40,9 +45,84 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class CliText(str):
+    """A value typed on the command line (`--set key=value`): parsed by the setting's declared
+    type, so `--set flip=no` is False and `--set name=x` needs no quotes."""
+
+
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+def _type_name(tp) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(
+        tp, "a list of text, e.g. [\"a photo of <alice>\"]" if tp == list[str] else str(tp))
+
+
+def parse_setting(key: str, value, tp, *, node: str, input: str | None = None):
+    """`value` as the declared type `tp`, or a sentence naming the key and the type.
+
+    Whole numbers accept an integral float (4.0, 3e0 -> 4, 3: TOML and JSON readers give floats
+    for these) and refuse anything else (4.5, "ten"); true/false accept only booleans, or from
+    the command line true/false/yes/no/1/0/on/off; a list of text refuses a bare string (which
+    would otherwise become one entry per character)."""
+    import math
+
+    def bad():
+        raise UnconfusedError(f"'{key}' must be {_type_name(tp)}, not {value!r}", node=node, input=input or key)
+
+    cli = isinstance(value, CliText)
+    if cli and tp is not str:
+        text = value.strip()
+        if tp is bool:
+            if text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            bad()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            if tp in (int, float):
+                with_number = text.replace("_", "")
+                try:
+                    value = float(with_number)
+                except ValueError:
+                    bad()
+    elif cli:  # text: as typed, or a quoted JSON string
+        if value[:1] == '"':
+            with contextlib.suppress(json.JSONDecodeError):
+                return str(json.loads(value))
+        return str(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        bad()
+    if tp is int:
+        if isinstance(value, bool):
+            bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)
+        bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        bad()
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        bad()
+    if tp == list[str]:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return [str(v) for v in value]
+        bad()
+    return value
+
+
 def settings_from_dict(cls, data: dict, node: str):
     """A trainer's settings dataclass from a config's [settings] table: unknown keys are named,
-    then the class's own `validated(node)` checks the values."""
+    every value is parsed by its declared type (`parse_setting`), then the class's own
+    `validated(node)` (where it has one) checks the values."""
+    import typing
     from dataclasses import fields
 
     from ..engine.presets import with_preset
@@ -52,7 +132,21 @@ def settings_from_dict(cls, data: dict, node: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", node=node, input="config")
-    return cls(**data).validated(node)
+    hints = typing.get_type_hints(cls)
+    values = {k: parse_setting(k, v, hints.get(k), node=node) for k, v in data.items()}
+    for key, text in values.items():  # caption templates: a misspelt field is named here, not mid-run
+        if key.endswith("template") and isinstance(text, str):
+            try:
+                text.format(token="<t>", class_word="c")
+            except (KeyError, IndexError, ValueError) as e:
+                raise UnconfusedError(f"'{text}' uses {e}, which templates do not know; use {{token}} and "
+                                      "{class_word} (write {{ and }} for braces)", node=node, input=key) from e
+    if isinstance(values.get("resolution"), int) and values["resolution"] > 2048:
+        log.warning("%s: resolution %d is far above what SD 1.x/2.x were trained at (512/768): memory and time grow "
+                    "with its square (%.0fx of 512) and the model has never seen such pictures", node,
+                    values["resolution"], (values["resolution"] / 512) ** 2)
+    made = cls(**values)
+    return made.validated(node) if hasattr(made, "validated") else made
 
 
 def rng_state() -> dict:
@@ -78,6 +172,90 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_TOKEN = uuid.uuid4().hex  # this process, as opposed to an earlier one that had the same pid
+_RUNNING: set[str] = set()  # run folders whose loop runs in this process now
+
+
+def _start_time(pid: int) -> str:
+    """When process `pid` started (Linux), to tell a live owner from a new process that got a
+    dead owner's pid; '' where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+class RunLock:
+    """`<run folder>/.lock`: which process owns the run folder. A second run of the same folder
+    is refused with a sentence while the owner lives; a lock left by a process that ended
+    (killed, crashed, the machine restarted) is taken over. The lock is made by linking a
+    complete file into place, so two runs starting together cannot both win."""
+
+    def __init__(self, folder: Path, *, node: str):
+        self.path = Path(folder) / ".lock"
+        self.node = node
+        self.held = False
+        self.id = uuid.uuid4().hex
+
+    def _mine(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "token": _TOKEN, "id": self.id,
+                "started": _start_time(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _stale(self, owner: dict) -> bool:
+        if owner.get("host") != socket.gethostname():
+            return False  # another machine's process: it cannot be checked from here
+        pid = int(owner.get("pid") or 0)
+        if pid == os.getpid():  # this process: stale unless a loop of this folder is running now
+            return owner.get("token") != _TOKEN or str(self.path.parent.resolve()) not in _RUNNING
+        if not process_alive(pid):
+            return True
+        started = owner.get("started") or ""
+        return bool(started) and started != _start_time(pid)
+
+    def acquire(self) -> None:
+        tmp = self.path.with_name(f".lock.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+        try:
+            tmp.write_text(json.dumps(self._mine()))
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return
+                except FileExistsError:
+                    pass
+                try:
+                    owner = json.loads(self.path.read_text())
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                except (OSError, ValueError):
+                    owner = {}
+                if owner and not self._stale(owner):
+                    raise UnconfusedError(
+                        f"the run folder {self.path.parent} is in use by another run (process {owner.get('pid')} on "
+                        f"{owner.get('host')}, since {owner.get('since')}); wait for it to finish, or choose another "
+                        f"run name. If that run is gone, delete {self.path}", node=self.node, input="name")
+                if owner.get("pid") != os.getpid():  # (this process's own earlier, finished loop: no news)
+                    log.warning("%s: taking over the lock of a run that ended (%s)", self.node,
+                                f"process {owner.get('pid')}" if owner else "an unreadable lock")
+                self.path.unlink(missing_ok=True)
+            raise UnconfusedError(f"could not lock the run folder {self.path.parent}; try again", node=self.node,
+                                  input="name")
+        except OSError as e:
+            raise UnconfusedError(f"cannot lock the run folder {self.path.parent} ({e.strerror or e}); check that "
+                                  "it is writable and the disk is not full", node=self.node, input="name") from e
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(self.path.read_text()).get("id") == self.id:  # never another run's lock
+                self.path.unlink()
 
 
 @dataclass
@@ -114,7 +292,26 @@ class Loop:
             raise UnconfusedError(f"cannot create the run folder {self.run_dir} ({e.strerror or e}); check that the "
                                   "output folder is writable and the disk is not full", node=self.name,
                                   input="name") from e
+        for key, value, least in (("checkpoint_every", self.checkpoint_every, 0),
+                                  ("keep_checkpoints", self.keep_checkpoints, 1)):
+            if value < least:
+                raise UnconfusedError(f"must be {least} or more (got {value}); checkpoint_every 0 writes only the "
+                                      "final checkpoint, keep_checkpoints is how many of the newest stay",
+                                      node=self.name, input=key)
         self._limiter = host.RateLimiter(0.25)
+        self._lock: RunLock | None = None
+        if self.is_main:  # with torchrun the main process owns the folder for all ranks
+            self._lock = RunLock(self.run_dir, node=self.name)
+            self._lock.acquire()
+            weakref.finalize(self, self._lock.release)
+            clean_stale_partials(self.run_dir, every=True)  # a killed run's half-written files
+            for sub in (p for p in self.run_dir.iterdir() if p.is_dir()):
+                clean_stale_partials(sub, every=True)
+
+    def release(self) -> None:
+        """Give the run folder free for another run (also on exit and when the loop is dropped)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # -------------------------------------------------------------- checkpoints
     def checkpoints(self) -> list[Path]:
@@ -158,6 +355,14 @@ class Loop:
             path.replace(aside)
             return self.resume()
         if payload["config_hash"] != config_hash(self.config):
+            self.release()
+            before = self._recorded_config().get("base")
+            if before and self.config.get("base") and before != self.config.get("base"):
+                raise UnconfusedError(f"the run folder {self.run_dir.name} holds checkpoints trained on another base "
+                                      f"model ({before}; this one is {self.config['base']}): resuming would mix "
+                                      "two models. Load the model it was trained on, choose another run name, or "
+                                      "set resume to 'restart' to start over on this model",
+                                      node=self.name, input="run_name")
             raise UnconfusedError(f"the run folder {self.run_dir.name} holds checkpoints made with other settings; "
                                   "choose another run name, or set resume to 'restart' to start over",
                                   node=self.name, input="run_name")
@@ -175,6 +380,12 @@ class Loop:
         log.info("%s: resumed from %s", self.name, path.name)
         return self.start_step
 
+    def _recorded_config(self) -> dict:
+        try:
+            return json.loads((self.run_dir / "run.json").read_text()).get("config", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+
     def clear(self) -> None:
         for p in self.checkpoints():
             p.unlink()
@@ -185,6 +396,7 @@ class Loop:
         bar = host.progress(self.total_steps, self.name)
         bar.set(step)
         t0, done_here = time.perf_counter(), 0
+        _RUNNING.add(str(self.run_dir.resolve()))
         try:
             while step < self.total_steps:
                 loss = float(step_fn(step))
@@ -204,8 +416,10 @@ class Loop:
             if step > self.start_step and (not self.checkpoints() or
                                            not self.checkpoints()[-1].name.endswith(f"{step:06d}.pt")):
                 self.save_checkpoint(step)  # nothing lost: a rerun resumes here
+            self.release()  # this run writes nothing more
             raise
         finally:
+            _RUNNING.discard(str(self.run_dir.resolve()))
             bar.close()
         return self.losses
 

@@ -156,11 +156,15 @@ class LoraResult:
 def data_fingerprint(examples: list[Example]) -> str:
     """What the run trains on, so a resume never continues on different photos or captions."""
     h = hashlib.sha256()
-    for e in examples:
-        h.update(e.caption.encode())
-        h.update(f"{tuple(e.image.shape)}:{float(e.image.float().sum()):.4f}".encode())
-        if e.mask is not None:
-            h.update(f"m{float(e.mask.float().sum()):.4f}".encode())
+    for e in examples:  # the tensors' bytes: a float sum would change with the CPU's thread count
+        h.update(e.caption.encode() + b"\0")
+        for t in (e.image, e.mask):
+            if t is None:
+                h.update(b"-")
+                continue
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import host
-from ..engine.concepts import Concept, ConceptSet, load_concept_set, load_images_from_folder, make_concept_set, \
+from ..engine.concepts import Concept, ConceptSet, concept_from_folder, load_concept_set, make_concept_set, \
     save_concept_set, validate_token
 from ..engine.demo_model import write_demo_diffusers_folder
 from ..engine.errors import UnconfusedError
@@ -57,13 +57,11 @@ def synthetic_concept(kind: int, n: int = 3, size: int = 96, seed: int = 0
 def build_concepts(specs: list[ConceptSpec]) -> ConceptSet:
     concepts = []
     for i, s in enumerate(specs):
-        token = validate_token(s.token, node="smoke", input="--concept")
         if s.folder is None:
+            token = validate_token(s.token, node="smoke", input="--concept")
             concepts.append(Concept(token=token, class_word=s.class_word, images=synthetic_photos(i)))
         else:
-            images, names, captions = load_images_from_folder(s.folder, node="smoke", input="--concept")
-            concepts.append(Concept(token=token, class_word=s.class_word, images=images, names=names,
-                                    captions=captions))
+            concepts.append(concept_from_folder(s.folder, s.token, s.class_word, node="smoke", input="--concept"))
     return make_concept_set(concepts, node="smoke")
 
 
