@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SKIP = {"tests", ".venv", ".git", "node_modules", "__pycache__"}
+SKIP = {"tests", ".venv", ".git", "node_modules", "__pycache__", "build", "dist", ".cache"}  # not the pack's code
 
 
 def sources(*folders: str) -> list[Path]:

@@ -133,7 +133,7 @@ def test_unknown_preset_is_refused_with_the_choices(tmp_path):
     assert "'papers' is not a preset of the lora trainer" in msg and "custom, paper, paper-sid, quick" in msg
     with pytest.raises(UnconfusedError, match="choose one of custom, paper, quick"):
         ClifSettings.from_dict({"preset": "fast"})
-    with pytest.raises(UnconfusedError, match="must be a name"):
+    with pytest.raises(UnconfusedError, match="must be text"):
         EMSettings.from_dict({"preset": 3})
     from unconfused.trainers.jobs import read_config
 

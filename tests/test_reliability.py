@@ -394,7 +394,12 @@ def test_16_bit_grayscale_and_gif_photos_load_as_they_look(tmp_path):
 
 # ---------------------------------------------------------------- 16. packaging, previews, Cancel inside a step
 def test_the_package_builds_without_deprecation_or_ignored_folders(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", str(REPO),
+    import shutil
+
+    src = tmp_path / "src"  # setuptools builds inside the source folder: a copy keeps the checkout clean
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                            "tests", ".cache", "benchmarks"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", str(src),
                           "-w", str(tmp_path / "whl")], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env=dict(os.environ, PIP_NO_INDEX="1"))
     log = out.stdout + out.stderr

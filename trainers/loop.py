@@ -127,13 +127,13 @@ def settings_from_dict(cls, data: dict, node: str):
 
     from ..engine.presets import with_preset
 
-    data = with_preset(cls, data, node=node)  # a named preset's values, under the table's own
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", node=node, input="config")
     hints = typing.get_type_hints(cls)
     values = {k: parse_setting(k, v, hints.get(k), node=node) for k, v in data.items()}
+    values = with_preset(cls, values, node=node)  # a named preset's values, under the table's own
     for key, text in values.items():  # caption templates: a misspelt field is named here, not mid-run
         if key.endswith("template") and isinstance(text, str):
             try:
