@@ -76,6 +76,16 @@ class Family:
         te = bundle.text_encoder
         return Conditioning(te(ids.to(te.device))[0])
 
+    # the text encoder CLIF trains against a CLIP image tower (SDXL: CLIP-L with ViT-L/14, as the
+    # public CLIF code does; docs/sdxl.md says why not bigG as well)
+    contrastive_encoder = "text_encoder"
+
+    def contrastive_hidden(self, bundle, ids: torch.Tensor) -> torch.Tensor:
+        """[B, 77, D]: the contrastive encoder's last hidden state after its final layer norm, where
+        CLIP's pooled text feature is read (CLIF). For SD1/SD2 the same as the UNet conditioning."""
+        te = getattr(bundle, self.contrastive_encoder)
+        return te(ids.to(te.device))[0]
+
     def encode(self, bundle, prompts: list[str]) -> Conditioning:
         from .tokens import expand_prompt
 
@@ -83,8 +93,10 @@ class Family:
 
     # ------------------------------------------------------------ UNet
     def call_unet(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The UNet's prediction (epsilon or v) for noisy latents at timesteps."""
+                  dtype: torch.dtype | None = None, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction (epsilon or v) for noisy latents at timesteps. `sizes` [B, 4]: each
+        training image's original height, width and crop top, left (used by families with size
+        conditioning: SDXL)."""
         hidden = cond.hidden if dtype is None else cond.hidden.to(dtype)
         added = {k: (v if dtype is None else v.to(dtype)) for k, v in cond.added.items()}
         return unet(noisy, timesteps, hidden, added_cond_kwargs=added or None).sample
@@ -181,11 +193,16 @@ class SDXL(Family):
         oh, ow = original or (height, width)
         return torch.tensor([[oh, ow, crop[0], crop[1], height, width]], dtype=torch.float32).repeat(batch, 1)
 
-    def call_unet(self, unet, noisy, timesteps, cond, dtype=None):
-        if "time_ids" not in cond.added:  # from the latents' size: right for any aspect ratio / bucket
+    def call_unet(self, unet, noisy, timesteps, cond, dtype=None, sizes=None):
+        if "time_ids" not in cond.added:
+            # the target size is the latents' (any aspect ratio / bucket); a training image's original
+            # size and crop come with it (`sizes`, as diffusers' and kohya's SDXL trainers condition),
+            # else the image counts as uncropped at the target size (what inference sends by default)
             h, w = noisy.shape[-2] * 8, noisy.shape[-1] * 8
-            ids = self.time_ids(h, w, batch=noisy.shape[0]).to(noisy.device)
-            cond = Conditioning(cond.hidden, {**cond.added, "time_ids": ids})
+            ids = self.time_ids(h, w, batch=noisy.shape[0])
+            if sizes is not None:
+                ids[:, :4] = sizes.to(ids)
+            cond = Conditioning(cond.hidden, {**cond.added, "time_ids": ids.to(noisy.device)})
         if cond.added["text_embeds"].shape[0] != noisy.shape[0]:
             cond = cond.expand(noisy.shape[0])
         return super().call_unet(unet, noisy, timesteps, cond, dtype)

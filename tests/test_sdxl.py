@@ -286,3 +286,57 @@ def _hf_keys(te) -> list[str]:
 
     keys = [k.replace(".base_layer", "") for k in te.state_dict() if "lora_" not in k and "new_rows" not in k]
     return list(hf_text_keys(dict.fromkeys(k.replace("token_embedding.base.", "token_embedding.") for k in keys)))
+
+
+def test_training_sends_each_images_original_size_and_crop(bundle):
+    """A 96x144 photo trained at 64 px: resized to 64x96, centre-cropped at left 16; the UNet gets
+    time ids (96, 144, 0, 16, 64, 64), as diffusers' SDXL trainer conditions (not the target size twice)."""
+    from unconfused.engine import host
+    from unconfused.engine.concepts import Concept, make_concept_set
+    from unconfused.trainers.lora import LoraSettings, LoraTrainer
+
+    cs = make_concept_set([Concept("<w>", "dog", [torch.rand(96, 144, 3), torch.rand(96, 144, 3)])])
+    tr = LoraTrainer(bundle.clone(), cs, LoraSettings(name="w", steps=1, resolution=64, export=False,
+                                                      checkpoint_every=0, resume="restart"))
+    seen = []
+    forward = tr.bundle.unet.forward
+
+    def spy(*a, **k):
+        seen.append(k["added_cond_kwargs"]["time_ids"].clone())
+        return forward(*a, **k)
+
+    tr.bundle.unet.forward = spy
+    with host.training_mode():
+        tr.batch_loss(tr.draw_batch(tr.data, 2), 1.0)
+    assert seen and torch.equal(seen[0], torch.tensor([[96., 144., 0., 16., 64., 64.]] * 2))
+
+
+# ------------------------------------------------------------------ CLIF
+from test_clif import TOKENS, dataset, scorer  # noqa: E402,F401 (the CLIF tests' tiny tower and dataset)
+from test_clif import settings as clif_settings  # noqa: E402
+
+
+def test_clif_on_sdxl_trains_clip_l_against_vit_l_and_exports_both_keys(bundle, dataset, scorer):
+    """CLIF on SDXL trains the CLIP-L encoder (rows + LoRA) against the ViT-L-like tower: its text
+    feature is CLIP-L's own pooled output (not the UNet's concatenated conditioning); the two tokens
+    separate; bigG's rows stay at their class-word start; exports carry clip_l + clip_g and lora_te1_."""
+    from unconfused.trainers.clif import ClifTrainer
+
+    tr = ClifTrainer(bundle, dataset, scorer, clif_settings(name="xl", steps=20, export=True))
+    ids = tr.bundle.tokenize(["a photo of a thing"])
+    with torch.no_grad():
+        pooled = tr.bundle.text_encoder(ids, output_hidden_states=False).pooler_output
+        feat = tr.text_features(["a photo of a thing"])
+    assert torch.allclose(feat, torch.nn.functional.normalize(pooled @ tr.proj, dim=-1), atol=1e-5)
+    g_before = {t: token_rows(tr.bundle, t, "text_encoder_2") for t in TOKENS}
+    result = tr.run()
+    b, a = result.metrics["before"], result.metrics["after"]
+    print(f"\nCLIF on tiny SDXL: max pair cosine {b['max_pair_cosine']:.3f} -> {a['max_pair_cosine']:.3f}, concept "
+          f"accuracy {b['concept_accuracy']:.2f} -> {a['concept_accuracy']:.2f}")
+    assert b["max_pair_cosine"] > 0.999 and a["max_pair_cosine"] < 0.9
+    for t in TOKENS:
+        assert torch.equal(token_rows(result.bundle, t, "text_encoder_2"), g_before[t])
+    emb = load_file(result.exports[f"embedding:{TOKENS[0]}"])
+    assert set(emb) == {"clip_l", "clip_g"} and emb["clip_g"].shape == (1, 64)
+    lora = load_file(result.exports["lora"])
+    assert lora and all(k.startswith("lora_te1_text_model_encoder_layers_") for k in lora)

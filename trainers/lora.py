@@ -197,6 +197,7 @@ class Batch:
     captions: list[str]
     concept_masks: torch.Tensor | None = None  # [B, K, h, w] one mask per concept (mask EM)
     select: torch.Tensor | None = None  # [B, K] the concepts each caption names
+    sizes: torch.Tensor | None = None  # [B, 4] original h, w, crop top, left (SDXL's size conditioning)
 
 
 # ---------------------------------------------------------------- the trainer
@@ -337,11 +338,13 @@ class LoraTrainer(TrainerCore):
         if data.masks is not None and bool(data.has_mask[idx].any()):
             m = torch.stack([data.masks[i].flip(-1) if f else data.masks[i] for i, f in zip(idx.tolist(), flip)])
             masks = L.latent_mask(m, tuple(lat.shape[-2:])).to(self.device)
-        return Batch(lat, masks, captions)
+        sizes = data.sizes[idx] if getattr(data, "sizes", None) is not None else None
+        return Batch(lat, masks, captions, sizes=sizes)
 
     def call_unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                   batch: Batch | None = None) -> torch.Tensor:
-        return self.family.call_unet(self.bundle.unet, noisy, timesteps, cond, self.weight_dtype)
+        return self.family.call_unet(self.bundle.unet, noisy, timesteps, cond, self.weight_dtype,
+                                     sizes=None if batch is None else batch.sizes)
 
     def get_noise_pred_and_target(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Noise the latents at random timesteps; the UNet's prediction, the objective's target, the timesteps."""
