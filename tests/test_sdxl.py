@@ -340,3 +340,33 @@ def test_clif_on_sdxl_trains_clip_l_against_vit_l_and_exports_both_keys(bundle, 
     assert set(emb) == {"clip_l", "clip_g"} and emb["clip_g"].shape == (1, 64)
     lora = load_file(result.exports["lora"])
     assert lora and all(k.startswith("lora_te1_text_model_encoder_layers_") for k in lora)
+
+
+# ------------------------------------------------------------------ sampler
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_sampler_draws_any_aspect_ratio_with_attention_maps(bundle, scheduler):
+    """The multi-concept sampler through StableDiffusionXLPipeline: 64x96 (portrait) with the time ids
+    of that size and seeds independent of the batch; per-token attention maps at the 32x32-at-1024
+    level (square here: non-square maps are engine/attention.py's, changed in a parallel branch)."""
+    from unconfused.engine.sampling import generate
+
+    b = bundle.clone()
+    add_concept_tokens(b, [("<a>", "dog"), ("<b>", "cat")])
+    seen = []
+    forward = b.unet.forward
+
+    def spy(*a, **k):
+        seen.append(k["added_cond_kwargs"]["time_ids"].clone())
+        return forward(*a, **k)
+
+    b.unet.forward = spy
+    prompts = ["a photo of <a> and <b>", "a photo of <b>"]
+    imgs = generate(b, prompts, steps=2, width=64, height=96, seeds=[1, 2], scheduler=scheduler)
+    assert imgs.shape == (2, 96, 64, 3) and torch.isfinite(imgs).all()
+    assert torch.equal(seen[0][0], torch.tensor([96., 64., 0., 0., 96., 64.]))
+    alone = generate(b, prompts[1:], steps=2, width=64, height=96, seeds=[2], scheduler=scheduler)
+    assert torch.allclose(alone[0], imgs[1], atol=1e-5)
+    _, _, maps = generate(b, prompts, steps=2, width=64, height=64, seeds=[1, 2], scheduler=scheduler,
+                          attention_tokens=["<a>", "<b>"])
+    assert maps.shape == (2, 2, 2, 2)  # 64 px -> 8x8 latents -> level 2: 2x2
+    assert maps[0].sum() > 0 and maps[1, 0].abs().max() == 0 and maps[1, 1].sum() > 0  # <a> is not in prompt 2
