@@ -370,3 +370,24 @@ def test_sampler_draws_any_aspect_ratio_with_attention_maps(bundle, scheduler):
                           attention_tokens=["<a>", "<b>"])
     assert maps.shape == (2, 2, 2, 2)  # 64 px -> 8x8 latents -> level 2: 2x2
     assert maps[0].sum() > 0 and maps[1, 0].abs().max() == 0 and maps[1, 1].sum() > 0  # <a> is not in prompt 2
+
+
+# ------------------------------------------------------------------ mask EM
+def test_mask_em_runs_on_sdxl_at_its_attention_level(bundle, dreambooth_dir):
+    """The EM (Break-a-Scene-style) on the tiny SDXL: it captures the 1280-channel level (down_blocks.2,
+    up_blocks.0: 32x32 at 1024 px), estimates masks each round and exports clip_l + clip_g rows."""
+    from test_em import composite
+    from test_em import settings as em_settings
+    from unconfused.trainers import em as E
+
+    layers = bundle.spec.attention_layers(bundle.unet)
+    assert layers and all(n.startswith(("down_blocks.2.", "up_blocks.0.")) for n in layers)
+    assert len(layers) == 2 * 2 + 3 * 2  # 2 down + 3 up attentions x 2 transformer blocks (full size: x 10)
+    image, gt = composite(dreambooth_dir)
+    scenes = E.make_scenes([image], "<dog> dog\n<cat> cat", gt)
+    res = E.EMTrainer(bundle, scenes, em_settings(name="xl", export=True, inversion_steps=1, steps=3,
+                                                  tokens_only_steps=1)).run()
+    assert [r.step for r in res.rounds][-1] == 3
+    assert all(r.masks.shape == (1, 2, 8, 8) for r in res.rounds)
+    assert set(load_file(res.exports["embedding:<dog>"])) == {"clip_l", "clip_g"}
+    assert {k.split("_")[1] for k in load_file(res.exports["lora"])} == {"unet"}
