@@ -61,7 +61,7 @@ class UnconfusedTrainMaskEM:
                 "crf_at": (E.CRF_AT, {"default": _D.crf_at, "tooltip": "DenseCRF refinement at latent size "
                            "(fast), at image size (sharper edges, ~1 s per image per round), or off"}),
                 "resolution": _int(_D.resolution, 64, 2048, "Training size (square crop of the middle): 512 for "
-                                   "SD1, 768 for SD2-v", step=64),
+                                   "SD1, 768 for SD2-v, 1024 for SDXL", step=64),
                 "rank": _int(_D.rank, 1, 256, "LoRA rank"),
                 "alpha": _float(_D.alpha, 0.1, 512, 0.1, "LoRA alpha (scale = alpha / rank)"),
                 "unet_lr": _float(_D.unet_lr, 0.0, 0.1, 1e-5, "Learning rate of the UNet LoRA (phase 2)"),

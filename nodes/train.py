@@ -38,7 +38,7 @@ class UnconfusedTrainLoRA:
                                     "settings = resume"}),
                 "steps": _int(_D.steps, 1, 100000, "Optimizer steps"),
                 "resolution": _int(_D.resolution, 64, 2048, "Training size (square): 512 for SD1, 768 for "
-                                   "SD2-v", step=64),
+                                   "SD2-v, 1024 for SDXL", step=64),
                 "rank": _int(_D.rank, 1, 256, "LoRA rank"),
                 "alpha": _float(_D.alpha, 0.1, 512, 0.1, "LoRA alpha (scale = alpha / rank)"),
                 "unet_lr": _float(_D.unet_lr, 0.0, 0.1, 1e-5, "Learning rate of the UNet LoRA"),
