@@ -391,3 +391,17 @@ def test_mask_em_runs_on_sdxl_at_its_attention_level(bundle, dreambooth_dir):
     assert all(r.masks.shape == (1, 2, 8, 8) for r in res.rounds)
     assert set(load_file(res.exports["embedding:<dog>"])) == {"clip_l", "clip_g"}
     assert {k.split("_")[1] for k in load_file(res.exports["lora"])} == {"unet"}
+
+
+def test_cli_lora_job_on_an_sdxl_file(tmp_path, tiny_file, dreambooth_dir, capsys):
+    """`python -m unconfused lora --config job.toml` with `model` = an SDXL single file."""
+    from unconfused.trainers.cli import main
+
+    config = tmp_path / "job.toml"
+    config.write_text(f'model = "{tiny_file}"\nconcepts = ["{dreambooth_dir / "cat"}:<my-cat>:cat"]\n'
+                      '[settings]\nname = "clixl"\nsteps = 2\nresolution = 64\ncheckpoint_every = 2\n')
+    assert main(["lora", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["steps"] == 2
+    emb = load_file(tmp_path / "models" / "embeddings" / "clixl_my-cat.safetensors")
+    assert set(emb) == {"clip_l", "clip_g"}
