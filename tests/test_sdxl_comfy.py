@@ -89,6 +89,31 @@ import comfy.options
 comfy.options.enable_args_parsing()
 import torch
 import comfy.sd, comfy.utils
+
+
+def mmap_safetensors(path):
+    """The checkpoint's tensors memory-mapped (copy-on-write) instead of read into memory: the same
+    values comfy.utils.load_torch_file gives, without holding the 7 GB file twice while loading."""
+    import mmap, struct
+    f = open(path, "rb")
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    n = struct.unpack("<Q", mm[:8])[0]
+    header, base = json.loads(mm[8:8 + n]), 8 + n
+    types = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        dtype, (s, e) = types[v["dtype"]], v["data_offsets"]
+        size = torch.empty(0, dtype=dtype).element_size()
+        t = torch.frombuffer(mm, dtype=dtype, count=(e - s) // size, offset=base + s) if e > s else \
+            torch.empty(0, dtype=dtype)
+        out[k] = t.reshape(v["shape"])
+    return out
+
+
+_load = comfy.utils.load_torch_file
+comfy.utils.load_torch_file = lambda ckpt, *a, **k: mmap_safetensors(ckpt) if ckpt == job["ckpt"] else _load(ckpt, *a, **k)
 inputs = torch.load(job["inputs"], weights_only=True)
 out = {"cond": {}, "pooled": {}, "unet": {}, "lora_cond": {}, "lora_unet": {}}
 
@@ -130,13 +155,44 @@ torch.save(out, job["out"])
 '''
 
 
+class fp32_compute:
+    """Run fp16-stored modules in fp32 one layer at a time, as ComfyUI's manual cast does on the CPU:
+    each module with its own weights is cast to fp32 just before its forward and back to fp16 after
+    (exact: the values are fp16 ones). The full-size UNet then needs 5 GB, not 5 + 10."""
+
+    def __init__(self, *models):
+        self.models, self.handles = models, []
+
+    def __enter__(self):
+        def pre(mod, args):
+            mod._stored_dtypes = [p.dtype for p in mod.parameters(recurse=False)]
+            for p in mod.parameters(recurse=False):
+                p.data = p.data.float()
+
+        def post(mod, args, out):
+            for p, dtype in zip(mod.parameters(recurse=False), mod._stored_dtypes):
+                p.data = p.data.to(dtype)  # fp16 weights back; fp32 ones (LoRA, token rows) stay
+
+        for model in self.models:
+            for m in model.modules():
+                if next(m.parameters(recurse=False), None) is not None:
+                    self.handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+
 @pytest.mark.fullsize
 def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_path):
     """The full-size SDXL architecture (random weights, fp16 file): our loader gives comfy.sd's UNet output,
     both encoders' conditioning incl. the pooled output, and VAE encode/decode; then our exports (kohya SDXL
     LoRA on the UNet and both text encoders, clip_l + clip_g embeddings) through stock LoraLoader and
     `embedding:` give our LoRA model's conditioning and UNet output, with zero "lora key not loaded".
-    Run alone: it holds ~12 GB at its peak (our fp32 UNet), the ComfyUI side ~14 GB while loading."""
+    Run it alone: each side holds about 8 GB at its peak (the fp16 weights; layers run in fp32 one at a
+    time; ComfyUI reads the file memory-mapped), one after the other."""
     import gc
     import subprocess
     import sys
@@ -147,7 +203,7 @@ def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_p
     from tiny_models import cached_sdxl_checkpoint, comfyui_dir
     from unconfused.engine.exports import save_embedding, save_lora
     from unconfused.engine.families import SDXL
-    from unconfused.engine.models import add_text_encoder_lora, load_model, move_module
+    from unconfused.engine.models import add_text_encoder_lora, load_model
     from unconfused.engine.tokens import add_concept_tokens, set_token_rows, token_rows
     from unconfused.trainers.lora import TEXT_TARGETS
 
@@ -163,35 +219,22 @@ def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_p
     b = load_model(ckpt, dtype=torch.float16)  # the file's values; each part runs in fp32 below
     assert b.family == "sdxl" and b.prediction_type == "epsilon"
 
-    def fp32(*mods):
-        for m in mods:
-            move_module(m, "cpu", torch.float32)
-
-    def fp16(*mods):
-        for m in mods:
-            move_module(m, "cpu", torch.float16)
-
     def encode(key, ps):
-        fp32(b.text_encoder, b.text_encoder_2)
-        with torch.no_grad():
+        with torch.no_grad(), fp32_compute(b.text_encoder, b.text_encoder_2):
             for p in ps:
-                c = b.condition([p])
-                mine[key][p] = c
-        fp16(b.text_encoder, b.text_encoder_2)
+                mine[key][p] = b.condition([p]).to(torch.float32)
 
     def unet(key):
-        fp32(b.unet)
-        with torch.no_grad():
+        with torch.no_grad(), fp32_compute(b.unet):
             c = mine["cond" if key == "unet" else "lora_cond"][prompts[0]]
             added = {"text_embeds": c.added["text_embeds"].expand(2, -1), "time_ids": SDXL.time_ids(size, size, batch=2)}
             mine[key][prompts[0]] = b.unet(inputs["x"], inputs["t"], c.hidden.expand(2, -1, -1),
-                                           added_cond_kwargs=added).sample
-        fp16(b.unet)
+                                           added_cond_kwargs=added).sample.float()
         gc.collect()
 
     encode("cond", prompts)
     unet("unet")
-    with torch.no_grad():
+    with torch.no_grad():  # (the VAE is fp32 already)
         mean = b.vae.encode(inputs["image"].permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean
         dec = ((b.vae.decode(inputs["latents"]).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
