@@ -80,8 +80,12 @@ class ModelBundle:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelBundle":
         """Move/cast this bundle's models. Converted weights are new tensors, never changed in
         place: a clone shares its frozen weights with its source, which must stay as it was."""
-        for m in (self.unet, self.vae, *self.spec.encoders(self).values()):
+        for m in (self.unet, *self.spec.encoders(self).values()):
             move_module(m, device, dtype)
+        # a VAE that overflows in fp16 (diffusers' force_upcast: SDXL's) stays fp32; callers feed it
+        # its own dtype (vae.dtype)
+        upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        move_module(self.vae, device, torch.float32 if upcast else dtype)
         return self
 
     def clone(self) -> "ModelBundle":

@@ -91,7 +91,7 @@ def prepare(examples: list[Example], resolution: int, *, vae=None, flip: bool = 
     sf = vae.config.scaling_factor
     with torch.no_grad():
         for i in range(len(examples)):
-            px = pixels[i:i + 1].to(device, dtype)
+            px = pixels[i:i + 1].to(device, vae.dtype)  # (fp32 for an fp16 run: ModelBundle.to)
             # the posterior mean, not a sample: cached latents are then exactly reproducible
             latents.append((vae.encode(px).latent_dist.mean * sf).float().cpu())
             if flip:

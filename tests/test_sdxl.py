@@ -405,3 +405,23 @@ def test_cli_lora_job_on_an_sdxl_file(tmp_path, tiny_file, dreambooth_dir, capsy
     assert json.loads(out[out.index("{"):])["steps"] == 2
     emb = load_file(tmp_path / "models" / "embeddings" / "clixl_my-cat.safetensors")
     assert set(emb) == {"clip_l", "clip_g"}
+
+
+def test_an_fp16_run_keeps_the_sdxl_vae_in_fp32(bundle):
+    """SDXL's VAE overflows in fp16 (diffusers' force_upcast): a run in fp16 moves the UNet and both
+    encoders to fp16 and leaves the VAE fp32, fed in its own dtype; the step's loss is finite."""
+    from unconfused.engine import host
+    from unconfused.engine.concepts import Concept, make_concept_set
+    from unconfused.trainers.lora import LoraSettings, LoraTrainer
+
+    cs = make_concept_set([Concept("<w>", "dog", [torch.rand(64, 64, 3), torch.rand(64, 64, 3)])])
+    for cache in (True, False):
+        tr = LoraTrainer(bundle.clone(), cs, LoraSettings(name=f"h{cache}", steps=1, resolution=64, export=False,
+                                                          checkpoint_every=0, resume="restart", precision="fp16",
+                                                          cache_latents=cache))
+        b = tr.bundle
+        assert b.vae.dtype == torch.float32 and b.text_encoder_2.text_projection.weight.dtype == torch.float16
+        assert next(b.unet.parameters()).dtype == torch.float16
+        with host.training_mode():
+            loss = tr.batch_loss(tr.draw_batch(tr.data, 2), 1.0)
+        assert torch.isfinite(loss)

@@ -428,8 +428,8 @@ class EMTrainer(LoraTrainer):
         if d.latents is not None:
             return d.latents[n:n + 1].to(self.device, self.weight_dtype)
         vae = self.bundle.vae
-        px = d.pixels[n:n + 1].to(self.device, self.weight_dtype)
-        return vae.encode(px).latent_dist.mean * vae.config.scaling_factor
+        px = d.pixels[n:n + 1].to(self.device, vae.dtype)  # (the VAE may stay fp32)
+        return (vae.encode(px).latent_dist.mean * vae.config.scaling_factor).to(self.weight_dtype)
 
     def round_iou(self, masks: torch.Tensor) -> dict[str, float]:
         """token -> mean IoU (over the images where its ground truth is known) at training resolution."""

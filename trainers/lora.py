@@ -325,9 +325,9 @@ class LoraTrainer(TrainerCore):
         px = torch.stack([data.pixels[i].flip(-1) if f else data.pixels[i] for i, f in zip(idx.tolist(), flip)])
         vae = self.bundle.vae
         with torch.no_grad():
-            dist = vae.encode(px.to(self.device, self.weight_dtype)).latent_dist
+            dist = vae.encode(px.to(self.device, vae.dtype)).latent_dist  # (the VAE may stay fp32)
             noise = w.mine(torch.randn((n * w.size, *dist.mean.shape[1:]), generator=g), n).to(dist.mean)
-            return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+            return ((dist.mean + dist.std * noise) * vae.config.scaling_factor).to(self.weight_dtype)
 
     def draw_batch(self, data, n: int) -> Batch:
         """n examples drawn with the run's generator: latents, loss masks or None, captions."""
