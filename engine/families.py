@@ -7,9 +7,8 @@ LoRA and under which kohya prefix they are exported, the embedding-file keys, th
 cross-attention layers to capture, and the native resolution.
 
 `family_of(bundle)` gives the bundle's family object; `bundle.family` stays the short string
-("sd1", "sd2") that saved metadata and configs hold. A new family (SDXL) is one new class here
-(or a module beside it) registered in `FAMILIES`, plus its tests (docs/trainer-core.md lists
-what SDXL adds).
+("sd1", "sd2", "sdxl") that saved metadata and configs hold. A new family is one new class here
+registered in `FAMILIES`, plus its tests (docs/trainer-core.md lists what SDXL added).
 """
 
 from __future__ import annotations
@@ -77,6 +76,16 @@ class Family:
         te = bundle.text_encoder
         return Conditioning(te(ids.to(te.device))[0])
 
+    # the text encoder CLIF trains against a CLIP image tower (SDXL: CLIP-L with ViT-L/14, as the
+    # public CLIF code does; docs/sdxl.md says why not bigG as well)
+    contrastive_encoder = "text_encoder"
+
+    def contrastive_hidden(self, bundle, ids: torch.Tensor) -> torch.Tensor:
+        """[B, 77, D]: the contrastive encoder's last hidden state after its final layer norm, where
+        CLIP's pooled text feature is read (CLIF). For SD1/SD2 the same as the UNet conditioning."""
+        te = getattr(bundle, self.contrastive_encoder)
+        return te(ids.to(te.device))[0]
+
     def encode(self, bundle, prompts: list[str]) -> Conditioning:
         from .tokens import expand_prompt
 
@@ -84,8 +93,10 @@ class Family:
 
     # ------------------------------------------------------------ UNet
     def call_unet(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The UNet's prediction (epsilon or v) for noisy latents at timesteps."""
+                  dtype: torch.dtype | None = None, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction (epsilon or v) for noisy latents at timesteps. `sizes` [B, 4]: each
+        training image's original height, width and crop top, left (used by families with size
+        conditioning: SDXL)."""
         hidden = cond.hidden if dtype is None else cond.hidden.to(dtype)
         added = {k: (v if dtype is None else v.to(dtype)) for k, v in cond.added.items()}
         return unet(noisy, timesteps, hidden, added_cond_kwargs=added or None).sample
@@ -140,7 +151,77 @@ class SD1(Family):
     """SD 1.x: OpenAI CLIP ViT-L text encoder, 512 px (the base class is its shape)."""
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2())}
+class SDXL(Family):
+    """SDXL: two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG with its projection), both read at
+    their penultimate layer and concatenated (768 + 1280 = 2048 wide); the UNet's added conditioning
+    is bigG's pooled, projected embedding (`text_embeds`) and six size/crop numbers (`time_ids`:
+    original height/width, crop top/left, target height/width). 1024 px."""
+
+    name = "sdxl"
+    title = "Stable Diffusion XL"
+    resolution = 1024
+    text_encoders = {"text_encoder": ("clip_l", "lora_te1_"), "text_encoder_2": ("clip_g", "lora_te2_")}
+    # 32x32 at 1024 px: the 1280-channel level (down_blocks.2, up_blocks.0), the same 32-pixel cells
+    # as SD's 16x16 layers at 512 px (docs/sdxl.md says why)
+    attention_level = 2
+
+    def second_ids(self, bundle, ids: torch.Tensor) -> torch.Tensor:
+        """The second tokenizer's ids: the same vocabulary and the same added tokens, only padded
+        with "!" (id 0) after the end token instead of <|endoftext|> (diffusers' tokenizer_2, ComfyUI's
+        SDXLClipGTokenizer), so it is derived from the first ids rather than tokenized again."""
+        tok2 = getattr(bundle, "tokenizer_2", None)
+        pad = tok2.pad_token_id if tok2 is not None and tok2.pad_token_id is not None else 0
+        eos = bundle.tokenizer.eos_token_id
+        first_end = (ids == eos).int().argmax(-1, keepdim=True)
+        pos = torch.arange(ids.shape[-1], device=ids.device)
+        return torch.where(pos > first_end, torch.full_like(ids, pad), ids)
+
+    def encode_ids(self, bundle, ids: torch.Tensor) -> Conditioning:
+        te1, te2 = bundle.text_encoder, bundle.text_encoder_2
+        ids = ids.to(te1.device)
+        h1 = te1(ids, output_hidden_states=True).hidden_states[-2]
+        out2 = te2(self.second_ids(bundle, ids).to(te2.device), output_hidden_states=True)
+        hidden = torch.cat([h1, out2.hidden_states[-2].to(h1)], dim=-1)
+        return Conditioning(hidden, {"text_embeds": out2.text_embeds.to(hidden.dtype)})
+
+    @staticmethod
+    def time_ids(height: int, width: int, *, original: tuple[int, int] | None = None,
+                 crop: tuple[int, int] = (0, 0), batch: int = 1) -> torch.Tensor:
+        """[B, 6]: original (h, w), crop top-left (top, left), target (h, w), in pixels. By default the
+        image counts as uncropped at its target size - what the SDXL pipeline and ComfyUI's sampler
+        send at inference, and what the trainers' already-fitted images are."""
+        oh, ow = original or (height, width)
+        return torch.tensor([[oh, ow, crop[0], crop[1], height, width]], dtype=torch.float32).repeat(batch, 1)
+
+    def call_unet(self, unet, noisy, timesteps, cond, dtype=None, sizes=None):
+        if "time_ids" not in cond.added:
+            # the target size is the latents' (any aspect ratio / bucket); a training image's original
+            # size and crop come with it (`sizes`, as diffusers' and kohya's SDXL trainers condition),
+            # else the image counts as uncropped at the target size (what inference sends by default)
+            h, w = noisy.shape[-2] * 8, noisy.shape[-1] * 8
+            ids = self.time_ids(h, w, batch=noisy.shape[0])
+            if sizes is not None:
+                ids[:, :4] = sizes.to(ids)
+            cond = Conditioning(cond.hidden, {**cond.added, "time_ids": ids.to(noisy.device)})
+        if cond.added["text_embeds"].shape[0] != noisy.shape[0]:
+            cond = cond.expand(noisy.shape[0])
+        return super().call_unet(unet, noisy, timesteps, cond, dtype)
+
+    def pipeline(self, bundle, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder,
+                                         text_encoder_2=bundle.text_encoder_2, tokenizer=bundle.tokenizer,
+                                         tokenizer_2=bundle.tokenizer_2, unet=bundle.unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=False, add_watermarker=False)
+
+    def pipeline_inputs(self, cond: Conditioning, uncond: Conditioning) -> dict:
+        return {"prompt_embeds": cond.hidden, "negative_prompt_embeds": uncond.hidden,
+                "pooled_prompt_embeds": cond.added["text_embeds"],
+                "negative_pooled_prompt_embeds": uncond.added["text_embeds"]}
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL())}
 
 
 def family_named(name: str) -> Family:

@@ -1,6 +1,6 @@
 """Loading users' Stable Diffusion checkpoints offline into diffusers/transformers models.
 
-Single-file `.safetensors` / `.ckpt` checkpoints of SD 1.x and SD 2.x (epsilon and
+Single-file `.safetensors` / `.ckpt` checkpoints of SD 1.x, SD 2.x and SDXL (epsilon and
 v-prediction) and diffusers folders. Configs ship in `model_configs`; the tokenizer is built
 from open_clip's vocabulary. Key conversion is diffusers' own (`single_file_utils`).
 
@@ -27,7 +27,7 @@ from .tokenizer import clip_tokenizer
 
 log = logging.getLogger("unconfused")
 
-SUPPORTED = "SD 1.x and SD 2.x checkpoints (.safetensors or .ckpt, epsilon or v-prediction) and diffusers folders"
+SUPPORTED = "SD 1.x, SD 2.x and SDXL base checkpoints (.safetensors or .ckpt, epsilon or v-prediction) and diffusers folders"
 UNET_PREFIX = "model.diffusion_model."
 PREDICTION_CHOICES = ["auto", "epsilon", "v_prediction"]
 
@@ -51,9 +51,11 @@ class ModelBundle:
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     prediction_type: str  # "epsilon" | "v_prediction"
     name: str
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: OpenCLIP bigG with its projection
+    tokenizer_2: object = None  # SDXL: the same vocabulary, padded with "!"
     source: Path | None = None
     scheduler_config: dict = field(default_factory=lambda: dict(cfg.SCHEDULER))
     added_tokens: dict[str, list[int]] = field(default_factory=dict)  # token -> token ids
@@ -78,8 +80,12 @@ class ModelBundle:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelBundle":
         """Move/cast this bundle's models. Converted weights are new tensors, never changed in
         place: a clone shares its frozen weights with its source, which must stay as it was."""
-        for m in (self.unet, self.vae, *self.spec.encoders(self).values()):
+        for m in (self.unet, *self.spec.encoders(self).values()):
             move_module(m, device, dtype)
+        # a VAE that overflows in fp16 (diffusers' force_upcast: SDXL's) stays fp32; callers feed it
+        # its own dtype (vae.dtype)
+        upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        move_module(self.vae, device, torch.float32 if upcast else dtype)
         return self
 
     def clone(self) -> "ModelBundle":
@@ -88,7 +94,7 @@ class ModelBundle:
         The frozen base weights are shared (they are never written to); what a stage can
         train - LoRA weights and concept token rows - is copied."""
         memo = {}
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in (self.unet, self.vae, *self.spec.encoders(self).values()):
             for name, t in list(m.named_parameters()) + list(m.named_buffers()):
                 # inference tensors (made under ComfyUI's inference_mode) are copied into normal ones
                 if "lora_" not in name and "new_rows" not in name and not t.is_inference():
@@ -173,7 +179,7 @@ def weights_sha256(bundle: "ModelBundle") -> str:
     """A model without files by the bytes of its frozen weights (trainable LoRA weights and
     concept token rows left out, so a clone in training keeps its base's identity)."""
     h = hashlib.sha256(f"{bundle.family}:{bundle.prediction_type}".encode())
-    for m in (bundle.unet, bundle.text_encoder, bundle.vae):
+    for m in (bundle.unet, *bundle.spec.encoders(bundle).values(), bundle.vae):  # every text encoder (SDXL: 2)
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
             if "lora_" in name or "new_rows" in name:
                 continue
@@ -226,8 +232,8 @@ def detect_family(sd: dict[str, torch.Tensor], name: str, *, node: str | None = 
 
     other = None
     if has("conditioner.embedders.") or has(UNET_PREFIX + "label_emb."):
-        other = "SDXL (or SDXL refiner)"
-    elif has("double_blocks.") or has(UNET_PREFIX + "double_blocks."):
+        return detect_sdxl(sd, name, node=node, input=input)
+    if has("double_blocks.") or has(UNET_PREFIX + "double_blocks."):
         other = "Flux"
     elif has(UNET_PREFIX + "joint_blocks."):
         other = "SD3"
@@ -258,6 +264,51 @@ def detect_family(sd: dict[str, torch.Tensor], name: str, *, node: str | None = 
                             for p in missing)
         raise UnconfusedError(f"{name} has no {part}; choose a full checkpoint", node=node, input=input)
     return family
+
+
+SDXL_ATTN_KEY = UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def detect_sdxl(sd: dict[str, torch.Tensor], name: str, *, node: str | None = None,
+                input: str = "ckpt_name") -> str:
+    """"sdxl" for an SDXL base-shaped checkpoint (SDXL 1.0 and its fine-tunes: Pony, Illustrious,
+    NoobAI...); the refiner, inpainting and EDM (Playground 2.5) variants are refused."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in sd)
+
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+        raise UnconfusedError(f"{name} is an SDXL refiner checkpoint (one OpenCLIP text encoder, meant to refine "
+                              "another model's latents); choose an SDXL base model or one of its fine-tunes",
+                              node=node, input=input)
+    if "edm_mean" in sd or "edm_vpred.sigma_max" in sd:
+        raise UnconfusedError(f"{name} is an SDXL-shaped EDM model (Playground 2.5 style), whose noise schedule "
+                              "Unconfused does not train; choose an epsilon or v-prediction SDXL model",
+                              node=node, input=input)
+    conv_in = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != 4:
+        raise UnconfusedError(f"{name} is an SDXL inpainting or other {conv_in.shape[1]}-channel model; choose the "
+                              "SDXL base model (or a fine-tune) it was made from", node=node, input=input)
+    if conv_in is None or SDXL_ATTN_KEY not in sd:
+        raise UnconfusedError(f"{name} holds no SDXL UNet; choose a full SDXL checkpoint (UNet + VAE + both text "
+                              "encoders)", node=node, input=input)
+    missing = [part for prefix, part in (("first_stage_model.", "the VAE"),
+                                         ("conditioner.embedders.0.transformer.", "the CLIP-L text encoder"),
+                                         ("conditioner.embedders.1.model.", "the OpenCLIP-bigG text encoder"))
+               if not has(prefix)]
+    if missing:
+        raise UnconfusedError(f"{name} has no {' and '.join(missing)}; choose a full SDXL checkpoint", node=node,
+                              input=input)
+    if sdxl_variant(sd) is None:
+        raise UnconfusedError(f"{name} is SDXL-shaped but of unknown width (UNet {conv_in.shape[0]} channels, text "
+                              f"{sd[SDXL_ATTN_KEY].shape[1]} wide); Unconfused supports {SUPPORTED}", node=node,
+                              input=input)
+    return "sdxl"
+
+
+def sdxl_variant(sd: dict[str, torch.Tensor]) -> dict | None:
+    """The configs (model_configs.SDXL_VARIANTS) of an SDXL file, by its UNet and text widths."""
+    key = (int(sd[UNET_PREFIX + "input_blocks.0.0.weight"].shape[0]), int(sd[SDXL_ATTN_KEY].shape[1]))
+    return cfg.SDXL_VARIANTS.get(key)
 
 
 def detect_prediction(sd: dict[str, torch.Tensor], family: str) -> str:
@@ -299,18 +350,20 @@ def _assign(model: torch.nn.Module, state: dict, part: str, name: str, dtype: to
 def text_state_for(model: torch.nn.Module, state: dict) -> dict:
     """Text-encoder keys spelled as this transformers version spells them: v4 names them
     `text_model.<...>` (the Hugging Face file format), v5 drops the `text_model.` level."""
-    wants_prefix = any(k.startswith("text_model.") for k in model.state_dict())
+    own = set(model.state_dict())
+    wants_prefix = any(k.startswith("text_model.") for k in own)
     out = {}
     for k, v in state.items():
         bare = k[len("text_model."):] if k.startswith("text_model.") else k
-        out["text_model." + bare if wants_prefix else bare] = v
+        # top-level tensors (CLIPTextModelWithProjection's text_projection) keep their own name
+        out[bare if bare in own or not wants_prefix else "text_model." + bare] = v
     return out
 
 
 def hf_text_keys(state: dict) -> dict:
     """Keys in the Hugging Face file format (`text_model.<...>`), whatever the transformers version."""
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
-            if not k.endswith("position_ids")}
+    return {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+            for k, v in state.items() if not k.endswith("position_ids")}
 
 
 def build_text_encoder(family: str, state: dict | None = None, dtype=torch.float32):
@@ -350,6 +403,8 @@ def bundle_from_ldm_state_dict(sd: dict[str, torch.Tensor], name: str, *, predic
         raise UnconfusedError(f"unknown prediction type {prediction!r}; use {PREDICTION_CHOICES}", node=node,
                               input="prediction")
 
+    if family == "sdxl":
+        return _sdxl_bundle(sd, name, pred, detected, prediction, dtype, node, source)
     unet_cfg = dict(cfg.UNET[family])
     if family == "sd2" and pred == "v_prediction":
         unet_cfg.update(sample_size=96, upcast_attention=True)  # SD 2.x 768-v
@@ -377,6 +432,43 @@ def bundle_from_ldm_state_dict(sd: dict[str, torch.Tensor], name: str, *, predic
     return bundle
 
 
+def _sdxl_bundle(sd, name, pred, detected, prediction, dtype, node, source) -> ModelBundle:
+    """SDXL from LDM keys: UNet (`label_emb` -> `add_embedding`) and VAE by diffusers' converters,
+    CLIP-L from `conditioner.embedders.0.transformer.` (Hugging Face keys already), bigG from
+    `conditioner.embedders.1.model.` (OpenCLIP keys, fused qkv split, `text_projection` transposed)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    variant = sdxl_variant(sd)
+    unet = _assign(_empty(UNet2DConditionModel, variant["unet"]),
+                   sfu.convert_ldm_unet_checkpoint(sd, variant["unet"]), "UNet", name, dtype, node)
+    vae = _assign(_empty(AutoencoderKL, variant["vae"]), sfu.convert_ldm_vae_checkpoint(sd, variant["vae"]), "VAE",
+                  name, torch.float32 if dtype == torch.float16 else dtype, node)  # SDXL's VAE overflows in fp16
+    te1 = _empty(CLIPTextModel, CLIPTextConfig(**variant["te"]))
+    te1_state = sfu.convert_ldm_clip_checkpoint({k: v for k, v in sd.items()
+                                                 if k.startswith("conditioner.embedders.0.transformer.")})
+    te1 = _assign(te1, text_state_for(te1, _no_position_ids(te1_state)), "CLIP-L text encoder", name, dtype, node)
+    te2 = _empty(CLIPTextModelWithProjection, CLIPTextConfig(**variant["te2"]))
+    te2_state = sfu.convert_open_clip_checkpoint(te2, sd, prefix="conditioner.embedders.1.model.")
+    te2 = _assign(te2, text_state_for(te2, _no_position_ids(te2_state)), "OpenCLIP-bigG text encoder", name,
+                  dtype, node)
+    del sd
+    bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=te1.eval(),
+                         tokenizer=clip_tokenizer(pad=cfg.TOKENIZER_PAD["sdxl"]), family="sdxl",
+                         prediction_type=pred, name=name, source=source, text_encoder_2=te2.eval(),
+                         tokenizer_2=clip_tokenizer(pad=cfg.TOKENIZER_2_PAD))
+    if prediction != "auto" and pred != detected:
+        bundle.notes.append(f"prediction type set to {pred} (the file looks like {detected})")
+    _freeze(bundle)
+    return bundle
+
+
+def _no_position_ids(state: dict) -> dict:
+    """Without the `position_ids` buffer some files hold (transformers keeps it out of state dicts)."""
+    return {k: v for k, v in state.items() if not k.endswith("position_ids")}
+
+
 def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto",
                           dtype: torch.dtype = torch.float32, node: str | None = None) -> ModelBundle:
     """Load a diffusers-format model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
@@ -384,6 +476,10 @@ def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto"
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
+    unet_json = folder / "unet" / "config.json"
+    if (folder / "text_encoder_2" / "config.json").is_file() or (
+            unet_json.is_file() and json.loads(unet_json.read_text()).get("addition_embed_type") == "text_time"):
+        return _load_sdxl_folder(folder, prediction=prediction, dtype=dtype, node=node)
     for sub in ("unet", "vae", "text_encoder"):
         if not (folder / sub / "config.json").is_file():
             raise UnconfusedError(f"{folder.name} is not a diffusers SD folder: {sub}/config.json is missing",
@@ -404,13 +500,7 @@ def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto"
         raise UnconfusedError(f"{folder.name} is not an SD 1.x/2.x base model (text width {width}, "
                               f"{unet.config.in_channels} input channels); Unconfused supports {SUPPORTED}",
                               node=node, input="ckpt_name")
-    scheduler_config = dict(cfg.SCHEDULER)
-    detected = "epsilon"
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    if sched_file.is_file():
-        sc = json.loads(sched_file.read_text())
-        detected = sc.get("prediction_type", "epsilon")
-        scheduler_config.update({k: sc[k] for k in scheduler_config if k in sc})
+    scheduler_config, detected = _folder_scheduler(folder)
     if (folder / "tokenizer" / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     else:
@@ -422,8 +512,60 @@ def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto"
     return bundle
 
 
+def _load_sdxl_folder(folder: Path, *, prediction: str, dtype: torch.dtype, node: str | None) -> ModelBundle:
+    """An SDXL diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer(_2)/, scheduler/)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if not (folder / sub / "config.json").is_file():
+            raise UnconfusedError(f"{folder.name} is not a diffusers SDXL folder: {sub}/config.json is missing "
+                                  "(an SDXL refiner has no text_encoder; choose an SDXL base model)", node=node,
+                                  input="ckpt_name")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True,
+                                            torch_dtype=torch.float32 if dtype == torch.float16 else dtype)
+        te1 = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, torch_dtype=dtype)
+        te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True,
+                                                          torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UnconfusedError(f"{folder.name}: cannot load the diffusers SDXL folder ({e})", node=node,
+                              input="ckpt_name") from e
+    if unet.config.in_channels != 4:
+        raise UnconfusedError(f"{folder.name} is an SDXL inpainting or other {unet.config.in_channels}-channel "
+                              "model; choose the SDXL base model (or a fine-tune)", node=node, input="ckpt_name")
+    width = te1.config.hidden_size + te2.config.hidden_size
+    if unet.config.cross_attention_dim != width:
+        raise UnconfusedError(f"{folder.name}: the UNet's text width ({unet.config.cross_attention_dim}) is not the "
+                              f"two text encoders' ({width}); the folder mixes models", node=node, input="ckpt_name")
+    scheduler_config, detected = _folder_scheduler(folder)
+    toks = []
+    for sub, pad in (("tokenizer", cfg.TOKENIZER_PAD["sdxl"]), ("tokenizer_2", cfg.TOKENIZER_2_PAD)):
+        toks.append(CLIPTokenizer.from_pretrained(folder / sub, local_files_only=True)
+                    if (folder / sub / "vocab.json").is_file() else clip_tokenizer(pad=pad))
+    bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=te1.eval(), tokenizer=toks[0],
+                         family="sdxl", prediction_type=detected if prediction == "auto" else prediction,
+                         name=folder.name, source=folder, scheduler_config=scheduler_config,
+                         text_encoder_2=te2.eval(), tokenizer_2=toks[1])
+    _freeze(bundle)
+    return bundle
+
+
+def _folder_scheduler(folder: Path) -> tuple[dict, str]:
+    """The training schedule and prediction type of a diffusers folder (scheduler/scheduler_config.json)."""
+    scheduler_config = dict(cfg.SCHEDULER)
+    detected = "epsilon"
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        sc = json.loads(sched_file.read_text())
+        detected = sc.get("prediction_type", "epsilon")
+        scheduler_config.update({k: sc[k] for k in scheduler_config if k in sc})
+    return scheduler_config, detected
+
+
 def _freeze(bundle: ModelBundle) -> None:
-    for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+    for m in (bundle.unet, bundle.vae, *bundle.spec.encoders(bundle).values()):
         m.requires_grad_(False)
 
 
@@ -436,11 +578,17 @@ def load_model(path: str | os.PathLike, **kwargs) -> ModelBundle:
 
 
 def bundle_from_parts(unet, vae, text_encoder, *, family: str = "sd1", prediction_type: str = "epsilon",
-                      name: str = "in-memory model", tokenizer=None) -> ModelBundle:
-    """A bundle from models already in memory (tests, the built-in demo model, notebooks)."""
+                      name: str = "in-memory model", tokenizer=None, text_encoder_2=None,
+                      tokenizer_2=None) -> ModelBundle:
+    """A bundle from models already in memory (tests, the built-in demo model, notebooks).
+    SDXL takes `text_encoder_2` (a CLIPTextModelWithProjection) too."""
+    if text_encoder_2 is not None and tokenizer_2 is None:
+        tokenizer_2 = clip_tokenizer(pad=cfg.TOKENIZER_2_PAD)
     bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                          tokenizer=tokenizer or clip_tokenizer(pad=cfg.TOKENIZER_PAD[family]), family=family,
-                         prediction_type=prediction_type, name=name)
+                         prediction_type=prediction_type, name=name,
+                         text_encoder_2=None if text_encoder_2 is None else text_encoder_2.eval(),
+                         tokenizer_2=tokenizer_2)
     _freeze(bundle)
     return bundle
 

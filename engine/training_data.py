@@ -40,6 +40,14 @@ def examples_from_concept_set(cs: ConceptSet, captions: str = "auto", template: 
     return out
 
 
+def crop_geometry(h: int, w: int, resolution: int) -> tuple[int, int, int, int]:
+    """(original height, original width, crop top, crop left) of `fit_square` on an h x w image, the
+    crop in pixels of the resized image: SDXL's size/crop conditioning (engine/families.py)."""
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    return h, w, (nh - resolution) // 2, (nw - resolution) // 2
+
+
 def fit_square(t: torch.Tensor, resolution: int, mode: str = "bilinear") -> torch.Tensor:
     """[C,H,W] -> [C,R,R]: shorter side to R, then centre crop (what the trainers see)."""
     c, h, w = t.shape
@@ -61,6 +69,7 @@ class PreparedData:
     masks: torch.Tensor | None  # [N,1,R,R] pixel masks (1 where no mask was given)
     has_mask: torch.Tensor  # [N] bool
     captions: list[str]
+    sizes: torch.Tensor | None = None  # [N, 4] original h, w, crop top, left (crop_geometry)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -75,17 +84,19 @@ def prepare(examples: list[Example], resolution: int, *, vae=None, flip: bool = 
         masks = torch.stack([fit_square((e.mask if e.mask is not None else torch.ones(e.image.shape[:2]))[None],
                                         resolution) for e in examples]).clamp(0, 1)
     captions = [e.caption for e in examples]
+    sizes = torch.tensor([crop_geometry(*e.image.shape[:2], resolution) for e in examples])
     if vae is None:
-        return PreparedData(pixels, None, None, masks, has_mask, captions)
+        return PreparedData(pixels, None, None, masks, has_mask, captions, sizes)
     latents, flipped = [], []
     sf = vae.config.scaling_factor
     with torch.no_grad():
         for i in range(len(examples)):
-            px = pixels[i:i + 1].to(device, dtype)
+            px = pixels[i:i + 1].to(device, vae.dtype)  # (fp32 for an fp16 run: ModelBundle.to)
             # the posterior mean, not a sample: cached latents are then exactly reproducible
             latents.append((vae.encode(px).latent_dist.mean * sf).float().cpu())
             if flip:
                 flipped.append((vae.encode(px.flip(-1)).latent_dist.mean * sf).float().cpu())
             if progress is not None:
                 progress.update()
-    return PreparedData(None, torch.cat(latents), torch.cat(flipped) if flip else None, masks, has_mask, captions)
+    return PreparedData(None, torch.cat(latents), torch.cat(flipped) if flip else None, masks, has_mask, captions,
+                        sizes)

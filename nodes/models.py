@@ -1,4 +1,4 @@
-"""Model loading node: a user's SD 1.x / 2.x checkpoint -> the Unconfused model bundle."""
+"""Model loading node: a user's SD 1.x / 2.x / SDXL checkpoint -> the Unconfused model bundle."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def checkpoint_choices() -> list[str]:
 
 
 class UnconfusedLoadCheckpoint:
-    """Loads a Stable Diffusion 1.x or 2.x checkpoint for Unconfused's trainers and sampler."""
+    """Loads a Stable Diffusion 1.x, 2.x or SDXL (base and its fine-tunes) checkpoint for Unconfused's trainers
+    and sampler."""
 
     NODE_ID = "UnconfusedLoadCheckpoint"
 
@@ -29,7 +30,8 @@ class UnconfusedLoadCheckpoint:
                 "ckpt_name": (checkpoint_choices(), {"tooltip": "A file of models/checkpoints, or a diffusers "
                                                                 "folder of models/diffusers"}),
                 "prediction": (PREDICTION_CHOICES, {"default": "auto", "tooltip": "auto reads it from the file "
-                                                    "(as ComfyUI does); set it for v-prediction SD1 models"}),
+                                                    "(as ComfyUI does); set it for v-prediction SD1 or SDXL "
+                                                    "models whose file does not say so"}),
                 "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip": "dtype of the "
                               "frozen weights: auto = fp16/bf16 on a GPU, fp32 on the CPU"}),
             }
@@ -50,7 +52,7 @@ class UnconfusedLoadCheckpoint:
                                    what="diffusers model folder")
         else:
             path = host.find_model("checkpoints", ckpt_name, node=node, input="ckpt_name",
-                                   what="Stable Diffusion 1.x/2.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors)")
+                                   what="Stable Diffusion 1.x/2.x/SDXL checkpoint (e.g. sd_xl_base_1.0.safetensors)")
         dtype = host.default_dtype(host.device("auto"), precision)
         with host.training_mode():  # normal tensors, not inference tensors: trainers backprop through them
             bundle = load_model(path, prediction=prediction, dtype=dtype, node=node)

@@ -379,7 +379,7 @@ class ClifTrainer(TrainerCore):
             self._ids.update(zip(missing, ids))
         ids = torch.stack([self._ids[c] for c in captions]).to(self.device)
         with self.precision.autocast():
-            hidden = self.family.encode_ids(self.bundle, ids).hidden  # after the final layer norm
+            hidden = self.family.contrastive_hidden(self.bundle, ids)  # after the final layer norm
         # pooled = the first end-of-text token (not argmax of ids: added tokens have larger ids)
         pos = (ids == self.eos).int().argmax(dim=-1)
         pooled = hidden[torch.arange(ids.shape[0], device=ids.device), pos].float()

@@ -69,7 +69,7 @@ class EMSettings(LoraSettings):
         "(docs/presets.md lists the values and their sources). paper = Rahman et al. with Break-a-Scene's losses and "
         'phases')
     resolution: int = setting(512, min=64, ui_max=2048, step=64, tip='Training size (square crop of the middle): 512 '
-        'for SD1, 768 for SD2-v')
+        'for SD1, 768 for SD2-v, 1024 for SDXL')
     unet_lr: float = setting(1e-4, min=0.0, ui_max=0.1, step=1e-05, tip='Learning rate of the UNet LoRA (phase 2)')
     flip: bool = setting(True, tip='Random horizontal flips of image and masks together')
     seed: int = setting(0, min=0, ui_max=2147483647, tip='Seeds sampling, noise, timesteps and the mask estimates')
@@ -455,8 +455,8 @@ class EMTrainer(LoraTrainer):
         if d.latents is not None:
             return d.latents[n:n + 1].to(self.device, self.weight_dtype)
         vae = self.bundle.vae
-        px = d.pixels[n:n + 1].to(self.device, self.weight_dtype)
-        return vae.encode(px).latent_dist.mean * vae.config.scaling_factor
+        px = d.pixels[n:n + 1].to(self.device, vae.dtype)  # (the VAE may stay fp32)
+        return (vae.encode(px).latent_dist.mean * vae.config.scaling_factor).to(self.weight_dtype)
 
     def round_iou(self, masks: torch.Tensor) -> dict[str, float]:
         """token -> mean IoU (over the images where its ground truth is known) at training resolution."""

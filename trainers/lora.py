@@ -57,7 +57,7 @@ class LoraSettings:
         'DreamBooth')
     steps: int = setting(800, min=1, ui_max=100000, tip='Optimizer steps')
     resolution: int = setting(512, min=64, ui_max=2048, step=64, tip='Training size (square): 512 for SD1, 768 for '
-        'SD2-v')
+        'SD2-v, 1024 for SDXL')
     batch_size: int = setting(1, min=1, ui_max=64, tip='Images per step')
     gradient_accumulation: int = setting(1, min=1, ui_max=64, tip='Batches per optimizer step')
     rank: int = setting(8, min=1, ui_max=256, tip='LoRA rank')
@@ -164,6 +164,8 @@ def data_fingerprint(examples: list[Example]) -> str:
                 continue
             t = t.detach().cpu().contiguous()
             h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+            if isinstance(t, torch._subclasses.FakeTensor):
+                continue  # (the memory plan's fake photos have no bytes; no run folder resumes on them)
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -217,6 +219,7 @@ class Batch:
     captions: list[str]
     concept_masks: torch.Tensor | None = None  # [B, K, h, w] one mask per concept (mask EM)
     select: torch.Tensor | None = None  # [B, K] the concepts each caption names
+    sizes: torch.Tensor | None = None  # [B, 4] original h, w, crop top, left (SDXL's size conditioning)
 
 
 # ---------------------------------------------------------------- the trainer
@@ -344,9 +347,9 @@ class LoraTrainer(TrainerCore):
         px = torch.stack([data.pixels[i].flip(-1) if f else data.pixels[i] for i, f in zip(idx.tolist(), flip)])
         vae = self.bundle.vae
         with torch.no_grad():
-            dist = vae.encode(px.to(self.device, self.weight_dtype)).latent_dist
+            dist = vae.encode(px.to(self.device, vae.dtype)).latent_dist  # (the VAE may stay fp32)
             noise = w.mine(torch.randn((n * w.size, *dist.mean.shape[1:]), generator=g), n).to(dist.mean)
-            return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+            return ((dist.mean + dist.std * noise) * vae.config.scaling_factor).to(self.weight_dtype)
 
     def draw_batch(self, data, n: int) -> Batch:
         """n examples drawn with the run's generator: latents, loss masks or None, captions."""
@@ -357,11 +360,13 @@ class LoraTrainer(TrainerCore):
         if data.masks is not None and bool(data.has_mask[idx].any()):
             m = torch.stack([data.masks[i].flip(-1) if f else data.masks[i] for i, f in zip(idx.tolist(), flip)])
             masks = L.latent_mask(m, tuple(lat.shape[-2:])).to(self.device)
-        return Batch(lat, masks, captions)
+        sizes = data.sizes[idx] if getattr(data, "sizes", None) is not None else None
+        return Batch(lat, masks, captions, sizes=sizes)
 
     def call_unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                   batch: Batch | None = None) -> torch.Tensor:
-        return self.family.call_unet(self.bundle.unet, noisy, timesteps, cond, self.weight_dtype)
+        return self.family.call_unet(self.bundle.unet, noisy, timesteps, cond, self.weight_dtype,
+                                     sizes=None if batch is None else batch.sizes)
 
     def get_noise_pred_and_target(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Noise the latents at random timesteps; the UNet's prediction, the objective's target, the timesteps."""

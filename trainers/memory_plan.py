@@ -149,11 +149,14 @@ def fake_bundle(family: str):
     from ..engine.models import build_text_encoder, bundle_from_parts
 
     if family == "demo":
-        return build_demo_model()
-    if family not in cfg.UNET:
+        bundle = build_demo_model()
+    elif family not in cfg.UNET:
         raise UnconfusedError(f"unknown model family {family!r}; use sd1, sd2 or demo", input="family")
-    return bundle_from_parts(UNet2DConditionModel(**cfg.UNET[family]), AutoencoderKL(**cfg.VAE),
-                             build_text_encoder(family), family=family, name=f"{family} (fake weights)")
+    else:
+        bundle = bundle_from_parts(UNet2DConditionModel(**cfg.UNET[family]), AutoencoderKL(**cfg.VAE),
+                                   build_text_encoder(family), family=family, name=f"{family} (fake weights)")
+    bundle._hash = f"plan-{family}"  # fake weights have no bytes to hash, and no run folder resumes on them
+    return bundle
 
 
 def family_of(model_path: str | Path | None) -> str:
@@ -360,7 +363,7 @@ def _run_clif(family: str, settings) -> Plan:
             else:
                 img = features[:b]
             with autocast:
-                hidden = te(ids)[0]
+                hidden = bundle.spec.contrastive_hidden(bundle, ids)  # as the CLIF trainer reads it
             pooled = hidden[torch.arange(b), torch.full((b,), 76)].float()
             loss = clip_loss(F.normalize(pooled @ proj, dim=-1), F.normalize(img, dim=-1), 100.0)
             loss.backward()
