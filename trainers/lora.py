@@ -29,7 +29,7 @@ from ..engine.files import atomic_save_image, safe_name
 from ..engine.preview import grid, line_chart
 from ..engine.models import add_text_encoder_lora
 from ..engine.tokens import add_concept_tokens, concept_embedding
-from ..engine.training_data import DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
+from ..engine.training_data import ASPECTS, DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
 from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
 from .base import TrainerCore, check_common, first_folder, make_optimizer, run_trainer
 from .loop import settings_from_dict
@@ -90,6 +90,9 @@ class LoraSettings:
     resume: str = "auto"
     export: bool = True
     device: str = "auto"
+    # buckets: each photo trains at the aspect-ratio bucket of area resolution**2 nearest its shape
+    # (engine/buckets.py); square: centre-cropped to resolution x resolution. Square photos: the same.
+    aspect: str = "buckets"
 
     @classmethod
     def from_dict(cls, data: dict, *, node: str = NODE) -> "LoraSettings":
@@ -100,7 +103,7 @@ class LoraSettings:
             raise UnconfusedError(msg, node=node, input=input)
 
         check_common(self, node, ("unet_lr", "token_lr", "text_encoder_lr"),
-                     {"captions": CAPTIONS, "mask_normalize": L.MASK_NORMALIZE})
+                     {"captions": CAPTIONS, "mask_normalize": L.MASK_NORMALIZE, "aspect": ASPECTS})
         if self.resolution < 64 or self.resolution % 64:
             bad("resolution", f"must be a multiple of 64 (got {self.resolution}); 512 for SD1, 768 for SD2-v")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
@@ -112,7 +115,9 @@ class LoraSettings:
         return self
 
     def hashed(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in NOT_HASHED}
+        # `aspect` is hashed through what it does (the run config's training sizes), so runs of
+        # square photos made before buckets existed still resume
+        return {k: v for k, v in asdict(self).items() if k not in NOT_HASHED and k != "aspect"}
 
 
 @dataclass
@@ -259,7 +264,7 @@ class LoraTrainer(TrainerCore):
                 classes = sorted({c for c in self.class_words.values() if c})
                 prior = class_image_examples(bundle, classes, s, host.output_dir() / "unconfused" / "class_images")
             self.prior = prepare(prior, s.resolution, vae=vae if s.cache_latents else None, flip=s.flip,
-                                 device=self.device, dtype=self.weight_dtype)
+                                 device=self.device, dtype=self.weight_dtype, aspect=s.aspect)
 
         unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, init_lora_weights="gaussian",
                                     target_modules=[t.strip() for t in s.target_modules.split(",") if t.strip()]))
@@ -287,7 +292,7 @@ class LoraTrainer(TrainerCore):
         self.scheduler = bundle.noise_scheduler()
         bar = host.progress(len(examples) * (2 if s.flip else 1), "caching latents") if s.cache_latents else None
         self.data = prepare(examples, s.resolution, vae=vae if s.cache_latents else None, flip=s.flip,
-                            device=self.device, dtype=self.weight_dtype, progress=bar)
+                            device=self.device, dtype=self.weight_dtype, progress=bar, aspect=s.aspect)
         if bar is not None:
             bar.close()
         self.generator = torch.Generator().manual_seed(s.seed)
@@ -295,6 +300,8 @@ class LoraTrainer(TrainerCore):
                                "text_encoder": s.text_encoder_lora}
         config = {"settings": s.hashed(), "base": bundle.base_hash, "family": bundle.family,
                   "data": data_fingerprint(examples), "tokens": self.tokens}
+        if any(w != h for w, h in self.data.sizes):  # (absent when all are square: as before buckets)
+            config["sizes"] = [f"{w}x{h}" for w, h in self.data.sizes]
         self.make_loop(config, self.generator)
         self._ids: dict[str, torch.Tensor] = {}
         te_trains = s.train_tokens or s.text_encoder_lora
@@ -308,16 +315,23 @@ class LoraTrainer(TrainerCore):
             te.train(on and self.settings.text_encoder_lora)
 
     # ------------------------------------------------------------ hooks: one batch
-    def draw(self, size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n indices into `size` examples and their flips, drawn with the run's generator (this rank's share)."""
+    def draw(self, data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n indices into data's examples, all of one bucket, and their flips, drawn with the run's
+        generator (this rank's share; every rank draws the same bucket). The bucket is drawn with
+        probability proportional to its examples, so every example is as likely as without buckets."""
         g, w = self.generator, self.world
-        idx = w.mine(torch.randint(size, (n * w.size,), generator=g), n)
+        groups = list(data.groups.values())
+        pool = torch.arange(len(data))
+        if len(groups) > 1:  # (one bucket draws nothing here: square runs draw as before buckets)
+            sizes = torch.tensor([len(m) for m in groups], dtype=torch.float)
+            pool = torch.tensor(groups[int(torch.multinomial(sizes, 1, generator=g))])
+        idx = pool[w.mine(torch.randint(len(pool), (n * w.size,), generator=g), n)]
         flip = w.mine(torch.rand(n * w.size, generator=g) < 0.5, n) if self.settings.flip else \
             torch.zeros(n, dtype=torch.bool)
         return idx, flip
 
     def latents_of(self, data, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """Latents [n,4,h,w] of examples (cached, or encoded now with a sampled posterior)."""
+        """Latents [n,4,h,w] of examples of one bucket (cached, or encoded now with a sampled posterior)."""
         g, w, n = self.generator, self.world, len(idx)
         if data.latents is not None:
             lat = torch.stack([data.latents_flipped[i] if f else data.latents[i] for i, f in zip(idx.tolist(), flip)])
@@ -331,7 +345,7 @@ class LoraTrainer(TrainerCore):
 
     def draw_batch(self, data, n: int) -> Batch:
         """n examples drawn with the run's generator: latents, loss masks or None, captions."""
-        idx, flip = self.draw(len(data), n)
+        idx, flip = self.draw(data, n)
         captions = [data.captions[i] for i in idx.tolist()]
         lat = self.latents_of(data, idx, flip)
         masks = None
