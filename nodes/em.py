@@ -61,8 +61,9 @@ class UnconfusedTrainMaskEM:
                 "crf_at": (E.CRF_AT, {"default": _D.crf_at, "tooltip": "DenseCRF refinement at image size (sharper "
                            "edges: IoU 0.97 vs 0.91 in benchmarks/crf_quality; ~3 s per image per round on a "
                            "CPU), at latent size (fast), or off"}),
-                "resolution": _int(_D.resolution, 64, 2048, "Training size (square crop of the middle): 512 for "
-                                   "SD1, 768 for SD2-v", step=64),
+                "resolution": _int(_D.resolution, 64, 2048, "Training size: the images train at about this x "
+                                   "this pixels, at their own aspect ratio (see aspect); 512 for SD1, 768 for SD2-v",
+                                   step=64),
                 "rank": _int(_D.rank, 1, 256, "LoRA rank"),
                 "alpha": _float(_D.alpha, 0.1, 512, 0.1, "LoRA alpha (scale = alpha / rank)"),
                 "unet_lr": _float(_D.unet_lr, 0.0, 0.1, 1e-5, "Learning rate of the UNet LoRA (phase 2)"),
@@ -106,6 +107,10 @@ class UnconfusedTrainMaskEM:
         spec["optional"]["preset"] = (
             presets.choices("em"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
                 ". paper = Rahman et al. with Break-a-Scene's losses and phases"})
+        spec["optional"]["aspect"] = (T.ASPECTS, {
+            "default": _D.aspect, "tooltip": "buckets: each photo trains at the size of about resolution x "
+            "resolution pixels nearest its own shape (e.g. 640x384 for a 3:2 photo at 512), its masks at that shape; "
+            "square: a centre crop of resolution x resolution (as before buckets; square photos: the same)"})
         return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "MASK", "IMAGE", "IMAGE", "STRING")

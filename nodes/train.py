@@ -37,8 +37,9 @@ class UnconfusedTrainLoRA:
                                     "output/unconfused/runs and the exported file names. Same name + same "
                                     "settings = resume"}),
                 "steps": _int(_D.steps, 1, 100000, "Optimizer steps"),
-                "resolution": _int(_D.resolution, 64, 2048, "Training size (square): 512 for SD1, 768 for "
-                                   "SD2-v", step=64),
+                "resolution": _int(_D.resolution, 64, 2048, "Training size: photos train at about this x this "
+                                   "pixels, at their own aspect ratio (see aspect); 512 for SD1, 768 for SD2-v",
+                                   step=64),
                 "rank": _int(_D.rank, 1, 256, "LoRA rank"),
                 "alpha": _float(_D.alpha, 0.1, 512, 0.1, "LoRA alpha (scale = alpha / rank)"),
                 "unet_lr": _float(_D.unet_lr, 0.0, 0.1, 1e-5, "Learning rate of the UNet LoRA"),
@@ -98,6 +99,10 @@ class UnconfusedTrainLoRA:
         spec["optional"]["preset"] = (
             presets.choices("lora"), {"default": presets.CUSTOM, "tooltip": presets.PRESET_TOOLTIP +
                 ". paper = CLIF stage 2; paper-sid = the SID paper's DreamBooth"})
+        spec["optional"]["aspect"] = (T.ASPECTS, {
+            "default": _D.aspect, "tooltip": "buckets: each photo trains at the size of about resolution x "
+            "resolution pixels nearest its own shape (e.g. 640x384 for a 3:2 photo at 512), its mask with it; "
+            "square: a centre crop of resolution x resolution (as before buckets; square photos: the same)"})
         return spec
 
     RETURN_TYPES = (MODEL_BUNDLE, "IMAGE", "IMAGE", "STRING")
