@@ -150,6 +150,12 @@ def test_bucketed_resume_equals_uninterrupted_run(base):
         LoraTrainer(base, cs, settings(name="cut", steps=8, resume="auto", aspect="square")).run()
 
 
+def test_unknown_aspect_is_refused_with_the_choices():
+    for cls in (LoraSettings, E.EMSettings):
+        with pytest.raises(UnconfusedError, match=r"aspect.*'portrait' is not one of \['buckets', 'square'\]"):
+            cls(aspect="portrait").validated()
+
+
 def em_settings(**kw) -> E.EMSettings:
     base = dict(name="emb", steps=3, resolution=RES, tokens_only_steps=1, reestimate_every=0, init_timesteps=2,
                 reestimate_timesteps=2, estimate_batch=2, checkpoint_every=100, resume="restart", export=False,
