@@ -204,3 +204,25 @@ def test_em_with_a_wide_and_a_tall_image(base):
     again = E.EMTrainer(base, scenes, em_settings(name="emwt", steps=4, batch_size=2, estimate_batch=1, resume="auto"))
     again._load_history(4)
     assert [torch.equal(a, b) for a, b in zip(again.rounds[-1].masks, masks)] == [True, True]
+
+
+def test_em_concept_masks_flip_with_their_image(base):
+    """EM batches at a 2:1 bucket: <a>'s mask (left half) is on the right exactly when the latent is the
+    flipped image's, and the loss mask is the union of the sampled concepts' masks."""
+    tr = E.EMTrainer(base, E.make_scenes([two_halves(192, 96)], "<a> dog\n<b> cat"), em_settings(batch_size=2))
+    left = torch.zeros(8, 16)
+    left[:, :8] = 1
+    tr.masks = torch.stack([left, 1 - left])[None]  # [1, K, 8, 16]
+    flipped = tr.data.latents_flipped[0]
+    sides = set()
+    for _ in range(6):
+        batch = tr.draw_batch(tr.data, 2)
+        assert batch.concept_masks.shape == (2, 2, 8, 16)
+        for lat, masks, sel, union in zip(batch.latents, batch.concept_masks, batch.select, batch.masks):
+            was_flipped = torch.equal(lat, flipped)
+            assert was_flipped != torch.equal(lat, tr.data.latents[0])
+            a = masks[0]
+            assert float(a[:, 8:].min() if was_flipped else a[:, :8].min()) == 1 and float(a.sum()) == 64
+            assert torch.equal(union[0], (masks * sel[:, None, None]).amax(0))
+            sides.add(was_flipped)
+    assert sides == {True, False}
