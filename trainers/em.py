@@ -41,12 +41,12 @@ import torch.nn.functional as F
 
 from ..engine import host, messages
 from ..engine.attention import AttentionCapture, token_position_mask
+from ..engine.buckets import fit_to_bucket, unfit_from_bucket
 from ..engine.concepts import tensor_to_pil, validate_token
 from ..engine.crf import CRFSettings, refine_latent_masks
 from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_path, atomic_save_image
 from ..engine.preview import PALETTE, grid, overlay_masks
-from ..engine.buckets import fit_to_bucket, unfit_from_bucket
 from ..engine.training_data import Example
 from .base import run_trainer
 from .loop import config_hash, seed_everything
