@@ -79,3 +79,15 @@ def assign_buckets(sizes: list[tuple[int, int]], resolution: int = 512, step: in
     for i, b in enumerate(chosen):
         groups.setdefault(b, []).append(i)
     return chosen, groups
+
+
+def unfit_from_bucket(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `fit_to_bucket` for a mask [bh,bw] (at the bucket's size): back onto the
+    original [height,width] photo; what the crop cut off is 0."""
+    bh, bw = mask.shape[-2:]
+    scale = max(bw / width, bh / height)
+    nh, nw = max(bh, round(height * scale)), max(bw, round(width * scale))
+    canvas = torch.zeros(nh, nw)
+    top, left = (nh - bh) // 2, (nw - bw) // 2
+    canvas[top:top + bh, left:left + bw] = mask.float().cpu()
+    return F.interpolate(canvas[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]

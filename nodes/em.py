@@ -44,7 +44,7 @@ class UnconfusedTrainMaskEM:
                 **node_inputs(E.EMSettings, [
                     'inversion_steps', 'max_concepts_per_step', 'validation_prompts', 'validation_every',
                     'checkpoint_every', 'batch_size', 'precision', 'gradient_checkpointing', 'template',
-                    'flip', 'vectors_per_token', 'export', 'device', 'fixed_mask_stage', 'preset']),
+                    'flip', 'vectors_per_token', 'export', 'device', 'fixed_mask_stage', 'preset', 'aspect']),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

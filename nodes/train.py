@@ -39,7 +39,7 @@ class UnconfusedTrainLoRA:
                     'lr_scheduler', 'warmup_steps', 'prior_preservation', 'class_images', 'prior_weight',
                     'min_snr_gamma', 'noise_offset', 'mask_normalize', 'captions', 'template',
                     'target_modules', 'dropout', 'vectors_per_token', 'text_encoder_lora', 'text_encoder_lr',
-                    'cache_latents', 'flip', 'export', 'device', 'preset']),
+                    'cache_latents', 'flip', 'export', 'device', 'preset', 'aspect']),
             },
             # which node of the graph runs: live messages carry it so the browser finds the node
             "hidden": {"unique_id": "UNIQUE_ID"},

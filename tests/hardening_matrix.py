@@ -16,7 +16,8 @@ MATRIX = {
         "test_presets.py::test_unknown_preset_is_refused_with_the_choices",
         "test_captions_cmd.py::test_bad_input_exit_2_and_the_module_entry_point",
         "test_memory_plan.py::test_check_fits_refuses_with_a_sentence_naming_the_settings",
-        "test_handoff.py::test_apply_refuses_an_untrained_model_and_another_family"],
+        "test_handoff.py::test_apply_refuses_an_untrained_model_and_another_family",
+        "test_buckets_train.py::test_unknown_aspect_is_refused_with_the_choices"],
     "missing, damaged, wrong-family or pickled model files": [
         "test_models.py::test_other_families_and_parts_are_named",
         "test_models.py::test_ckpt_with_pickled_code_is_refused_not_run",
@@ -42,7 +43,8 @@ MATRIX = {
         "test_lora.py::test_resume_equals_uninterrupted_run", "test_lora.py::test_resume_refuses_other_settings",
         "test_clif.py::test_tokens_only_resume_equals_uninterrupted_run", "test_em.py::test_resume_equals_uninterrupted_run",
         "test_dataset.py::test_write_resume_and_read", "test_cli.py::test_lora_command_trains_exports_and_resumes",
-        "test_loop.py::test_resume_never_unpickles_code_and_keeps_the_unreadable_file"],
+        "test_loop.py::test_resume_never_unpickles_code_and_keeps_the_unreadable_file",
+        "test_buckets_train.py::test_bucketed_resume_equals_uninterrupted_run"],
     "secrets and safety": [
         "test_vlm.py::test_node_flags_and_repairs_and_never_leaks_the_key",
         "test_vlm.py::test_key_only_over_https_or_to_this_machine", "test_vlm.py::test_no_key_when_variable_unset",

@@ -41,13 +41,14 @@ import torch.nn.functional as F
 
 from ..engine import host, messages, presets
 from ..engine.attention import AttentionCapture, token_position_mask
+from ..engine.buckets import fit_to_bucket, unfit_from_bucket
 from ..engine.concepts import tensor_to_pil, validate_token
 from ..engine.crf import CRFSettings, refine_latent_masks
 from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_path, atomic_save_image
 from ..engine.preview import PALETTE, grid, overlay_masks
 from ..engine.settings import setting
-from ..engine.training_data import Example, fit_square
+from ..engine.training_data import Example
 from .base import run_trainer
 from .loop import config_hash, seed_everything
 from .lora import Batch, LoraResult, LoraSettings, LoraTrainer
@@ -68,8 +69,8 @@ class EMSettings(LoraSettings):
         'preset sets every setting it lists except a widget you changed from its default: that value wins '
         "(docs/presets.md lists the values and their sources). paper = Rahman et al. with Break-a-Scene's losses and "
         'phases')
-    resolution: int = setting(512, min=64, ui_max=2048, step=64, tip='Training size (square crop of the middle): 512 '
-        'for SD1, 768 for SD2-v, 1024 for SDXL')
+    resolution: int = setting(512, min=64, ui_max=2048, step=64, tip='Training size: the images train at about this '
+        'x this pixels, at their own aspect ratio (see aspect); 512 for SD1, 768 for SD2-v, 1024 for SDXL')
     unet_lr: float = setting(1e-4, min=0.0, ui_max=0.1, step=1e-05, tip='Learning rate of the UNet LoRA (phase 2)')
     flip: bool = setting(True, tip='Random horizontal flips of image and masks together')
     seed: int = setting(0, min=0, ui_max=2147483647, tip='Seeds sampling, noise, timesteps and the mask estimates')
@@ -282,14 +283,14 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def unfit_square(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of `fit_square` for a mask [R,R]: back onto the original [H,W] (outside the crop = 0)."""
-    r = mask.shape[-1]
-    scale = r / min(height, width)
-    nh, nw = max(r, round(height * scale)), max(r, round(width * scale))
-    canvas = torch.zeros(nh, nw)
-    top, left = (nh - r) // 2, (nw - r) // 2
-    canvas[top:top + r, left:left + r] = mask.float().cpu()
-    return F.interpolate(canvas[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    """Inverse of the square centre crop for a mask [R,R]: back onto the original [H,W] (outside the crop = 0)."""
+    return unfit_from_bucket(mask, height, width)
+
+
+def per_image(masks: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Masks of N images, each [K,h,w]: one tensor [N,K,h,w] when they share a size (the usual),
+    else the list (images at different aspect-ratio buckets). Either way `masks[n]` is image n's."""
+    return torch.stack(masks) if len({tuple(m.shape) for m in masks}) == 1 else list(masks)
 
 
 # ---------------------------------------------------------------- result
@@ -297,7 +298,8 @@ def unfit_square(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class MaskRound:
     index: int
     step: int  # optimizer steps done when the masks were made
-    masks: torch.Tensor  # [N, K, h, w] latent masks (0 where a concept is not in the image)
+    masks: torch.Tensor | list[torch.Tensor]  # [N, K, h, w] latent masks (0 where a concept is not in the
+    # image); a list of [K, h_n, w_n] when the images train at different buckets (`per_image`)
     iou: dict[str, float] = field(default_factory=dict)  # token -> mean IoU over its images (with ground truth)
     seconds: float = 0.0
 
@@ -349,17 +351,17 @@ class EMTrainer(LoraTrainer):
         for n, sc in enumerate(scenes):
             for t in sc.tokens:
                 self.member[n, self.em_tokens.index(t)] = True
-        lat = self.data.latents if self.data.latents is not None else None
-        self.latent_size = tuple(lat.shape[-2:]) if lat is not None else (s.resolution // 8, s.resolution // 8)
-        self.images = [fit_square(sc.image.permute(2, 0, 1), s.resolution).permute(1, 2, 0).clamp(0, 1)
-                       for sc in scenes]  # what the model sees, [R,R,3]
-        self.gt = None
+        # each image trains at its aspect-ratio bucket (or the square crop): sizes (height, width)
+        self.sizes = [(h, w) for w, h in self.data.sizes]
+        self.latent_sizes = [(h // 8, w // 8) for h, w in self.sizes]
+        self.images = [fit_to_bucket(sc.image, None, size)[0] for sc, size in zip(scenes, self.data.sizes)]
+        self.gt = None  # per image [K, h, w] at its training size
         if any(sc.ground_truth for sc in scenes):
-            self.gt = torch.zeros(len(scenes), k, s.resolution, s.resolution)
+            self.gt = [torch.zeros(k, *size) for size in self.sizes]
             self.gt_known = torch.zeros(len(scenes), k, dtype=torch.bool)
             for n, sc in enumerate(scenes):
                 for t, m in sc.ground_truth.items():
-                    self.gt[n, self.em_tokens.index(t)] = fit_square(m[None], s.resolution)[0]
+                    self.gt[n][self.em_tokens.index(t)] = fit_to_bucket(sc.image, m, self.data.sizes[n])[1]
                     self.gt_known[n, self.em_tokens.index(t)] = True
         names = [n.strip() for n in s.attention_layers.split(",") if n.strip()]
         self.layers = names or self.family.attention_layers(self.bundle.unet)
@@ -394,7 +396,7 @@ class EMTrainer(LoraTrainer):
     def estimate(self, step: int, timesteps: int) -> MaskRound:
         """Average each concept's cross-attention over `timesteps` random timesteps per image (own
         generator seeded by the run seed and the step: a resumed run re-makes the same masks),
-        normalise, threshold, CRF -> [N, K, h, w] latent masks."""
+        normalise, threshold, CRF -> per image [K, h, w] latent masks at its bucket's latent size."""
         import time
 
         s = self.settings
@@ -403,7 +405,7 @@ class EMTrainer(LoraTrainer):
         unet, n_train = self.bundle.unet, self.scheduler.config.num_train_timesteps
         was = unet.training
         unet.eval()
-        out = torch.zeros(len(self.scenes), len(self.em_tokens), *self.latent_size)
+        out = [torch.zeros(len(self.em_tokens), *size) for size in self.latent_sizes]
         try:
             for n, sc in enumerate(self.scenes):
                 latent = self._latent(n)
@@ -412,7 +414,8 @@ class EMTrainer(LoraTrainer):
                 pos1 = token_position_mask(self.bundle, [caption], self.em_tokens)
                 ts = torch.randint(0, n_train, (timesteps,), generator=g)
                 noise = torch.randn((timesteps, *latent.shape[1:]), generator=g)
-                total = torch.zeros(len(self.em_tokens), *self.latent_size)
+                size = self.latent_sizes[n]
+                total = torch.zeros(len(self.em_tokens), *size)
                 with AttentionCapture(unet, self.layers, detach=True) as cap:
                     for i in range(0, timesteps, s.estimate_batch):
                         host.check_cancel()
@@ -424,13 +427,14 @@ class EMTrainer(LoraTrainer):
                         cap.watch(pos1.expand(b, -1, -1))
                         with self.precision.autocast():
                             self.call_unet(noisy, t, cond1.expand(b))
-                        total += cap.maps(self.latent_size).sum(0).float().cpu()  # [K, h, w], summed over t
+                        total += cap.maps(size).sum(0).float().cpu()  # [K, h, w], summed over t
                 maps = total / timesteps
                 maps = AttentionCapture.normalized(maps[None])[0].cpu()
                 idx = [self.em_tokens.index(t) for t in sc.tokens]
-                out[n, idx] = self._refine(n, binarize(maps[idx], s.threshold_mode, s.threshold))
+                out[n][idx] = self._refine(n, binarize(maps[idx], s.threshold_mode, s.threshold))
         finally:
             unet.train(was)
+        out = per_image(out)
         r = MaskRound(len(self.rounds), step, out, seconds=time.perf_counter() - t0)
         r.iou = self.round_iou(out)
         return r
@@ -440,33 +444,33 @@ class EMTrainer(LoraTrainer):
         if s.crf_at == "off":
             return binary
         if s.crf_at == "latent":
-            scale = self.latent_size[0] / s.resolution  # kernel widths are given in image pixels
+            scale = self.latent_sizes[n][0] / self.sizes[n][0]  # kernel widths are given in image pixels
             return refine_latent_masks(self.images[n], binary, s.crf_settings(scale), node=self.node,
                                        image_input="images", mask_input="masks")
         from ..engine.crf import refine
 
-        up = F.interpolate(binary[None], size=(s.resolution, s.resolution), mode="nearest")[0]
+        up = F.interpolate(binary[None], size=self.sizes[n], mode="nearest")[0]
         fine = refine(self.images[n], up, s.crf_settings(), work_at="image", node=self.node, image_input="images",
                       mask_input="masks", on_degenerate="keep")
-        return F.interpolate(fine[None], size=self.latent_size, mode="area")[0]
+        return F.interpolate(fine[None], size=self.latent_sizes[n], mode="area")[0]
 
     def _latent(self, n: int) -> torch.Tensor:
         d = self.data
         if d.latents is not None:
-            return d.latents[n:n + 1].to(self.device, self.weight_dtype)
+            return d.latents[n][None].to(self.device, self.weight_dtype)
         vae = self.bundle.vae
-        px = d.pixels[n:n + 1].to(self.device, vae.dtype)  # (the VAE may stay fp32)
+        px = d.pixels[n][None].to(self.device, vae.dtype)  # (the VAE may stay fp32)
         return (vae.encode(px).latent_dist.mean * vae.config.scaling_factor).to(self.weight_dtype)
 
-    def round_iou(self, masks: torch.Tensor) -> dict[str, float]:
-        """token -> mean IoU (over the images where its ground truth is known) at training resolution."""
+    def round_iou(self, masks) -> dict[str, float]:
+        """token -> mean IoU (over the images where its ground truth is known) at each image's training size."""
         if self.gt is None:
             return {}
-        r = self.settings.resolution
-        up = F.interpolate(masks, size=(r, r), mode="bilinear", align_corners=False)
+        up = [F.interpolate(m[None], size=size, mode="bilinear", align_corners=False)[0]
+              for m, size in zip(masks, self.sizes)]
         out = {}
         for k, t in enumerate(self.em_tokens):
-            vals = [iou(up[n, k], self.gt[n, k]) for n in range(len(self.scenes)) if self.gt_known[n, k]]
+            vals = [iou(up[n][k], self.gt[n][k]) for n in range(len(self.scenes)) if self.gt_known[n, k]]
             if vals:
                 out[t] = sum(vals) / len(vals)
         return out
@@ -512,16 +516,15 @@ class EMTrainer(LoraTrainer):
         folder = self.run_dir / "masks" / f"round_{r.index:02d}_step_{r.step:06d}"
         for n, sc in enumerate(self.scenes):
             for t in sc.tokens:
-                m = r.masks[n, self.em_tokens.index(t)]
-                up = F.interpolate(m[None, None], size=(self.settings.resolution,) * 2, mode="bilinear",
-                                   align_corners=False)[0, 0]
+                m = r.masks[n][self.em_tokens.index(t)]
+                up = F.interpolate(m[None, None], size=self.sizes[n], mode="bilinear", align_corners=False)[0, 0]
                 atomic_save_image(folder / f"image{n + 1}_{t.strip('<>')}.png", tensor_to_pil(up))
         messages.send_masks(self.node, r.step, self.images, [self._overlay_masks(r, n) for n in range(len(self.scenes))],
                             labels=[f"round {r.index} (step {r.step}): " + " ".join(sc.tokens) for sc in self.scenes],
                             force=True)
 
     def _overlay_masks(self, r: MaskRound, n: int) -> list[torch.Tensor]:
-        return [r.masks[n, self.em_tokens.index(t)] for t in self.scenes[n].tokens]
+        return [r.masks[n][self.em_tokens.index(t)] for t in self.scenes[n].tokens]
 
     # ------------------------------------------------------------ one step (M step)
     def step(self, step: int) -> float:
@@ -538,7 +541,7 @@ class EMTrainer(LoraTrainer):
         if data is not self.data:  # prior-preservation images: as the LoRA trainer
             return super().draw_batch(data, n)
         s, g, w = self.settings, self.generator, self.world
-        idx, flip = self.draw(len(data), n)
+        idx, flip = self.draw(data, n)
         picks = w.mine(torch.rand(n * w.size, len(self.em_tokens), generator=g), n)
         counts = w.mine(torch.rand(n * w.size, generator=g), n)
         select = torch.zeros(n, len(self.em_tokens), dtype=torch.bool)
@@ -631,14 +634,13 @@ class EMTrainer(LoraTrainer):
         res = EMResult(**{f: getattr(base, f) for f in base.__dataclass_fields__})
         res.rounds = list(self.rounds)
         final = self.rounds[-1].masks
-        r = self.settings.resolution
         for n, sc in enumerate(self.scenes):
             h, w = sc.image.shape[:2]
             ms = []
             for t in sc.tokens:
-                up = F.interpolate(final[n, self.em_tokens.index(t)][None, None], size=(r, r), mode="bilinear",
-                                   align_corners=False)[0, 0]
-                ms.append((unfit_square(up, h, w) > 0.5).float())
+                up = F.interpolate(final[n][self.em_tokens.index(t)][None, None], size=self.sizes[n],
+                                   mode="bilinear", align_corners=False)[0, 0]
+                ms.append((unfit_from_bucket(up, h, w) > 0.5).float())
                 res.labels.append(f"image {n + 1}: {t}")
             res.masks.append(torch.stack(ms))
         res.history = history_strip(self.images, [[self._overlay_masks(rd, n) for n in range(len(self.scenes))]

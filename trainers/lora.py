@@ -30,7 +30,7 @@ from ..engine.preview import grid, line_chart
 from ..engine.settings import check_declared, setting
 from ..engine.models import add_text_encoder_lora
 from ..engine.tokens import add_concept_tokens, concept_embedding
-from ..engine.training_data import DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
+from ..engine.training_data import ASPECTS, DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
 from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
 from .base import TrainerCore, check_common, first_folder, make_optimizer, run_trainer
 from .loop import settings_from_dict
@@ -56,8 +56,8 @@ class LoraSettings:
         "(docs/presets.md lists the values and their sources). paper = CLIF stage 2; paper-sid = the SID paper's "
         'DreamBooth')
     steps: int = setting(800, min=1, ui_max=100000, tip='Optimizer steps')
-    resolution: int = setting(512, min=64, ui_max=2048, step=64, tip='Training size (square): 512 for SD1, 768 for '
-        'SD2-v, 1024 for SDXL')
+    resolution: int = setting(512, min=64, ui_max=2048, step=64, tip='Training size: photos train at about this x '
+        'this pixels, at their own aspect ratio (see aspect); 512 for SD1, 768 for SD2-v, 1024 for SDXL')
     batch_size: int = setting(1, min=1, ui_max=64, tip='Images per step')
     gradient_accumulation: int = setting(1, min=1, ui_max=64, tip='Batches per optimizer step')
     rank: int = setting(8, min=1, ui_max=256, tip='LoRA rank')
@@ -105,6 +105,9 @@ class LoraSettings:
                                                       'settings match; restart: start over')
     export: bool = setting(True, tip='Write the LoRA to models/loras and the tokens to models/embeddings')
     device: str = setting("auto", choices=host.DEVICE_CHOICES, tip='auto: the GPU ComfyUI uses (cuda or mps), else the CPU')
+    aspect: str = setting("buckets", choices=ASPECTS, tip="buckets: each photo trains at the size of about resolution x "
+        "resolution pixels nearest its own shape (e.g. 640x384 for a 3:2 photo at 512), its masks with it; square: "
+        "a centre crop of resolution x resolution (as before buckets; square photos: the same)")
 
     @classmethod
     def from_dict(cls, data: dict, *, node: str = NODE) -> "LoraSettings":
@@ -127,7 +130,9 @@ class LoraSettings:
         return self
 
     def hashed(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in NOT_HASHED}
+        # `aspect` is hashed through what it does (the run config's training sizes), so runs of
+        # square photos made before buckets existed still resume
+        return {k: v for k, v in asdict(self).items() if k not in NOT_HASHED and k != "aspect"}
 
 
 @dataclass
@@ -281,7 +286,7 @@ class LoraTrainer(TrainerCore):
                 classes = sorted({c for c in self.class_words.values() if c})
                 prior = class_image_examples(bundle, classes, s, host.output_dir() / "unconfused" / "class_images")
             self.prior = prepare(prior, s.resolution, vae=vae if s.cache_latents else None, flip=s.flip,
-                                 device=self.device, dtype=self.weight_dtype)
+                                 device=self.device, dtype=self.weight_dtype, aspect=s.aspect)
 
         unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, init_lora_weights="gaussian",
                                     target_modules=[t.strip() for t in s.target_modules.split(",") if t.strip()]))
@@ -309,7 +314,7 @@ class LoraTrainer(TrainerCore):
         self.scheduler = bundle.noise_scheduler()
         bar = host.progress(len(examples) * (2 if s.flip else 1), "caching latents") if s.cache_latents else None
         self.data = prepare(examples, s.resolution, vae=vae if s.cache_latents else None, flip=s.flip,
-                            device=self.device, dtype=self.weight_dtype, progress=bar)
+                            device=self.device, dtype=self.weight_dtype, progress=bar, aspect=s.aspect)
         if bar is not None:
             bar.close()
         self.generator = torch.Generator().manual_seed(s.seed)
@@ -317,6 +322,8 @@ class LoraTrainer(TrainerCore):
                                "text_encoder": s.text_encoder_lora}
         config = {"settings": s.hashed(), "base": bundle.base_hash, "family": bundle.family,
                   "data": data_fingerprint(examples), "tokens": self.tokens}
+        if any(w != h for w, h in self.data.sizes):  # (absent when all are square: as before buckets)
+            config["sizes"] = [f"{w}x{h}" for w, h in self.data.sizes]
         self.make_loop(config, self.generator)
         self._ids: dict[str, torch.Tensor] = {}
         te_trains = s.train_tokens or s.text_encoder_lora
@@ -330,16 +337,23 @@ class LoraTrainer(TrainerCore):
             te.train(on and self.settings.text_encoder_lora)
 
     # ------------------------------------------------------------ hooks: one batch
-    def draw(self, size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n indices into `size` examples and their flips, drawn with the run's generator (this rank's share)."""
+    def draw(self, data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n indices into data's examples, all of one bucket, and their flips, drawn with the run's
+        generator (this rank's share; every rank draws the same bucket). The bucket is drawn with
+        probability proportional to its examples, so every example is as likely as without buckets."""
         g, w = self.generator, self.world
-        idx = w.mine(torch.randint(size, (n * w.size,), generator=g), n)
+        groups = list(data.groups.values())
+        pool = torch.arange(len(data))
+        if len(groups) > 1:  # (one bucket draws nothing here: square runs draw as before buckets)
+            sizes = torch.tensor([len(m) for m in groups], dtype=torch.float)
+            pool = torch.tensor(groups[int(torch.multinomial(sizes, 1, generator=g))])
+        idx = pool[w.mine(torch.randint(len(pool), (n * w.size,), generator=g), n)]
         flip = w.mine(torch.rand(n * w.size, generator=g) < 0.5, n) if self.settings.flip else \
             torch.zeros(n, dtype=torch.bool)
         return idx, flip
 
     def latents_of(self, data, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """Latents [n,4,h,w] of examples (cached, or encoded now with a sampled posterior)."""
+        """Latents [n,4,h,w] of examples of one bucket (cached, or encoded now with a sampled posterior)."""
         g, w, n = self.generator, self.world, len(idx)
         if data.latents is not None:
             lat = torch.stack([data.latents_flipped[i] if f else data.latents[i] for i, f in zip(idx.tolist(), flip)])
@@ -353,15 +367,15 @@ class LoraTrainer(TrainerCore):
 
     def draw_batch(self, data, n: int) -> Batch:
         """n examples drawn with the run's generator: latents, loss masks or None, captions."""
-        idx, flip = self.draw(len(data), n)
+        idx, flip = self.draw(data, n)
         captions = [data.captions[i] for i in idx.tolist()]
         lat = self.latents_of(data, idx, flip)
         masks = None
         if data.masks is not None and bool(data.has_mask[idx].any()):
             m = torch.stack([data.masks[i].flip(-1) if f else data.masks[i] for i, f in zip(idx.tolist(), flip)])
             masks = L.latent_mask(m, tuple(lat.shape[-2:])).to(self.device)
-        sizes = data.sizes[idx] if getattr(data, "sizes", None) is not None else None
-        return Batch(lat, masks, captions, sizes=sizes)
+        geometry = data.geometry[idx] if getattr(data, "geometry", None) is not None else None
+        return Batch(lat, masks, captions, sizes=geometry)
 
     def call_unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                   batch: Batch | None = None) -> torch.Tensor:

@@ -280,7 +280,8 @@ def _run_lora_like(trainer: str, family: str, settings) -> Plan:
 
     s0 = settings
     notes: list[str] = []
-    s = replace(s0, device="cpu", validation_prompts=[], export=False)
+    # square: the synthetic photos train at resolution x resolution, the largest-area bucket
+    s = replace(s0, device="cpu", validation_prompts=[], export=False, aspect="square")
     if s.prior_preservation:  # two batches' graphs alive at once: the same as one batch of twice the size
         s = replace(s, prior_preservation=False, batch_size=2 * s.batch_size)
         notes.append("prior preservation measured as a doubled batch")
@@ -288,7 +289,7 @@ def _run_lora_like(trainer: str, family: str, settings) -> Plan:
         tr = _lora_like(trainer, fake_bundle(family), s, Path(tmp))
         if trainer == "em":  # the M step with masks and the cross-attention loss (its most expensive phase)
             n, k = len(tr.scenes), len(tr.em_tokens)
-            tr.masks = torch.ones(n, k, *tr.latent_size)
+            tr.masks = torch.ones(n, k, *tr.latent_sizes[0])
             for p in tr.lora_params:
                 p.requires_grad_(True)
             cap = AttentionCapture(tr.bundle.unet, tr.layers, detach=False)
@@ -429,10 +430,8 @@ def measure_cpu(trainer, step: int = 2) -> tuple[int, int]:
         for t in st.values():
             if isinstance(t, torch.Tensor):
                 counter.track(t)
-    d = trainer.data
-    for t in (d.pixels, d.latents, d.latents_flipped, d.masks):
-        if t is not None:
-            counter.track(t)
+    for t in trainer.data.tensors():
+        counter.track(t)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         trainer.step(step)
     cur = peak = 0
