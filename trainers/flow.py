@@ -126,7 +126,8 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
         values = DEMO_VALUES[mode]
         aug = {"canvas": res, "global_pairs": values["pairs"], "region_pairs": values["region_pairs"]}
         clif, lora = {}, {}
-        preset, sample_size, bank_images = mode, res, s.bank_images or values["bank_images"]
+        preset, sample_size, bank_images = mode, res, \
+            values["bank_images"] if s.bank_images is None else s.bank_images
     if s.pairs is not None:
         aug["global_pairs"] = s.pairs
     if s.region_pairs is not None:
@@ -137,7 +138,7 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
     augment = settings_from_dict(AugmentSettings, aug, NODE)
     bank = None
     if bank_images is not None or over["bank"]:
-        bank = settings_from_dict(BankSpec, {"per_concept": bank_images or 4, "seed": s.seed, "size": res,
+        bank = settings_from_dict(BankSpec, {"per_concept": 4 if bank_images is None else bank_images, "seed": s.seed, "size": res,
                                              **over["bank"]}, NODE)
         if bank.per_concept < 1:
             raise UnconfusedError("--bank-images must be 1 or more", node=NODE, input="--bank-images")
