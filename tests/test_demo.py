@@ -138,3 +138,38 @@ def test_the_demo_on_a_users_checkpoint_runs_the_preset_with_a_cached_bank(tmp_p
     # a rerun reuses the bank: nothing drawn again, no file rewritten
     assert main(args) == 0
     assert len(drawn) == 4 and [p.stat().st_mtime_ns for p in pngs] == stamps
+
+
+def test_a_sam_turns_region_pairs_on_in_the_run(tmp_path, monkeypatch):
+    """--sam: the run makes R-Aug pairs with SAM's region proposals (the random tiny SAM proposes none
+    that pass its quality checks, so its automatic mode is replaced by horizontal bands here)."""
+    import torch
+    from sam_helpers import tiny_sam_state_dict
+
+    from unconfused.engine import regions
+
+    monkeypatch.setenv("UNCONFUSED_SAM_ALLOW_CUSTOM", "1")
+    used = []
+
+    def bands(rgb, mask):
+        ys = torch.nonzero(mask >= 0.5)[:, 0]
+        y0, y1 = int(ys.min()), int(ys.max()) + 1
+        return [torch.zeros_like(mask).index_fill_(0, torch.arange(y0 + (y1 - y0) * b // 3,
+                                                                  y0 + (y1 - y0) * (b + 1) // 3), 1) * (mask >= 0.5)
+                for b in range(3)]
+
+    def tools(sam_model, clip_model, *, node):
+        used.append(type(sam_model).__name__)
+        return bands, lambda crops, words: [(words[i % len(words)], 1.0) for i in range(len(crops))]
+
+    monkeypatch.setattr(regions, "region_tools", tools)
+    torch.save(tiny_sam_state_dict(), tmp_path / "sam_vit_b_01ec64.pth")
+    work = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(work), "--sam", str(tmp_path / "sam_vit_b_01ec64.pth"), "--region-pairs",
+                 "4", "--set", "augment.min_regions=2", "--clif-steps", "2", "--lora-steps", "2",
+                 "--sample-steps", "2"]) == 0
+    report = json.loads((work / "report.json").read_text())
+    assert used == ["SamModel"] and report["stages"]["augmentations"]["pairs"]["region"] == 4
+    # without the SAM the same flags make no region pairs
+    plan = make_plan(FlowSettings(region_pairs=4), 512, with_sam=False)
+    assert plan.augment.region_pairs == 0
