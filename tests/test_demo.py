@@ -173,3 +173,18 @@ def test_a_sam_turns_region_pairs_on_in_the_run(tmp_path, monkeypatch):
     # without the SAM the same flags make no region pairs
     plan = make_plan(FlowSettings(region_pairs=4), 512, with_sam=False)
     assert plan.augment.region_pairs == 0
+
+
+def test_the_estimate_is_the_time_per_step_after_the_first_step_times_the_steps(monkeypatch):
+    from unconfused.trainers import flow
+
+    clock = iter([0.0, 10.0, 14.0, 20.0])  # begin, step 1 (warm-up), step 3 (too early), step 6
+    monkeypatch.setattr(flow.time, "perf_counter", lambda: next(clock))
+    said = []
+    timer = flow.StepTimer(5, said.append)
+    timer.begin("CLIF")
+    for step in (1, 3, 6):
+        timer("unconfused.train", {"step": step, "total": 1000})
+    timer("unconfused.train", {"step": 7, "total": 1000})  # said once per stage
+    assert said == ["CLIF: 2.00 s/step -> about 33 min for 1000 steps (measured over steps 2-6)"]
+    assert timer.estimates["CLIF"]["seconds_per_step"] == 2.0

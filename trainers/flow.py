@@ -218,7 +218,7 @@ class StepTimer:
                 return
             per, over = (now - t0) / max(step - s0, 1), f"steps {s0 + 1}-{step}"
         minutes = per * total / 60
-        span = f"about {minutes:.0f} min" if minutes >= 1 else f"about {per * total:.0f} s"
+        span = f"about {minutes:.0f} min" if minutes >= 1 else f"about {per * total:.1f} s"
         line = f"{self.label}: {per:.2f} s/step -> {span} for {total} steps (measured over {over})"
         self.estimates[self.label] = {"seconds_per_step": round(per, 4), "total_steps": total,
                                       "estimated_minutes": round(minutes, 2), "line": line}
@@ -226,9 +226,12 @@ class StepTimer:
 
 
 def _say(line: str) -> None:
+    """A line on stderr above the progress bars (tqdm's write clears the bar first)."""
     import sys
 
-    print(line, file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def run(s: FlowSettings, say=_say) -> dict:
