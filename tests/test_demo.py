@@ -134,6 +134,7 @@ def test_the_demo_on_a_users_checkpoint_runs_the_preset_with_a_cached_bank(tmp_p
     assert len(pngs) == 4
     # the time estimate of each training stage is said
     assert "CLIF: " in out.err and " s/step -> about " in out.err and "LoRA: " in out.err
+    assert "common-concept bank: " in out.err and " s/image -> about " in out.err
     assert report["estimates"]["CLIF"].startswith("CLIF: ")
     # a rerun reuses the bank: nothing drawn again, no file rewritten
     assert main(args) == 0
@@ -188,3 +189,9 @@ def test_the_estimate_is_the_time_per_step_after_the_first_step_times_the_steps(
     timer("unconfused.train", {"step": 7, "total": 1000})  # said once per stage
     assert said == ["CLIF: 2.00 s/step -> about 33 min for 1000 steps (measured over steps 2-6)"]
     assert timer.estimates["CLIF"]["seconds_per_step"] == 2.0
+    clock2 = iter([0.0, 3.0, 13.0])
+    monkeypatch.setattr(flow.time, "perf_counter", lambda: next(clock2))
+    timer.begin("common-concept bank")
+    for done in (4, 9):
+        timer("unconfused.augment.bank", {"done": done, "total": 400})
+    assert said[-1] == "common-concept bank: 2.00 s/image -> about 13 min for 400 images (measured over images 5-9)"

@@ -189,9 +189,12 @@ def _concepts(s: FlowSettings, sam_model, scorer) -> ConceptSet:
 
 
 class StepTimer:
-    """The time estimate of a training stage from its first steps, out of the trainers' step messages
-    (trainers/loop.py sends them): seconds per step measured after the first step (which carries the
-    warm-up), said once per stage: "CLIF: 1.90 s/step -> about 31 min for 1000 steps"."""
+    """The time estimate of a stage from its first steps, out of the messages the stages send (the
+    trainers' `train` step messages, trainers/loop.py; the bank's `augment.bank` image counts):
+    seconds per step measured after the first message (which carries the warm-up), said once per
+    stage: "CLIF: 1.90 s/step -> about 31 min for 1000 steps"."""
+
+    EVENTS = {"unconfused.train": ("step", "step"), "unconfused.augment.bank": ("done", "image")}
 
     def __init__(self, after: int, say):
         self.after, self.say = max(1, int(after)), say
@@ -204,23 +207,24 @@ class StepTimer:
         self.label = None
 
     def __call__(self, event: str, data: dict) -> None:
-        if event != "unconfused.train" or self.label is None or self.label in self.estimates:
+        if event not in self.EVENTS or self.label is None or self.label in self.estimates:
             return
-        now, step, total = time.perf_counter(), int(data.get("step", 0)), int(data.get("total", 0))
+        key, unit = self.EVENTS[event]
+        now, step, total = time.perf_counter(), int(data.get(key, 0)), int(data.get("total", 0))
         if self.first is None:
             self.first = (now, step)
             if step < total:
                 return
-            per, over = (now - self.t_begin) / max(step, 1), f"{step} step(s)"  # a one-message run
+            per, over = (now - self.t_begin) / max(step, 1), f"{step} {unit}(s)"  # a one-message run
         else:
             t0, s0 = self.first
             if step - s0 < self.after and step < total:
                 return
-            per, over = (now - t0) / max(step - s0, 1), f"steps {s0 + 1}-{step}"
+            per, over = (now - t0) / max(step - s0, 1), f"{unit}s {s0 + 1}-{step}"
         minutes = per * total / 60
         span = f"about {minutes:.0f} min" if minutes >= 1 else f"about {per * total:.1f} s"
-        line = f"{self.label}: {per:.2f} s/step -> {span} for {total} steps (measured over {over})"
-        self.estimates[self.label] = {"seconds_per_step": round(per, 4), "total_steps": total,
+        line = f"{self.label}: {per:.2f} s/{unit} -> {span} for {total} {unit}s (measured over {over})"
+        self.estimates[self.label] = {"seconds_per_" + unit: round(per, 4), "total": total,
                                       "estimated_minutes": round(minutes, 2), "line": line}
         self.say(line)
 
@@ -272,10 +276,16 @@ def run(s: FlowSettings, say=_say) -> dict:
     st.note("concepts and cut-outs", concepts={c.token: {"class_word": c.class_word, "photos": len(c.images)}
                                                for c in cs.concepts})
 
+    timer = StepTimer(s.estimate_after, say)
+    host.add_listener(timer)  # (host has no remove_listener: `end()` makes it deaf after the run)
     if plan.bank is None:
         bank = bank_from_folder(write_demo_bank(work / "bank"), node=NODE, input="bank")
     else:  # drawn by the user's model, cached per model (by its hash), prompt, seed and size: a rerun reuses it
-        bank = st.run("common-concept bank", generate_bank, bundle, plan.bank, node=NODE)
+        timer.begin("common-concept bank")
+        try:
+            bank = st.run("common-concept bank", generate_bank, bundle, plan.bank, node=NODE)
+        finally:
+            timer.end()
         st.note("common-concept bank", images=len(bank), folder=str(bank.cache_dir))
     proposer = labeller = None
     if plan.augment.region_pairs:
@@ -287,8 +297,6 @@ def run(s: FlowSettings, say=_say) -> dict:
     st.note("augmentations", pairs=built.counts)
     dataset = Dataset(built.folder, node=NODE)
 
-    timer = StepTimer(s.estimate_after, say)
-    host.add_listener(timer)  # (host has no remove_listener: `end()` makes it deaf after the run)
     try:
         timer.begin("CLIF")
         clif = st.run("CLIF text encoder", train_clif, bundle, dataset, tower_from_scorer(scorer), plan.clif)
@@ -305,7 +313,8 @@ def run(s: FlowSettings, say=_say) -> dict:
                 exports={k: v.name for k, v in lora.exports.items()})
     finally:
         timer.end()
-    for label, stage in (("CLIF", "CLIF text encoder"), ("LoRA", "LoRA + tokens")):
+    for label, stage in (("common-concept bank", "common-concept bank"), ("CLIF", "CLIF text encoder"),
+                         ("LoRA", "LoRA + tokens")):
         if label in timer.estimates:
             st.note(stage, estimate=timer.estimates[label]["line"])
 
