@@ -5,8 +5,12 @@ LoRA + tokens -> multi-concept pictures with the attention debugger -> report.
 two synthetic concepts with exact masks, a synthetic common-concept bank), so a fresh machine sees
 every stage work in minutes on a CPU. The pictures of random models are noise: the run proves the
 flow, the files and the numbers' plumbing, not the art. Give real files and photos
-(`--ckpt`, `--clip`, `--sam`, `--concept`) for real results. Each stage resumes: rerun the command
-and finished stages return at once.
+(`--ckpt`, `--clip`, `--sam`, `--concept`) for real results: then the run takes a preset (`quick`
+unless `--preset` says otherwise; the trainers' values from engine/presets.py, the demo's counts from
+DEMO_VALUES) at the model family's native resolution, draws the common-concept bank with the user's
+model (cached per model), makes R-Aug pairs when SAM is given, and says after the first steps of each
+stage how long the stage will take (`make_plan` is the whole plan; report.json keeps it). Each stage
+resumes: rerun the command and finished stages return at once.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ STAGES = ("clif", "lora", "augment", "bank")  # what `--set STAGE.KEY=VALUE` may
 
 # The demo's own counts per preset (the trainers' settings come from engine/presets.py): G-Aug pairs,
 # R-Aug pairs (only with --sam) and images per common concept of the bank the base model draws.
-# paper: CLIF 4.1 (~40,000 G-Aug + ~10,000 R-Aug pairs, 20 images per common concept);
-# quick: ours, a bank of 100 concepts x 4 images (~10 min at 25 steps) and 2,500 pairs, about 40
-# epochs of CLIF's quick 3000 x 64; custom: the Augment node's defaults.
+# paper: CLIF 4.1 (~40,000 G-Aug + ~10,000 R-Aug pairs) and its appendix (G-Aug step 2: 100 common
+# concepts x 20 images);
+# quick: ours, a bank of 100 concepts x 4 images (10-15 min at 25 steps, estimate) and 2,500 pairs
+# (CLIF's quick 3000 x 64 sees each ~75 times; the paper: 200 epochs); custom: the Augment node's defaults.
 DEMO_VALUES = {"paper": {"pairs": 40000, "region_pairs": 10000, "bank_images": 20},
                "quick": {"pairs": 2000, "region_pairs": 500, "bank_images": 4},
                "custom": {"pairs": 4000, "region_pairs": 1000, "bank_images": 4}}
