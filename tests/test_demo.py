@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.presets import PRESETS
 from unconfused.trainers.cli import main
@@ -121,7 +120,8 @@ def test_the_demo_on_a_users_checkpoint_runs_the_preset_with_a_cached_bank(tmp_p
     lora = json.loads((Path(report["files"]["lora_run"]) / "settings.json").read_text())
     assert clif["preset"] == "quick" and clif["settings"]["train"] == "tokens" and clif["settings"]["token_lr"] == 5e-4
     assert clif["settings"]["batch_size"] == 4 and clif["from"]["batch_size"] == "user"
-    assert lora["preset"] == "quick" and lora["settings"]["min_snr_gamma"] == 5.0 and lora["from"]["unet_lr"] == "preset"
+    assert lora["preset"] == "quick" and lora["settings"]["min_snr_gamma"] == 5.0
+    assert lora["from"]["unet_lr"] == "preset"
     assert lora["settings"]["resolution"] == 64
     # the bank: drawn by the user's model (2 concepts x 2 images), cached by the model's hash
     assert len(drawn) == 4 and report["stages"]["common-concept bank"]["images"] == 4
@@ -146,7 +146,6 @@ def test_a_sam_turns_region_pairs_on_in_the_run(tmp_path, monkeypatch):
     that pass its quality checks, so its automatic mode is replaced by horizontal bands here)."""
     import torch
     from sam_helpers import tiny_sam_state_dict
-
     from unconfused.engine import regions
 
     monkeypatch.setenv("UNCONFUSED_SAM_ALLOW_CUSTOM", "1")

@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..engine import host
 from ..engine.concepts import Concept, ConceptSet, concept_from_folder, make_concept_set
@@ -105,8 +106,8 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
     from ..engine.augment import AugmentSettings, BankSpec
     from ..engine.presets import apply_preset
     from .clif import ClifSettings
-    from .lora import LoraSettings
     from .loop import settings_from_dict
+    from .lora import LoraSettings
 
     mode = s.preset or (BUILTIN if s.ckpt is None else "quick")
     if mode not in (*PRESETS, BUILTIN):
@@ -118,8 +119,11 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
         raise UnconfusedError(f"--resolution {s.resolution} is not a multiple of 64 (at least 64), e.g. 512",
                               node=NODE, input="--resolution")
     over = _split_overrides(s.overrides)
-    common = {"name": None, "seed": s.seed, "resume": s.resume}
-    steps = lambda v: {"steps": v} if v is not None else {}  # noqa: E731
+    common = {"seed": s.seed, "resume": s.resume}
+
+    def steps(value):
+        return {} if value is None else {"steps": value}
+
     if mode == BUILTIN:  # today's fast values, any of them changeable
         res = s.resolution or 64
         aug = {"canvas": 128, "global_pairs": 24, "region_pairs": 0, "mix_per_pair": 12}
@@ -143,14 +147,15 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
     augment = settings_from_dict(AugmentSettings, aug, NODE)
     bank = None
     if bank_images is not None or over["bank"]:
-        bank = settings_from_dict(BankSpec, {"per_concept": 4 if bank_images is None else bank_images, "seed": s.seed, "size": res,
-                                             **over["bank"]}, NODE)
+        bank = settings_from_dict(BankSpec, {"per_concept": 4 if bank_images is None else bank_images,
+                                             "seed": s.seed, "size": res, **over["bank"]}, NODE)
         if bank.per_concept < 1:
             raise UnconfusedError("--bank-images must be 1 or more", node=NODE, input="--bank-images")
     clif = {**clif, **common, "name": f"{s.name}-clif", **steps(s.clif_steps), **over["clif"]}
     lora = {**lora, **common, "name": f"{s.name}-lora", "resolution": res, **steps(s.lora_steps), **over["lora"]}
-    return Plan(mode, int(lora["resolution"]), sample_size, augment, bank,
-                apply_preset(ClifSettings, preset, clif, node=NODE), apply_preset(LoraSettings, preset, lora, node=NODE))
+    lora = apply_preset(LoraSettings, preset, lora, node=NODE)
+    return Plan(mode, lora.resolution, sample_size, augment, bank, apply_preset(ClifSettings, preset, clif, node=NODE),
+                lora)
 
 
 class Stages:
@@ -199,7 +204,7 @@ class StepTimer:
     seconds per step measured after the first message (which carries the warm-up), said once per
     stage: "CLIF: 1.90 s/step -> about 31 min for 1000 steps"."""
 
-    EVENTS = {"unconfused.train": ("step", "step"), "unconfused.augment.bank": ("done", "image")}
+    EVENTS: ClassVar[dict] = {"unconfused.train": ("step", "step"), "unconfused.augment.bank": ("done", "image")}
 
     def __init__(self, after: int, say):
         self.after, self.say = max(1, int(after)), say
@@ -266,10 +271,11 @@ def run(s: FlowSettings, say=_say) -> dict:
     ckpt = s.ckpt or write_demo_diffusers_folder(work / "models" / "diffusers" / "unconfused-demo")
     bundle = st.run("load model", load_model, ckpt)
     plan = make_plan(s, bundle.spec.default_resolution(bundle), s.sam is not None)
+    bank_text = f"{plan.bank.per_concept} images x {len(plan.bank.phrases)} concepts drawn by the model" \
+        if plan.bank else "built-in shapes"
     say(f"demo plan ({plan.mode}): {plan.resolution} px, {plan.augment.global_pairs} G-Aug + "
-        f"{plan.augment.region_pairs} R-Aug pairs, bank "
-        f"{f'{plan.bank.per_concept} images x {len(plan.bank.phrases)} concepts from the model' if plan.bank else 'built-in'}"
-        f", CLIF {plan.clif.steps} steps x {plan.clif.batch_size}, LoRA {plan.lora.steps} steps")
+        f"{plan.augment.region_pairs} R-Aug pairs, bank {bank_text}, CLIF {plan.clif.steps} steps x "
+        f"{plan.clif.batch_size}, LoRA {plan.lora.steps} steps")
     clip_path = s.clip or write_demo_clip(work / "models" / "clip_vision")
     scorer = st.run("load clip", load_clip, clip_path)
     sam_model = None
