@@ -42,7 +42,7 @@ def test_with_a_checkpoint_the_plan_is_the_quick_preset_at_the_native_resolution
 
 
 @pytest.mark.parametrize("settings, message", [
-    (FlowSettings(overrides={"unet.rank": 4}), "STAGE.KEY"),
+    (FlowSettings(overrides={"unet.rank": 4}), "neither a setting of the demo .* nor STAGE.KEY"),
     (FlowSettings(overrides={"clif.stepz": 4}), "stepz"),
     (FlowSettings(overrides={"lora.rank": "many"}), "'rank' must be a whole number"),
     (FlowSettings(preset="fast"), "not a preset of the demo"),
@@ -63,6 +63,12 @@ def test_bad_flags_and_job_files_give_sentences(tmp_path, capsys):
     job.write_text('preset = "fast"\n')
     assert main(["demo", "--config", str(job)]) == 2
     assert "not a preset of the demo; choose one of quick, paper, custom" in capsys.readouterr().err
+    job.write_text('[settings]\nstepz = 3\n')
+    assert main(["demo", "--config", str(job)]) == 2
+    assert "'stepz' is neither a setting of the demo (resolution, pairs," in capsys.readouterr().err
+    job.write_text('[settings]\nclif_steps = "many"\n')
+    assert main(["demo", "--config", str(job)]) == 2
+    assert "'clif_steps' must be a whole number" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--pairs", "-1"])
     assert "must be 0 or more" in capsys.readouterr().err
@@ -72,7 +78,7 @@ def test_the_job_file_gives_the_same_settings_as_the_flags(tmp_path):
     (tmp_path / "photos" / "rex").mkdir(parents=True)
     job = tmp_path / "job.toml"
     job.write_text('model = "models/v1-5.safetensors"\nclip = "clip.safetensors"\nsam = "sam_vit_b.pth"\n'
-                   'concepts = ["photos/rex:<rex>:dog"]\nworkdir = "run"\npreset = "paper"\n'
+                   'concepts = ["photos/rex:<rex>:dog"]\nworkdir = "run"\npreset = "paper"\nprompt = "<rex> runs"\n'
                    '[settings]\npairs = 100\nbank_images = 3\nclif_steps = 12\nlora_steps = 34\nresolution = 576\n'
                    '"augment.mix_per_pair" = 2\n[settings.clif]\nbatch_size = 16\n')
     from_file = demo_settings(job, ["lora.rank=4", "seed=3"])
@@ -81,11 +87,17 @@ def test_the_job_file_gives_the_same_settings_as_the_flags(tmp_path):
     flags = {"workdir": tmp_path / "run", "ckpt": tmp_path / "models" / "v1-5.safetensors",
              "clip": tmp_path / "clip.safetensors", "sam": tmp_path / "sam_vit_b.pth",
              "concepts": [ConceptSpec(tmp_path / "photos" / "rex", "<rex>", "dog")], "preset": "paper", "pairs": 100,
-             "bank_images": 3, "clif_steps": 12, "lora_steps": 34, "resolution": 576, "seed": 3}
+             "bank_images": 3, "clif_steps": 12, "lora_steps": 34, "resolution": 576, "seed": 3,
+             "prompt": "<rex> runs"}
     from_flags = demo_settings(None, ["augment.mix_per_pair=2", "clif.batch_size=16", "lora.rank=4"], flags)
     a, b = make_plan(from_file, 512, True), make_plan(from_flags, 512, True)
     assert a.summary() == b.summary() and a.summary()["clif"]["batch_size"] == 16
-    assert (from_file.ckpt, from_file.sam, from_file.concepts) == (from_flags.ckpt, from_flags.sam, from_flags.concepts)
+    from dataclasses import replace
+
+    # every setting, paths and concepts included; the stages' own settings as typed (TOML) or text (--set)
+    assert replace(from_file, overrides={}) == replace(from_flags, overrides={})
+    assert sorted(from_file.overrides) == sorted(from_flags.overrides) == ["augment.mix_per_pair",
+                                                                           "clif.batch_size", "lora.rank"]
     # a flag wins over the job file
     assert demo_settings(job, [], {"clif_steps": 5}).clif_steps == 5
 

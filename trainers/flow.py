@@ -33,6 +33,10 @@ NODE = "demo"
 PRESETS = ("quick", "paper", "custom")
 BUILTIN = "built-in"  # no --ckpt and no --preset: the fast run on the built-in model (the README's main job)
 STAGES = ("clif", "lora", "augment", "bank")  # what `--set STAGE.KEY=VALUE` may name
+# the demo's own settings a job's [settings] or `--set KEY=VALUE` may give (the options' names)
+OWN_NUMBERS = ("resolution", "pairs", "region_pairs", "bank_images", "clif_steps", "lora_steps", "sample_steps", "seed",
+               "estimate_after")
+OWN_TEXTS = ("preset", "prompt", "name", "resume")
 
 # The demo's own counts per preset (the trainers' settings come from engine/presets.py): G-Aug pairs,
 # R-Aug pairs (only with --sam) and images per common concept of the bank the base model draws.
@@ -94,8 +98,9 @@ def _split_overrides(overrides: dict) -> dict[str, dict]:
             out[stage].update(value)
             continue
         if stage not in STAGES or not name:
-            raise UnconfusedError(f"'{key}' is not STAGE.KEY with a stage of {', '.join(STAGES)}; e.g. --set "
-                                  "clif.batch_size=32 or --set lora.rank=16", node=NODE, input="--set")
+            raise UnconfusedError(f"'{key}' is neither a setting of the demo ({', '.join(OWN_NUMBERS + OWN_TEXTS)}) "
+                                  f"nor STAGE.KEY with a stage of {', '.join(STAGES)}, e.g. clif.batch_size=32 or "
+                                  "lora.rank=16", node=NODE, input="--set")
         out[stage][name] = value
     return out
 

@@ -394,18 +394,13 @@ def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dic
 
 
 # ---------------------------------------------------------------- the demo (the main job)
-DEMO_NUMBERS = {"resolution": int, "pairs": int, "region_pairs": int, "bank_images": int, "clif_steps": int,
-                "lora_steps": int, "sample_steps": int, "seed": int, "estimate_after": int}
-DEMO_TEXTS = {"preset", "prompt", "name", "resume"}
-
-
 def demo_settings(config_path: str | Path | None, sets: list[str] | None = None, flags: dict | None = None):
     """The demo's FlowSettings from a job file (optional), `--set KEY=VALUE` items and the command's
     flags (which win). The job file: `model`, `clip`, `sam`, `concepts` (FOLDER:TOKEN:CLASS, or "demo"
     for the built-in two), `workdir`, `preset`, and [settings] with the flags' names (pairs,
     bank_images, clif_steps, lora_steps, resolution, ...) and the stages' own settings as
     `[settings.clif]`, `[settings.lora]`, `[settings.augment]`, `[settings.bank]` (or "clif.batch_size")."""
-    from .flow import FlowSettings
+    from .flow import OWN_NUMBERS, OWN_TEXTS, FlowSettings
     from .loop import CliText, parse_setting
     from .smoke import ConceptSpec
 
@@ -417,6 +412,8 @@ def demo_settings(config_path: str | Path | None, sets: list[str] | None = None,
         for key, name in (("model", "ckpt"), ("clip", "clip"), ("sam", "sam")):
             if config.get(key):
                 values[name] = _path(base, config[key])
+        if config.get("prompt"):
+            values["prompt"] = config["prompt"]
         specs = config.get("concepts")
         if specs and specs != "demo":
             values["concepts"] = []
@@ -439,8 +436,10 @@ def demo_settings(config_path: str | Path | None, sets: list[str] | None = None,
             table[key.strip()] = CliText(value)
     overrides = {}
     for key, value in table.items():
-        if key in DEMO_NUMBERS or key in DEMO_TEXTS:
-            values[key] = parse_setting(key, value, DEMO_NUMBERS.get(key, str), node="demo")
+        if key in OWN_NUMBERS or key in OWN_TEXTS:
+            values[key] = parse_setting(key, value, int if key in OWN_NUMBERS else str, node="demo")
+        elif isinstance(value, dict):  # [settings.clif] batch_size = 32 -> "clif.batch_size"
+            overrides.update({f"{key}.{k}": v for k, v in value.items()})
         else:  # a stage's own setting (flow.make_plan names a wrong stage; the stage names a wrong key)
             overrides[key] = value
     values.update(flags)
