@@ -17,7 +17,9 @@ MATRIX = {
         "test_captions_cmd.py::test_bad_input_exit_2_and_the_module_entry_point",
         "test_memory_plan.py::test_check_fits_refuses_with_a_sentence_naming_the_settings",
         "test_handoff.py::test_apply_refuses_an_untrained_model_and_another_family",
-        "test_buckets_train.py::test_unknown_aspect_is_refused_with_the_choices"],
+        "test_buckets_train.py::test_unknown_aspect_is_refused_with_the_choices",
+        "test_demo.py::test_bad_demo_settings_are_refused_with_sentences",
+        "test_demo.py::test_bad_flags_and_job_files_give_sentences"],
     "missing, damaged, wrong-family or pickled model files": [
         "test_models.py::test_other_families_and_parts_are_named",
         "test_models.py::test_ckpt_with_pickled_code_is_refused_not_run",

@@ -76,15 +76,17 @@ def _job(runner_name: str):
 
 def _demo(args) -> int:
     from . import flow
+    from .jobs import demo_settings
 
-    s = flow.FlowSettings(workdir=Path(args.workdir), ckpt=Path(args.ckpt) if args.ckpt else None,
-                          clip=Path(args.clip) if args.clip else None, sam=Path(args.sam) if args.sam else None,
-                          concepts=args.concept or [], resolution=args.resolution, clif_steps=args.clif_steps,
-                          lora_steps=args.lora_steps, prompt=args.prompt, sample_steps=args.sample_steps,
-                          name=args.name, resume=args.resume, seed=args.seed)
+    paths = {k: Path(getattr(args, k)) for k in ("workdir", "ckpt", "clip", "sam") if getattr(args, k)}
+    flags = {**paths, "concepts": args.concept, "preset": args.preset, "resolution": args.resolution,
+             "pairs": args.pairs, "region_pairs": args.region_pairs, "bank_images": args.bank_images,
+             "clif_steps": args.clif_steps, "lora_steps": args.lora_steps, "sample_steps": args.sample_steps,
+             "prompt": args.prompt, "name": args.name, "resume": args.resume, "seed": args.seed}
+    s = demo_settings(args.config, args.set, flags)
     report = flow.run(s)
     print(flow.format_report(report))
-    print(f"report written to {Path(args.workdir) / 'report.json'}")
+    print(f"report written to {Path(s.workdir) / 'report.json'}")
     return 0
 
 
@@ -120,28 +122,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_smoke)
     s = sub.add_parser("demo", help="the whole CLIF flow (cut-outs, augmentations, CLIF, LoRA, sampling with the "
                                     "attention debugger) on built-in defaults or your files; rerun to resume")
-    s.add_argument("--workdir", default="unconfused-demo", help="where models, outputs, pictures and report.json go")
+    s.add_argument("--config", help="a job file (TOML/JSON) with the same settings: model, clip, sam, concepts, "
+                                    "workdir, preset, [settings] (the options below by their names, e.g. clif_steps, "
+                                    "and [settings.clif] / .lora / .augment / .bank); options given here win")
+    s.add_argument("--workdir", help="where models, outputs, pictures and report.json go (default: unconfused-demo; "
+                                     "with --config: the job file's folder)")
     s.add_argument("--ckpt", help="an SD 1.x/2.x checkpoint or diffusers folder (default: the built-in demo model)")
     s.add_argument("--clip", help="an open_clip checkpoint with both towers matching the text encoder (ViT-L/14 for "
                                   "SD1, ViT-H/14 for SD2; default: a tiny built-in one)")
-    s.add_argument("--sam", help="a SAM checkpoint (sam_vit_b/l/h): cut-outs of your photos")
+    s.add_argument("--sam", help="a SAM checkpoint (sam_vit_b/l/h): cut-outs of your photos and Region (R-Aug) pairs")
     s.add_argument("--concept", action="append", type=_concept_spec,
                    help="FOLDER:TOKEN:CLASS, repeatable (default: two built-in synthetic concepts)")
-    s.add_argument("--resolution", type=_resolution, default=64,
-                   help="LoRA training resolution in pixels, a multiple of 64; pictures are twice as large "
-                        "(default: %(default)s)")
-    s.add_argument("--clif-steps", type=_count(0), default=30, help="CLIF text-encoder steps (default: %(default)s)")
-    s.add_argument("--lora-steps", type=_count(1), default=40, help="LoRA + token steps (default: %(default)s)")
-    s.add_argument("--sample-steps", type=_count(1), default=20, help="sampling steps per picture "
-                                                                       "(default: %(default)s)")
-    s.add_argument("--prompt", default="", help="default: a photo of <first token> and <second token>")
-    s.add_argument("--name", default="demo", help="run name: the CLIF and LoRA runs are <name>-clif and <name>-lora "
-                                                  "and the exports carry it; another name starts a separate run in "
-                                                  "the same workdir (default: %(default)s)")
-    s.add_argument("--resume", choices=["auto", "restart"], default="auto",
+    s.add_argument("--preset", choices=["quick", "paper", "custom"],
+                   help="the trainers' preset (docs/presets.md) and the demo's counts; default: quick with --ckpt, "
+                        "else the fast built-in run")
+    s.add_argument("--resolution", type=_resolution,
+                   help="training resolution in pixels, a multiple of 64 (default: 64 for the built-in run - its "
+                        "pictures are twice as large; with a preset the model's native size: 512 SD1, 768 SD2-v)")
+    s.add_argument("--pairs", type=_count(0), help="Global (G-Aug) pairs (quick 2000, paper 40000, built-in 24)")
+    s.add_argument("--region-pairs", type=_count(0), help="Region (R-Aug) pairs, made only with --sam (quick 500, "
+                                                          "paper 10000)")
+    s.add_argument("--bank-images", type=_count(1), help="images per common concept, drawn by your model and cached "
+                                                         "(quick 4, paper 20; the built-in run uses synthetic shapes)")
+    s.add_argument("--clif-steps", type=_count(0), help="CLIF text-encoder steps (default: the preset's; built-in 30)")
+    s.add_argument("--lora-steps", type=_count(1), help="LoRA + token steps (default: the preset's; built-in 40)")
+    s.add_argument("--sample-steps", type=_count(1), help="sampling steps per picture (default: 20)")
+    s.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="a stage's own setting: clif.*, lora.* (the trainers' settings), augment.* (the Augment "
+                        "node's), bank.* (steps, cfg, ...), e.g. --set clif.batch_size=32 (repeatable)")
+    s.add_argument("--prompt", help="default: a photo of <first token> and <second token>")
+    s.add_argument("--name", help="run name: the CLIF and LoRA runs are <name>-clif and <name>-lora "
+                                  "and the exports carry it; another name starts a separate run in "
+                                  "the same workdir (default: demo)")
+    s.add_argument("--resume", choices=["auto", "restart"],
                    help="auto: continue where the last run of this name stopped, finished stages return at once; "
-                        "restart: train every stage again from step 0 (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
+                        "restart: train every stage again from step 0 (default: auto)")
+    s.add_argument("--seed", type=int, help="seed of every stage (default: 0)")
     s.set_defaults(func=_demo)
     for name, runner, about, config, example in (
             ("lora", "run_lora", "train concept tokens + a shared UNet LoRA from a config file (JSON/TOML); rerun the "

@@ -5,8 +5,12 @@ LoRA + tokens -> multi-concept pictures with the attention debugger -> report.
 two synthetic concepts with exact masks, a synthetic common-concept bank), so a fresh machine sees
 every stage work in minutes on a CPU. The pictures of random models are noise: the run proves the
 flow, the files and the numbers' plumbing, not the art. Give real files and photos
-(`--ckpt`, `--clip`, `--sam`, `--concept`) for real results. Each stage resumes: rerun the command
-and finished stages return at once.
+(`--ckpt`, `--clip`, `--sam`, `--concept`) for real results: then the run takes a preset (`quick`
+unless `--preset` says otherwise; the trainers' values from engine/presets.py, the demo's counts from
+DEMO_VALUES) at the model family's native resolution, draws the common-concept bank with the user's
+model (cached per model), makes R-Aug pairs when SAM is given, and says after the first steps of each
+stage how long the stage will take (`make_plan` is the whole plan; report.json keeps it). Each stage
+resumes: rerun the command and finished stages return at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..engine import host
 from ..engine.concepts import Concept, ConceptSet, concept_from_folder, make_concept_set
@@ -25,25 +30,137 @@ from .smoke import ConceptSpec, synthetic_concept
 NODE = "demo"
 
 
+PRESETS = ("quick", "paper", "custom")
+BUILTIN = "built-in"  # no --ckpt and no --preset: the fast run on the built-in model (the README's main job)
+STAGES = ("clif", "lora", "augment", "bank")  # what `--set STAGE.KEY=VALUE` may name
+# the demo's own settings a job's [settings] or `--set KEY=VALUE` may give (the options' names)
+OWN_NUMBERS = ("resolution", "pairs", "region_pairs", "bank_images", "clif_steps", "lora_steps", "sample_steps", "seed",
+               "estimate_after")
+OWN_TEXTS = ("preset", "prompt", "name", "resume")
+
+# The demo's own counts per preset (the trainers' settings come from engine/presets.py): G-Aug pairs,
+# R-Aug pairs (only with --sam) and images per common concept of the bank the base model draws.
+# paper: CLIF 4.1 (~40,000 G-Aug + ~10,000 R-Aug pairs) and its appendix (G-Aug step 2: 100 common
+# concepts x 20 images);
+# quick: ours, a bank of 100 concepts x 4 images (10-15 min at 25 steps, estimate) and 2,500 pairs
+# (CLIF's quick 3000 x 64 sees each ~75 times; the paper: 200 epochs); custom: the Augment node's defaults.
+DEMO_VALUES = {"paper": {"pairs": 40000, "region_pairs": 10000, "bank_images": 20},
+               "quick": {"pairs": 2000, "region_pairs": 500, "bank_images": 4},
+               "custom": {"pairs": 4000, "region_pairs": 1000, "bank_images": 4}}
+
+
 @dataclass
 class FlowSettings:
     workdir: Path = Path("unconfused-demo")
     ckpt: Path | None = None  # default: the built-in demo model
     clip: Path | None = None  # an open_clip checkpoint (image + text towers); default: the tiny demo CLIP
-    sam: Path | None = None  # a SAM checkpoint: cut-outs of user photos (and R-Aug with --clip)
+    sam: Path | None = None  # a SAM checkpoint: cut-outs of user photos and R-Aug pairs
     concepts: list[ConceptSpec] = field(default_factory=list)  # default: two synthetic concepts
-    resolution: int = 64
-    canvas: int = 128
-    global_pairs: int = 24
-    region_pairs: int = 0
-    mix_per_pair: int = 12
-    clif_steps: int = 30
-    lora_steps: int = 40
+    preset: str = ""  # quick | paper | custom; "": quick with --ckpt, the fast built-in run without
+    resolution: int = 0  # 0: 64 built-in, else the model family's native size
+    pairs: int | None = None  # G-Aug pairs (None: the preset's)
+    region_pairs: int | None = None  # R-Aug pairs, made only with --sam (None: the preset's)
+    bank_images: int | None = None  # images per common concept, drawn by the base model (None: the preset's)
+    clif_steps: int | None = None
+    lora_steps: int | None = None
     sample_steps: int = 20
     prompt: str = ""  # default: "a photo of <first> and <second>"
     seed: int = 0
     name: str = "demo"  # the runs <name>-clif and <name>-lora, the dataset <name>
     resume: str = "auto"  # "restart": train every stage again
+    overrides: dict = field(default_factory=dict)  # "clif.batch_size" -> value (--set / a job's [settings])
+    estimate_after: int = 5  # steps measured for the time estimate of each training stage
+
+
+@dataclass
+class Plan:
+    """What the run does: every stage's effective settings (report.json keeps it)."""
+    mode: str  # BUILTIN or the preset
+    resolution: int
+    sample_size: int
+    augment: object  # AugmentSettings
+    bank: object | None  # BankSpec, or None: the built-in synthetic bank
+    clif: object  # ClifSettings
+    lora: object  # LoraSettings
+
+    def summary(self) -> dict:
+        return json.loads(json.dumps({"mode": self.mode, "resolution": self.resolution, "sample_size": self.sample_size,
+                                      "augment": asdict(self.augment), "bank": asdict(self.bank) if self.bank else None,
+                                      "clif": asdict(self.clif), "lora": asdict(self.lora)}, default=str))
+
+
+def _split_overrides(overrides: dict) -> dict[str, dict]:
+    """`{"clif.batch_size": 4}` -> `{"clif": {"batch_size": 4}}`; nested tables pass through."""
+    out: dict[str, dict] = {k: {} for k in STAGES}
+    for key, value in (overrides or {}).items():
+        stage, sep, name = str(key).partition(".")
+        if stage in STAGES and not sep and isinstance(value, dict):
+            out[stage].update(value)
+            continue
+        if stage not in STAGES or not name:
+            raise UnconfusedError(f"'{key}' is neither a setting of the demo ({', '.join(OWN_NUMBERS + OWN_TEXTS)}) "
+                                  f"nor STAGE.KEY with a stage of {', '.join(STAGES)}, e.g. clif.batch_size=32 or "
+                                  "lora.rank=16", node=NODE, input="--set")
+        out[stage][name] = value
+    return out
+
+
+def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
+    """The stages' settings from the flags, the preset and the overrides (explicit values win).
+    native: the model family's native resolution."""
+    from ..engine.augment import AugmentSettings, BankSpec
+    from ..engine.presets import apply_preset
+    from .clif import ClifSettings
+    from .loop import settings_from_dict
+    from .lora import LoraSettings
+
+    mode = s.preset or (BUILTIN if s.ckpt is None else "quick")
+    if mode not in (*PRESETS, BUILTIN):
+        raise UnconfusedError(f"'{s.preset}' is not a preset of the demo; choose one of {', '.join(PRESETS)}",
+                              node=NODE, input="--preset")
+    if s.resume not in ("auto", "restart"):
+        raise UnconfusedError(f"'{s.resume}' is not auto or restart", node=NODE, input="--resume")
+    if s.resolution and (s.resolution < 64 or s.resolution % 64):
+        raise UnconfusedError(f"--resolution {s.resolution} is not a multiple of 64 (at least 64), e.g. 512",
+                              node=NODE, input="--resolution")
+    over = _split_overrides(s.overrides)
+    common = {"seed": s.seed, "resume": s.resume}
+
+    def steps(value):
+        return {} if value is None else {"steps": value}
+
+    if mode == BUILTIN:  # today's fast values, any of them changeable
+        res = s.resolution or 64
+        aug = {"canvas": 128, "global_pairs": 24, "region_pairs": 0, "mix_per_pair": 12}
+        clif = {"steps": 30, "batch_size": 8, "warmup_steps": 0, "checkpoint_every": 0, "holdout": 0.2}
+        lora = {"steps": 40, "checkpoint_every": 0}
+        preset, sample_size, bank_images = "custom", res * 2, s.bank_images
+    else:
+        res = s.resolution or native
+        values = DEMO_VALUES[mode]
+        aug = {"canvas": res, "global_pairs": values["pairs"], "region_pairs": values["region_pairs"]}
+        clif, lora = {}, {}
+        preset, sample_size, bank_images = mode, res, \
+            values["bank_images"] if s.bank_images is None else s.bank_images
+    if s.pairs is not None:
+        aug["global_pairs"] = s.pairs
+    if s.region_pairs is not None:
+        aug["region_pairs"] = s.region_pairs
+    aug = {**aug, "seed": s.seed, **over["augment"]}
+    if not with_sam:
+        aug["region_pairs"] = 0  # R-Aug needs SAM's region proposals
+    augment = settings_from_dict(AugmentSettings, aug, NODE)
+    bank = None
+    if bank_images is not None or over["bank"]:
+        bank = settings_from_dict(BankSpec, {"per_concept": 4 if bank_images is None else bank_images,
+                                             "seed": s.seed, "size": res, **over["bank"]}, NODE)
+        if bank.per_concept < 1:
+            raise UnconfusedError("--bank-images must be 1 or more", node=NODE, input="--bank-images")
+    clif = {**clif, **common, "name": f"{s.name}-clif", **steps(s.clif_steps), **over["clif"]}
+    lora = {**lora, **common, "name": f"{s.name}-lora", "resolution": res, **steps(s.lora_steps), **over["lora"]}
+    lora = apply_preset(LoraSettings, preset, lora, node=NODE)
+    return Plan(mode, lora.resolution, sample_size, augment, bank, apply_preset(ClifSettings, preset, clif, node=NODE),
+                lora)
 
 
 class Stages:
@@ -86,24 +203,84 @@ def _concepts(s: FlowSettings, sam_model, scorer) -> ConceptSet:
     return make_concept_set(out, node=NODE)
 
 
-def run(s: FlowSettings) -> dict:
+class StepTimer:
+    """The time estimate of a stage from its first steps, out of the messages the stages send (the
+    trainers' `train` step messages, trainers/loop.py; the bank's `augment.bank` image counts):
+    seconds per step measured after the first message (which carries the warm-up), said once per
+    stage: "CLIF: 1.90 s/step -> about 31 min for 1000 steps"."""
+
+    EVENTS: ClassVar[dict] = {"unconfused.train": ("step", "step"), "unconfused.augment.bank": ("done", "image")}
+
+    def __init__(self, after: int, say):
+        self.after, self.say = max(1, int(after)), say
+        self.label, self.t_begin, self.first, self.estimates = None, 0.0, None, {}
+
+    def begin(self, label: str) -> None:
+        self.label, self.t_begin, self.first = label, time.perf_counter(), None
+
+    def end(self) -> None:
+        self.label = None
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event not in self.EVENTS or self.label is None or self.label in self.estimates:
+            return
+        key, unit = self.EVENTS[event]
+        now, step, total = time.perf_counter(), int(data.get(key, 0)), int(data.get("total", 0))
+        if self.first is None:
+            self.first = (now, step)
+            if step < total:
+                return
+            per, over = (now - self.t_begin) / max(step, 1), f"{step} {unit}(s)"  # a one-message run
+        else:
+            t0, s0 = self.first
+            if step - s0 < self.after and step < total:
+                return
+            per, over = (now - t0) / max(step - s0, 1), f"{unit}s {s0 + 1}-{step}"
+        minutes = per * total / 60
+        span = f"about {minutes:.0f} min" if minutes >= 1 else f"about {per * total:.1f} s"
+        line = f"{self.label}: {per:.2f} s/{unit} -> {span} for {total} {unit}s (measured over {over})"
+        self.estimates[self.label] = {"seconds_per_" + unit: round(per, 4), "total": total,
+                                      "estimated_minutes": round(minutes, 2), "line": line}
+        self.say(line)
+
+
+def _say(line: str) -> None:
+    """A line on stderr above the progress bars (tqdm's write clears the bar first)."""
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def run(s: FlowSettings, say=_say) -> dict:
     """The whole flow; writes `<workdir>/report.json`, `samples.png`, `attention.png`."""
     from ..engine import sampling as S
-    from ..engine.augment import AugmentSettings, bank_from_folder, build_dataset
+    from ..engine.augment import bank_from_folder, build_dataset, generate_bank
     from ..engine.clip_scoring import load_clip
     from ..engine.clip_tower import tower_from_scorer
     from ..engine.dataset import Dataset
     from ..engine.demo_model import write_demo_bank, write_demo_clip, write_demo_diffusers_folder
     from ..engine.models import load_model
-    from .clif import ClifSettings, train_clif
-    from .lora import LoraSettings, train_lora
+    from .clif import train_clif
+    from .lora import train_lora
 
     work = Path(s.workdir).resolve()
     host.configure(models_dir=work / "models", output_dir=work / "output", temp_dir=work / "temp")
     (work / "temp").mkdir(parents=True, exist_ok=True)
+    from ..engine.files import safe_name
+
+    name = safe_name(s.name, input="--name", node=NODE)
+    make_plan(s, 512, s.sam is not None)  # bad settings are refused before anything loads
     st = Stages()
     ckpt = s.ckpt or write_demo_diffusers_folder(work / "models" / "diffusers" / "unconfused-demo")
     bundle = st.run("load model", load_model, ckpt)
+    plan = make_plan(s, bundle.spec.default_resolution(bundle), s.sam is not None)
+    bank_text = f"{plan.bank.per_concept} images x {len(plan.bank.phrases)} concepts drawn by the model" \
+        if plan.bank else "built-in shapes"
+    say(f"demo plan ({plan.mode}): {plan.resolution} px, {plan.augment.global_pairs} G-Aug + "
+        f"{plan.augment.region_pairs} R-Aug pairs, bank {bank_text}, CLIF {plan.clif.steps} steps x "
+        f"{plan.clif.batch_size}, LoRA {plan.lora.steps} steps")
     clip_path = s.clip or write_demo_clip(work / "models" / "clip_vision")
     scorer = st.run("load clip", load_clip, clip_path)
     sam_model = None
@@ -115,45 +292,56 @@ def run(s: FlowSettings) -> dict:
     st.note("concepts and cut-outs", concepts={c.token: {"class_word": c.class_word, "photos": len(c.images)}
                                                for c in cs.concepts})
 
-    bank = bank_from_folder(write_demo_bank(work / "bank"), node=NODE, input="bank")
-    aug = AugmentSettings(seed=s.seed, canvas=s.canvas, global_pairs=s.global_pairs, mix_per_pair=s.mix_per_pair,
-                          region_pairs=s.region_pairs if sam_model is not None else 0)
+    timer = StepTimer(s.estimate_after, say)
+    host.add_listener(timer)  # (host has no remove_listener: `end()` makes it deaf after the run)
+    if plan.bank is None:
+        bank = bank_from_folder(write_demo_bank(work / "bank"), node=NODE, input="bank")
+    else:  # drawn by the user's model, cached per model (by its hash), prompt, seed and size: a rerun reuses it
+        timer.begin("common-concept bank")
+        try:
+            bank = st.run("common-concept bank", generate_bank, bundle, plan.bank, node=NODE)
+        finally:
+            timer.end()
+        st.note("common-concept bank", images=len(bank), folder=str(bank.cache_dir))
     proposer = labeller = None
-    if aug.region_pairs:
+    if plan.augment.region_pairs:
         from ..engine.regions import region_tools
 
         proposer, labeller = region_tools(sam_model, scorer, node=NODE)
-    from ..engine.files import safe_name
-
-    name = safe_name(s.name, input="--name", node=NODE)
-    if s.resume not in ("auto", "restart"):
-        raise UnconfusedError(f"'{s.resume}' is not auto or restart", node=NODE, input="--resume")
-    built = st.run("augmentations", build_dataset, cs, work / "output" / "unconfused" / "datasets" / name, aug,
-                   bank=bank, proposer=proposer, labeller=labeller, node=NODE)
+    built = st.run("augmentations", build_dataset, cs, work / "output" / "unconfused" / "datasets" / name,
+                   plan.augment, bank=bank, proposer=proposer, labeller=labeller, node=NODE)
     st.note("augmentations", pairs=built.counts)
     dataset = Dataset(built.folder, node=NODE)
 
-    clif = st.run("CLIF text encoder", train_clif, bundle, dataset, tower_from_scorer(scorer),
-                  ClifSettings(name=f"{name}-clif", steps=s.clif_steps, batch_size=8, warmup_steps=0,
-                               checkpoint_every=0, seed=s.seed, holdout=0.2, resume=s.resume))
-    st.note("CLIF text encoder", resumed_from=clif.resumed_from, metrics=clif.metrics, exports={k: v.name for k, v in clif.exports.items()})
+    try:
+        timer.begin("CLIF")
+        clif = st.run("CLIF text encoder", train_clif, bundle, dataset, tower_from_scorer(scorer), plan.clif)
+        st.note("CLIF text encoder", resumed_from=clif.resumed_from, metrics=clif.metrics,
+                exports={k: v.name for k, v in clif.exports.items()})
 
-    from ..engine.training_data import examples_from_concept_set
+        from ..engine.training_data import examples_from_concept_set
 
-    examples = examples_from_concept_set(cs, node=NODE) + list(dataset.examples(("mix",)))
-    lora = st.run("LoRA + tokens", train_lora, clif.bundle, examples,
-                  LoraSettings(name=f"{name}-lora", steps=s.lora_steps, resolution=s.resolution, checkpoint_every=0,
-                               seed=s.seed, resume=s.resume), class_words={c.token: c.class_word for c in cs.concepts})
-    st.note("LoRA + tokens", resumed_from=lora.resumed_from, final_loss=lora.losses[-1], exports={k: v.name for k, v in lora.exports.items()})
+        examples = examples_from_concept_set(cs, node=NODE) + list(dataset.examples(("mix",)))
+        timer.begin("LoRA")
+        lora = st.run("LoRA + tokens", train_lora, clif.bundle, examples, plan.lora,
+                      class_words={c.token: c.class_word for c in cs.concepts})
+        st.note("LoRA + tokens", resumed_from=lora.resumed_from, final_loss=lora.losses[-1],
+                exports={k: v.name for k, v in lora.exports.items()})
+    finally:
+        timer.end()
+    for label, stage in (("common-concept bank", "common-concept bank"), ("CLIF", "CLIF text encoder"),
+                         ("LoRA", "LoRA + tokens")):
+        if label in timer.estimates:
+            st.note(stage, estimate=timer.estimates[label]["line"])
 
     tokens = [c.token for c in cs.concepts]
     prompt = s.prompt or f"a photo of {tokens[0]} and {tokens[1] if len(tokens) > 1 else 'a friend'}"
     # sampling and evaluation: done once per (trained weights, prompt, settings); a rerun reads the result
-    key = _stage_key(lora.exports, prompt, s)
+    key = _stage_key(lora.exports, prompt, s, plan.sample_size)
     done = _read_stage(work, "sample", key)
     if done is None or not all((work / f).exists() for f in ("samples.png", "attention.png", "eval")):
-        res = st.run("sample", S.sample, lora.bundle, prompt, steps=s.sample_steps, width=s.resolution * 2,
-                     height=s.resolution * 2, seed=s.seed, batch_size=2, debug_attention=True, node=NODE)
+        res = st.run("sample", S.sample, lora.bundle, prompt, steps=s.sample_steps, width=plan.sample_size,
+                     height=plan.sample_size, seed=s.seed, batch_size=2, debug_attention=True, node=NODE)
         from ..engine.concepts import tensor_to_pil
         from ..engine.preview import grid
 
@@ -162,7 +350,8 @@ def run(s: FlowSettings) -> dict:
         atomic_save_image(work / "attention.png", res.overlay())
         done = {"prompt": prompt, "attention_tokens": res.tokens, "attention_overlap": _attention_overlap(res.maps),
                 "warnings": res.warnings}
-        evaluation = st.run("evaluate", _evaluate, lora.bundle, cs, scorer, res, prompt, s, work / "eval")
+        evaluation = st.run("evaluate", _evaluate, lora.bundle, cs, scorer, res, prompt, s, work / "eval",
+                            plan.sample_size)
         _write_stage(work, "sample", key, {"sample": done, "evaluate": evaluation})
         done = {"sample": done, "evaluate": evaluation}
     else:
@@ -172,7 +361,8 @@ def run(s: FlowSettings) -> dict:
     st.note("evaluate", **done["evaluate"])
 
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
-                           if k != "concepts"},
+                           if k != "concepts"}, "plan": plan.summary(),
+              "estimates": {k: v["line"] for k, v in timer.estimates.items()},
               "model": bundle.name, "family": bundle.family, **st.report,
               "files": {"samples": str(work / "samples.png"), "attention": str(work / "attention.png"),
                         "dataset": str(built.folder), "clif_run": str(clif.run_dir), "lora_run": str(lora.run_dir),
@@ -181,7 +371,7 @@ def run(s: FlowSettings) -> dict:
     return report
 
 
-def _stage_key(exports: dict, prompt: str, s: FlowSettings) -> str:
+def _stage_key(exports: dict, prompt: str, s: FlowSettings, size: int) -> str:
     """What the pictures depend on: the trained tensors (by name and bytes: a re-export may order a
     file's header differently), the prompt, the sampling settings."""
     import hashlib
@@ -189,7 +379,7 @@ def _stage_key(exports: dict, prompt: str, s: FlowSettings) -> str:
     import torch
     from safetensors import safe_open
 
-    h = hashlib.sha256(json.dumps([prompt, s.sample_steps, s.resolution, s.seed]).encode())
+    h = hashlib.sha256(json.dumps([prompt, s.sample_steps, size, s.seed]).encode())
     for k, path in sorted(exports.items()):
         with safe_open(str(path), "pt") as f:
             for name in sorted(f.keys()):
@@ -212,7 +402,7 @@ def _write_stage(work: Path, stage: str, key: str, result: dict) -> None:
                       {"key": key, "result": json.loads(json.dumps(result, default=str))})
 
 
-def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings, folder: Path) -> dict:
+def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings, folder: Path, size: int) -> dict:
     """The papers' metrics on the pictures: the two-concept prompt's images (their attention maps
     give the confusion matrix) plus one single-concept picture per concept (CLIP-I single vs multi)."""
     from ..engine import metrics as M
@@ -224,7 +414,7 @@ def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings,
                 for t in tokens] for i in range(len(res.images))]
     for t in tokens:
         single = f"a photo of {t}"
-        r = S.sample(bundle, single, steps=s.sample_steps, width=s.resolution * 2, height=s.resolution * 2,
+        r = S.sample(bundle, single, steps=s.sample_steps, width=size, height=size,
                      seed=s.seed, batch_size=1, node=NODE)
         images.append(r.images[0])
         prompts.append(single)

@@ -27,11 +27,14 @@ from ..engine.errors import UnconfusedError
 KNOWN = {"model", "concept_set", "concepts", "settings", "preset", "workdir", "prediction", "precision",
          "dataset", "image_tower",  # the CLIF job
          "images", "ground_truth",  # the mask-EM job
-         "prompt", "clip", "dino", "region_masks", "masks_a", "masks_b", "output"}  # the eval job
+         "prompt", "clip", "dino", "region_masks", "masks_a", "masks_b", "output",  # the eval job
+         "sam"}  # the demo job
+
+
 
 
 TEXT_KEYS = {"model", "concept_set", "workdir", "prediction", "precision", "dataset", "image_tower", "prompt", "clip",
-             "dino", "region_masks", "masks_a", "masks_b", "output"}
+             "dino", "region_masks", "masks_a", "masks_b", "output", "sam"}
 TEXT_OR_LIST_KEYS = {"images", "ground_truth"}  # one file name or a list of them
 
 
@@ -388,3 +391,58 @@ def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dic
     files = report.write(out_dir)
     return {"output": str(out_dir), "files": {k: str(v) for k, v in files.items()}, "rows": report.rows,
             "table": report.table()}
+
+
+# ---------------------------------------------------------------- the demo (the main job)
+def demo_settings(config_path: str | Path | None, sets: list[str] | None = None, flags: dict | None = None):
+    """The demo's FlowSettings from a job file (optional), `--set KEY=VALUE` items and the command's
+    flags (which win). The job file: `model`, `clip`, `sam`, `concepts` (FOLDER:TOKEN:CLASS, or "demo"
+    for the built-in two), `workdir`, `preset`, and [settings] with the flags' names (pairs,
+    bank_images, clif_steps, lora_steps, resolution, ...) and the stages' own settings as
+    `[settings.clif]`, `[settings.lora]`, `[settings.augment]`, `[settings.bank]` (or "clif.batch_size")."""
+    from .flow import OWN_NUMBERS, OWN_TEXTS, FlowSettings
+    from .loop import CliText, parse_setting
+    from .smoke import ConceptSpec
+
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if config_path is not None:
+        config, base = read_config(config_path, sets, node="demo")
+        table = dict(config["settings"])
+        values = {"workdir": _path(base, config.get("workdir", "."))}
+        for key, name in (("model", "ckpt"), ("clip", "clip"), ("sam", "sam")):
+            if config.get(key):
+                values[name] = _path(base, config[key])
+        if config.get("prompt"):
+            values["prompt"] = config["prompt"]
+        specs = config.get("concepts")
+        if specs and specs != "demo":
+            values["concepts"] = []
+            for spec in specs:
+                if isinstance(spec, str):
+                    folder, token, class_word = parse_concept_spec(spec, node="demo", input="concepts")
+                else:
+                    folder, token, class_word = spec["folder"], spec["token"], spec["class_word"]
+                values["concepts"].append(ConceptSpec(_path(base, str(folder)), token, class_word))
+        if config.get("concept_set"):
+            raise UnconfusedError("the demo reads photos: give 'concepts' (FOLDER:TOKEN:CLASS), not 'concept_set'",
+                                  node="demo", input="concept_set")
+    else:
+        values, table = {}, {}
+        for item in sets or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UnconfusedError(f"'{item}' is not key=value, e.g. --set clif.batch_size=32", node="demo",
+                                      input="--set")
+            table[key.strip()] = CliText(value)
+    overrides = {}
+    for key, value in table.items():
+        if key in OWN_NUMBERS or key in OWN_TEXTS:
+            values[key] = parse_setting(key, value, int if key in OWN_NUMBERS else str, node="demo")
+        elif isinstance(value, dict):  # [settings.clif] batch_size = 32 -> "clif.batch_size"
+            overrides.update({f"{key}.{k}": v for k, v in value.items()})
+        else:  # a stage's own setting (flow.make_plan names a wrong stage; the stage names a wrong key)
+            overrides[key] = value
+    values.update(flags)
+    if overrides:
+        values["overrides"] = overrides
+    return FlowSettings(**values)
