@@ -49,6 +49,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "augment_pairs": ("augment_pairs.py", [], ["--sizes", "10", "30", "--canvas", "256"]),
     "crf_quality": ("crf_quality.py", [], ["--n", "10", "--size", "128", "--speed-repeats", "1", "--no-sam"]),
     "sid_captions": ("sid_captions.py", [], ["--latency", "0.1"]),
+    "toy_confusion": ("toy_confusion.py", [], ["--quick"]),
 }
 
 # What README.md quotes for each headline row (benchmark, key); a key ending in "*" matches by prefix.

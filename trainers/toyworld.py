@@ -10,6 +10,8 @@ is a pure function of the stage and the step: scenes by index, noise from a per-
   unet    - UNet2DConditionModel, epsilon prediction with SD's schedule, frozen text tower,
             10% empty captions (for guidance), min-SNR weighting, EMA of the weights
   export  - the diffusers folder + open_clip file (fp16 safetensors, settings in the metadata)
+  oracle  - the oracle (engine/oracle.py) on rendered scenes, half of them through the trained VAE;
+            validated on held-out renders and their VAE round trip (accuracy in its metadata)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..engine.clip_scoring import OPENAI_MEAN, OPENAI_STD
 from ..engine.files import atomic_save_safetensors, atomic_write_json
 
 log = logging.getLogger("unconfused")
-STAGES = ("clip", "vae", "latents", "unet", "export")
+STAGES = ("clip", "vae", "latents", "unet", "export", "oracle")
 
 
 @dataclass
@@ -49,10 +51,12 @@ class ToySettings:
     unet_lr: float = 1e-3
     ema: float = 0.999
     save_every: int = 100
+    oracle_steps: int = 500
+    oracle_batch: int = 16
 
 
 QUICK = dict(clip_steps=3, clip_batch=8, vae_steps=3, vae_batch=4, latent_scenes=16, unet_steps=3, unet_batch=8,
-             save_every=2)
+             save_every=2, oracle_steps=3, oracle_batch=4)
 
 
 def _gen(s: ToySettings, stage: str, step: int) -> torch.Generator:
@@ -336,6 +340,39 @@ def export(s: ToySettings, run: Path, out: Path) -> Path:
     return out
 
 
+def oracle_stage(s: ToySettings, run: Path, out: Path, validate: int = 256) -> dict:
+    """Train the oracle, measure it on held-out renders (exact and through the VAE), save it."""
+    import numpy as np
+
+    from ..engine import oracle as O
+
+    vae = None
+    if (run / "vae.pt").is_file():
+        vae = tw.build_vae()
+        vae.load_state_dict(torch.load(run / "vae.pt", weights_only=False)["vae"])
+        vae.eval().requires_grad_(False)
+        if (run / "latents.pt").is_file():
+            vae.register_to_config(scaling_factor=torch.load(run / "latents.pt", weights_only=False)["scaling_factor"])
+    net = O.train_oracle(steps=s.oracle_steps, batch=s.oracle_batch, seed=s.seed, vae=vae,
+                         log=lambda m: print(m, flush=True))
+    oracle = O.Oracle(net)
+    held = [O.oracle_scene(s.seed + 10_000, i) for i in range(validate)]  # another seed: never trained on
+    acc = {"renders": O.score_renders(oracle, held)}
+    if vae is not None:
+        x = torch.from_numpy(np.stack([sc.image for sc in held])).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            rec = torch.cat([((vae.decode(vae.encode(x[i:i + 32] * 2 - 1).latent_dist.mean).sample + 1) / 2)
+                             .clamp(0, 1) for i in range(0, len(x), 32)])
+        acc["vae_round_trip"] = O.score_renders(oracle, held, rec.permute(0, 2, 3, 1))
+    print(f"[oracle] held-out accuracy {json.dumps(acc)}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    oracle.save(out / "oracle.safetensors", metadata={
+        "world_seed": str(s.seed), "training_settings": json.dumps({"steps": s.oracle_steps, "batch": s.oracle_batch,
+                                                                    "vae_round_trip": vae is not None}),
+        "held_out_accuracy": json.dumps(acc)})
+    return acc
+
+
 def train(s: ToySettings, run: Path, out: Path, stages: tuple[str, ...] = STAGES) -> Path:
     from ..engine.tokenizer import clip_tokenizer
 
@@ -354,6 +391,8 @@ def train(s: ToySettings, run: Path, out: Path, stages: tuple[str, ...] = STAGES
     if "export" in stages:
         export(s, run, out)
         print(f"[export] written to {out}", flush=True)
+    if "oracle" in stages:
+        oracle_stage(s, run, out)
     return out
 
 
