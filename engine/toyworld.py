@@ -270,3 +270,43 @@ def toy_concepts(names: list[str] | None = None, n_photos: int = 5, seed: int = 
     benchmark: `scene.image`, `scene.masks[0]`, the class word is the shape)."""
     concepts = [c for c in HELD_OUT if names is None or " ".join(c) in names]
     return {" ".join(c): concept_photos(c, n_photos, seed) for c in concepts}
+
+
+DEMO_TOKENS = {"<a-ball>": HELD_OUT[0], "<b-ball>": HELD_OUT[1]}  # two of one class: they can confuse
+
+
+def demo_concepts(n_photos: int = 5, seed: int = 0) -> list[tuple[str, str, list[torch.Tensor], list[torch.Tensor]]]:
+    """(token, class word, images [H,W,3] 0..1, exact masks [H,W]) of the two personal concepts the
+    demo and the benchmark train: a purple striped ball and an orange striped ball."""
+    out = []
+    for token, concept in DEMO_TOKENS.items():
+        scenes = concept_photos(concept, n_photos, seed)
+        out.append((token, concept[2], [torch.from_numpy(s.image).float() / 255 for s in scenes],
+                    [torch.from_numpy(s.masks[0]).float() for s in scenes]))
+    return out
+
+
+def write_toy_bank(folder: str | Path, per_label: int = 3, seed: int = 0) -> Path:
+    """A common-concept bank of the world's own objects (known ones only), one subfolder per shape,
+    exact masks in `<label>/masks/` (the layout `augment.bank_from_folder` reads)."""
+    from PIL import Image
+
+    from .files import atomic_save_image
+
+    folder = Path(folder)
+    rng = random.Random(f"bank:{seed}")
+    for shape in SHAPES:
+        for i in range(per_label):
+            path = folder / shape / f"{i:03d}.png"
+            if path.is_file():
+                continue
+            while True:
+                colour, pattern = rng.choice(list(COLOURS)), rng.choice(PATTERNS)
+                if (colour, pattern, shape) not in HELD_OUT:
+                    break
+            objs = place(rng, [(shape, colour, pattern, "big")])
+            img, masks = paint(objs, "snow")
+            atomic_save_image(folder / shape / "masks" / f"{i:03d}.png",
+                              Image.fromarray(masks[0].astype(np.uint8) * 255, "L"))
+            atomic_save_image(path, Image.fromarray(img))
+    return folder

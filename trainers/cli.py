@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("toyworld", help="train the toy world's miniature SD 1.x model from scratch on a CPU "
                                         "(resumable: rerun the same command)")
     s.add_argument("action", choices=["train"])
-    s.add_argument("--run", default="toyworld-run", help="checkpoints of the stages (resume from here)")
+    s.add_argument("--workdir", default="toyworld-run", help="checkpoints of the stages (resume from here)")
     s.add_argument("--out", help="where the model goes (default: the pack's engine/toyworld_weights)")
     s.add_argument("--stages", help="comma-separated subset of clip,vae,latents,unet,export")
     s.add_argument("--quick", action="store_true", help="a few steps of each stage (a test run)")

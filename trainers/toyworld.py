@@ -59,6 +59,16 @@ QUICK = dict(clip_steps=3, clip_batch=8, vae_steps=3, vae_batch=4, latent_scenes
              save_every=2, oracle_steps=3, oracle_batch=4)
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, processes): the UNet stage can run data-parallel (`torchrun --nproc_per_node 2 -m unconfused
+    toyworld train --stages unet`), each process taking a slice of every batch; same result as one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _gen(s: ToySettings, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(s.seed * 1_000_003 + STAGES.index(stage) * 100_003 + step)
 
@@ -113,7 +123,7 @@ class Stage:
         t0, losses = time.time(), []
         for step in range(start, steps):
             losses.append(self.step(step))
-            if (step + 1) % self.s.save_every == 0 or step + 1 == steps:
+            if ((step + 1) % self.s.save_every == 0 or step + 1 == steps) and rank_world()[0] == 0:
                 tmp = self.ckpt.with_suffix(".tmp")
                 torch.save({**self.state(), "step": step + 1}, tmp)
                 tmp.replace(self.ckpt)
@@ -239,10 +249,19 @@ class UnetStage(Stage):
 
         from ..engine import model_configs
 
-        self.text = frozen_text(run)
+        text = frozen_text(run)
         data = torch.load(run / "latents.pt", weights_only=False)
         self.latents, self.captions = data["latents"], data["captions"]
+        with torch.no_grad():  # the text tower is frozen: encode every caption once
+            self.cond = torch.cat([text(self.ids(self.captions[i:i + 256]))[0]
+                                   for i in range(0, len(self.captions), 256)])
+            self.empty = text(self.ids([""]))[0]
         self.unet = tw.build_unet(s.seed + 3)
+        self.model = self.unet
+        if rank_world()[1] > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.unet)  # averages the slices' gradients
         self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=s.unet_lr, weight_decay=0.01)
         self.sched = DDPMScheduler(**model_configs.SCHEDULER)
@@ -255,14 +274,16 @@ class UnetStage(Stage):
             g["lr"] = _lr(s.unet_lr, step, s.unet_steps, warmup=200)
         g = _gen(s, "unet", step)
         idx = torch.randint(0, len(self.captions), (s.unet_batch,), generator=g)
-        caps = [self.captions[i] if float(torch.rand((), generator=g)) >= 0.1 else "" for i in idx.tolist()]
+        drop = torch.rand(s.unet_batch, generator=g) < 0.1  # empty captions, for classifier-free guidance
+        cond = torch.where(drop.view(-1, 1, 1), self.empty, self.cond[idx])
         x0 = self.latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (s.unet_batch,), generator=g)
         xt = self.sched.add_noise(x0, noise, t)
-        with torch.no_grad():
-            cond = self.text(self.ids(caps))[0]
-        pred = self.unet(xt, t, encoder_hidden_states=cond).sample
+        rank, world = rank_world()
+        part = slice(rank * s.unet_batch // world, (rank + 1) * s.unet_batch // world)
+        xt, t, cond, noise = xt[part], t[part], cond[part], noise[part]
+        pred = self.model(xt, t, encoder_hidden_states=cond).sample
         w = (self.snr[t].clamp(max=5.0) / self.snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 for epsilon
         loss = (w * (pred - noise) ** 2).mean()
         loss.backward()
@@ -380,6 +401,9 @@ def train(s: ToySettings, run: Path, out: Path, stages: tuple[str, ...] = STAGES
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "settings.json", dataclasses.asdict(s))
     tok = clip_tokenizer()
+    rank, world = rank_world()
+    if world > 1 and set(stages) - {"unet"}:
+        raise SystemExit("several processes train only the UNet stage: add --stages unet")
     if "clip" in stages:
         ClipStage(s, run, tok).loop(s.clip_steps)
     if "vae" in stages:
@@ -403,6 +427,10 @@ def main(args) -> int:
         setattr(s, k, type(getattr(s, k))(v))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    train(s, Path(args.run), Path(args.out) if args.out else tw.WEIGHTS_DIR, stages)
+    train(s, Path(args.workdir), Path(args.out) if args.out else tw.WEIGHTS_DIR, stages)
     return 0
