@@ -60,8 +60,8 @@ QUICK = dict(clip_steps=3, clip_batch=8, vae_steps=3, vae_batch=4, latent_scenes
 
 
 def rank_world() -> tuple[int, int]:
-    """(rank, processes): the UNet stage can run data-parallel (`torchrun --nproc_per_node 2 -m unconfused
-    toyworld train --stages unet`), each process taking a slice of every batch; same result as one."""
+    """(rank, processes): the VAE and UNet stages can run data-parallel (`torchrun --nproc_per_node 2 -m
+    unconfused toyworld train --stages unet`), each process taking a slice of every batch; same result as one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -181,24 +181,49 @@ class ClipStage(Stage):
         self.opt.load_state_dict(st["opt"])
 
 
+class _RoundTrip(torch.nn.Module):
+    """Encode, sample with the given noise, decode: one module, so DDP can wrap it."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, eps):
+        post = self.vae.encode(x).latent_dist
+        return self.vae.decode(post.mean + post.std * eps).sample, post.kl().mean()
+
+
 class VaeStage(Stage):
     name = "vae"
 
     def __init__(self, s, run, tokenizer):
         super().__init__(s, run, tokenizer)
         self.vae = tw.build_vae(s.seed + 2)
+        self.model = _RoundTrip(self.vae)
+        if rank_world()[1] > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.model)
         self.opt = torch.optim.AdamW(self.vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
 
     def step(self, step: int) -> float:
         s = self.s
         for g in self.opt.param_groups:
             g["lr"] = _lr(s.vae_lr, step, s.vae_steps)
-        imgs, _ = tw.batch(s.seed + 1, step * s.vae_batch, s.vae_batch)
-        x = imgs * 2 - 1
-        post = self.vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=_gen(s, "vae", step))
-        rec = self.vae.decode(z).sample
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        import numpy as np
+
+        scenes = [tw.scene(s.seed + 1, step * s.vae_batch + i) for i in range(s.vae_batch)]
+        x = torch.from_numpy(np.stack([sc.image for sc in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        # objects are a tenth of the pixels: weighted up, or the VAE learns the grounds long before them
+        w = 1 + 9 * torch.from_numpy(np.stack([np.any(sc.masks, 0) for sc in scenes])).float()[:, None]
+        eps = torch.randn(s.vae_batch, 4, tw.SIZE // 8, tw.SIZE // 8, generator=_gen(s, "vae", step))
+        rank, world = rank_world()
+        part = slice(rank * s.vae_batch // world, (rank + 1) * s.vae_batch // world)
+        norm = w.mean()  # of the whole batch, so slices of it add up to the one-process loss
+        x, w, eps = x[part], w[part], eps[part]
+        rec, kl = self.model(x, eps)
+        err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
+        loss = (w * err).mean() / norm + 1e-6 * kl
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -402,8 +427,8 @@ def train(s: ToySettings, run: Path, out: Path, stages: tuple[str, ...] = STAGES
     atomic_write_json(run / "settings.json", dataclasses.asdict(s))
     tok = clip_tokenizer()
     rank, world = rank_world()
-    if world > 1 and set(stages) - {"unet"}:
-        raise SystemExit("several processes train only the UNet stage: add --stages unet")
+    if world > 1 and set(stages) - {"unet", "vae"}:
+        raise SystemExit("several processes train only the VAE and UNet stages: add --stages vae or unet")
     if "clip" in stages:
         ClipStage(s, run, tok).loop(s.clip_steps)
     if "vae" in stages:
