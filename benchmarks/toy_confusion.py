@@ -245,11 +245,22 @@ def train_sid_method(bundle, seed: int, steps: int, case: str, work: Path):
                       class_words={"<a-ball>": "ball"}).bundle
 
 
+SCORER: dict = {}  # the toy CLIP and the concepts' photos, for the pack's own metrics
+
+
 def measure_pair(bundle, oracle, n: int, steps: int, cfg: float, seed: int) -> dict:
+    from unconfused.engine import metrics as M
     from unconfused.engine import oracle as O
 
     seeds = [1000 * seed + i for i in range(n)]
-    rep = O.pair_report(oracle.detect(generate(bundle, [PAIR_PROMPT] * n, seeds, steps, cfg)), A, B)
+    pictures = generate(bundle, [PAIR_PROMPT] * n, seeds, steps, cfg)
+    rep = O.pair_report(oracle.detect(pictures), A, B)
+    if SCORER:  # the pack's CLIP-T and CLIP-I with the toy CLIP
+        refs = [M.Reference(t, TOKENS[t][2], [_img(s) for s in sc], [torch.from_numpy(s.masks[0]).float() for s in sc])
+                for t, sc in SCORER["photos"].items()]
+        ev = M.evaluate(list(pictures), [PAIR_PROMPT] * n, refs, SCORER["clip"], node="toy_confusion")
+        rep["clip_t"] = ev.value("clip_t")
+        rep["clip_i"] = float(np.mean([ev.value("clip_i", t) for t in TOKENS]))
     for token, c in TOKENS.items():
         single = oracle.detect(generate(bundle, [f"a photo of {token} ball"] * n, seeds, steps, cfg))
         rep[f"fidelity_{token.strip('<>')}"] = sum(any(O.is_concept(d, c) for d in ds) for ds in single) / n
@@ -283,6 +294,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one seed, few steps and pictures (a smoke run)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first..first+seeds-1 (split a run over "
+                    "processes, then --merge their JSON files)")
+    ap.add_argument("--merge", nargs="+", help="combine the JSON files of split runs into one table")
     ap.add_argument("--methods", default=",".join(("base",) + METHODS))
     ap.add_argument("--lora-steps", type=int, default=150)
     ap.add_argument("--clif-steps", type=int, default=60)
@@ -295,6 +309,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default=None, help="run folders (default: a temp folder)")
     ap.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     if args.quick:
         args.seeds, args.lora_steps, args.clif_steps, args.images, args.sample_steps = 1, 6, 3, 2, 4
     torch.set_num_threads(args.threads)
@@ -313,6 +329,7 @@ def main(argv=None) -> dict:
     oracle, scorer = Oracle.load(wdir / "oracle.safetensors"), tw.load_toy_clip(wdir / f"{tw.CLIP_NAME}.safetensors")
     methods = args.methods.split(",")
     photos = {t: tw.concept_photos(c, 5, seed=0) for t, c in TOKENS.items()}
+    SCORER.update(clip=scorer, photos=photos)
     res: dict = {"settings": vars(args).copy(), "results": {}}
     t0 = time.time()
     gen = (args.sample_steps, args.cfg)
@@ -324,7 +341,7 @@ def main(argv=None) -> dict:
     tower = tower_from_scorer(scorer) if "clif" in methods else None
     bank = toy_bank(bundle, work / "bank", *gen) if "clif" in methods else None
     runs: dict[str, list] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for m in methods:
             t = time.time()
             if m == "baseline":
@@ -350,9 +367,33 @@ def main(argv=None) -> dict:
             print(f"seed {seed} {m}: {time.time() - t:.0f} s", flush=True)
     for name, rows in runs.items():
         res["results"][name] = _agg(rows)
+    res["runs"] = runs
     res["seconds"] = round(time.time() - t0, 1)
     print(table(res))
-    if args.json:
+    write(res, args.json)
+    return res
+
+
+def merge(paths: list[str], out: str | None) -> dict:
+    """One result from split runs: their per-seed rows pooled, base results from whichever has them."""
+    res: dict = {"settings": {}, "results": {}, "runs": {}}
+    for p in paths:
+        d = json.loads(Path(p).read_text())["details"]
+        res["settings"] = d.get("settings", res["settings"])
+        for k, v in d["results"].items():
+            if k.startswith("base_") or k == "untrained_tokens":
+                res["results"][k] = v
+        for k, rows in d.get("runs", {}).items():
+            res["runs"].setdefault(k, []).extend(rows)
+    for name, rows in res["runs"].items():
+        res["results"][name] = _agg(rows)
+    print(table(res))
+    write(res, out)
+    return res
+
+
+def write(res: dict, path: str | None) -> None:
+    if path:
         from _results import headline, write_json
 
         r = res["results"]
@@ -365,15 +406,15 @@ def main(argv=None) -> dict:
             if name in r:
                 heads.append(headline(f"{name}_both", f"{name}: both concepts present",
                                       quality=f"{r[name]['both']['mean']:.3f} +- {r[name]['both']['sd']:.3f}"))
-        write_json(args.json, {"benchmark": "toy_confusion", "settings": res["settings"], "details": r,
-                               "headline": heads})
-    return res
+        write_json(path, {"benchmark": "toy_confusion", "settings": res["settings"],
+                          "details": {"settings": res["settings"], "results": r, "runs": res.get("runs", {})},
+                          "headline": heads})
 
 
 def table(res: dict) -> str:
     r = res["results"]
-    lines = ["| method | both present | A present | B present | confusion degree | leak rate | fidelity |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | both present | A present | B present | confusion degree | leak rate | fidelity | CLIP-T | "
+             "CLIP-I |", "|---|---|---|---|---|---|---|---|---|"]
 
     def f(row, k):
         return f"{row[k]['mean']:.2f} ± {row[k]['sd']:.2f}" if k in row else "-"
@@ -381,7 +422,8 @@ def table(res: dict) -> str:
         if name in r:
             row = r[name]
             lines.append(f"| {name} | {f(row, 'both')} | {f(row, 'present_a')} | {f(row, 'present_b')} | "
-                         f"{f(row, 'confusion_degree')} | {f(row, 'leak_rate')} | {f(row, 'fidelity')} |")
+                         f"{f(row, 'confusion_degree')} | {f(row, 'leak_rate')} | {f(row, 'fidelity')} | "
+                         f"{f(row, 'clip_t')} | {f(row, 'clip_i')} |")
     if any(k.startswith("sid_") for k in r):
         lines += ["", "| SID captions | fidelity | colour fidelity | companion comes along |", "|---|---|---|---|"]
         for case in ("case1", "case3", "case4"):

@@ -55,6 +55,38 @@ class OracleNet(nn.Module):
         return logits[:, :a], logits[:, a:b], logits[:, b:]
 
 
+class ShapeNet(nn.Module):
+    """An object's shape from its silhouette (the region's mask, cropped square and resized): per-pixel
+    shape votes are unreliable - a pixel of a ball and one of a box look alike - the whole outline is not."""
+
+    CROP = 24
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(32 * 6 * 6, 64), nn.ReLU(), nn.Linear(64, len(tw.SHAPES)))
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.net(crops * 2 - 1)
+
+
+def silhouette(mask: np.ndarray, size: int = ShapeNet.CROP) -> torch.Tensor:
+    """[1, size, size]: the region's mask in a square box around it (2 px margin), resized."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    half = max(ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()) / 2 + 2
+    y0, x0 = int(math.floor(cy - half)), int(math.floor(cx - half))
+    side = int(math.ceil(2 * half))
+    pad = np.zeros((side, side), np.float32)
+    sy0, sx0 = max(0, y0), max(0, x0)
+    sy1, sx1 = min(mask.shape[0], y0 + side), min(mask.shape[1], x0 + side)
+    pad[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = mask[sy0:sy1, sx0:sx1]
+    return F.interpolate(torch.from_numpy(pad)[None, None], size=(size, size), mode="bilinear",
+                         align_corners=False)[0]
+
+
 def pixel_labels(scene: tw.Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel targets; colour and pattern are -1 (ignored) on the ground."""
     cls = np.zeros((tw.SIZE, tw.SIZE), np.int64)
@@ -130,6 +162,39 @@ def train_oracle(steps: int = 1500, batch: int = 32, seed: int = 0, vae=None, lr
     return net.eval()
 
 
+def train_shape_net(oracle: "Oracle", steps: int = 300, batch: int = 16, seed: int = 0, vae=None,
+                    lr: float = 2e-3, log=print) -> ShapeNet:
+    """The silhouette classifier, on the regions the trained pixel net finds in degraded renders
+    (what it will see in generated pictures), labelled by matching them to the true objects."""
+    torch.manual_seed(seed)
+    net = ShapeNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        g = torch.Generator().manual_seed(seed * 100_003 + 50_000 + step)
+        scenes = [oracle_scene(seed + 1, step * batch + i) for i in range(batch)]
+        x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
+        x = degrade(x, g, vae if (vae is not None and step % 2 == 0) else None)
+        _, regions = oracle.regions(x.permute(0, 2, 3, 1))
+        crops, labels = [], []
+        for s, regs in zip(scenes, regions):
+            for o, m in zip(s.objects, s.masks):
+                best = max(regs, key=lambda r: (r & m).sum() / max(1, (r | m).sum()), default=None)
+                if best is not None and (best & m).sum() / max(1, (best | m).sum()) >= 0.3:
+                    crops.append(silhouette(best))
+                    labels.append(tw.SHAPES.index(o.shape))
+        if not crops:
+            continue
+        loss = F.cross_entropy(net(torch.stack(crops)), torch.tensor(labels))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if log and (step + 1) % 100 == 0:
+            log(f"[oracle] shape step {step + 1}/{steps} loss {float(loss):.4f}")
+    return net.eval()
+
+
 @dataclass
 class Detection:
     shape: str
@@ -168,21 +233,41 @@ def _size_of(shape: str, area: int) -> str:
 
 
 class Oracle:
-    def __init__(self, net: OracleNet):
+    def __init__(self, net: OracleNet, shape_net: ShapeNet | None = None):
         self.net = net.eval().requires_grad_(False)
+        self.shape_net = shape_net.eval().requires_grad_(False) if shape_net is not None else None
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Oracle":
         from safetensors.torch import load_file
 
-        net = OracleNet()
-        net.load_state_dict({k: v.float() for k, v in load_file(str(path or ORACLE_PATH)).items()})
-        return cls(net)
+        sd = {k: v.float() for k, v in load_file(str(path or ORACLE_PATH)).items()}
+        net, shape_net = OracleNet(), None
+        net.load_state_dict({k: v for k, v in sd.items() if not k.startswith("shape.")})
+        if any(k.startswith("shape.") for k in sd):
+            shape_net = ShapeNet()
+            shape_net.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("shape.")})
+        return cls(net, shape_net)
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         from .files import atomic_save_safetensors
 
-        atomic_save_safetensors(path, self.net.state_dict(), metadata=metadata)
+        sd = dict(self.net.state_dict())
+        if self.shape_net is not None:
+            sd.update({"shape." + k: v for k, v in self.shape_net.state_dict().items()})
+        atomic_save_safetensors(path, sd, metadata=metadata)
+
+    def regions(self, images: torch.Tensor):
+        """Per picture: the per-pixel probabilities and the foreground regions (bool masks)."""
+        from scipy import ndimage
+
+        pc, pk, pp = self.probs(images)
+        out = []
+        for b in range(pc.shape[0]):
+            lab, n = ndimage.label((pc[b, 0] < 0.5).numpy())
+            masks = [lab == i for i in range(1, n + 1)]
+            out.append([m for m in masks if m.sum() >= MIN_AREA])
+        return (pc, pk, pp), out
 
     @torch.no_grad()
     def probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,22 +279,19 @@ class Oracle:
 
     def detect(self, images: torch.Tensor) -> list[list[Detection]]:
         """Objects in each picture, largest first."""
-        from scipy import ndimage
-
-        pc, pk, pp = self.probs(images)
+        (pc, pk, pp), regions = self.regions(images)
         out = []
         for b in range(pc.shape[0]):
-            fg = (pc[b, 0] < 0.5).numpy()
-            lab, n = ndimage.label(fg)
             dets = []
-            for i in range(1, n + 1):
-                m = lab == i
+            for m in regions[b]:
                 area = int(m.sum())
-                if area < MIN_AREA:
-                    continue
                 mt = torch.from_numpy(m)
-                sp = pc[b, 1:, mt].mean(1)
-                sp = sp / sp.sum()
+                if self.shape_net is not None:
+                    with torch.no_grad():
+                        sp = self.shape_net(silhouette(m)[None])[0].softmax(0)
+                else:
+                    sp = pc[b, 1:, mt].mean(1)
+                    sp = sp / sp.sum()
                 kp, ptp = pk[b][:, mt].mean(1), pp[b][:, mt].mean(1)
                 shape = tw.SHAPES[int(sp.argmax())]
                 ys, xs = np.nonzero(m)

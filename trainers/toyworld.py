@@ -53,10 +53,12 @@ class ToySettings:
     save_every: int = 100
     oracle_steps: int = 500
     oracle_batch: int = 16
+    oracle_shape_steps: int = 300
+    notes: str = ""  # anything a reader of the weights' metadata must know (e.g. a changed resume)
 
 
 QUICK = dict(clip_steps=3, clip_batch=8, vae_steps=3, vae_batch=4, latent_scenes=16, unet_steps=3, unet_batch=8,
-             save_every=2, oracle_steps=3, oracle_batch=4)
+             save_every=2, oracle_steps=3, oracle_batch=4, oracle_shape_steps=3)
 
 
 def rank_world() -> tuple[int, int]:
@@ -399,9 +401,18 @@ def oracle_stage(s: ToySettings, run: Path, out: Path, validate: int = 256) -> d
         vae.eval().requires_grad_(False)
         if (run / "latents.pt").is_file():
             vae.register_to_config(scaling_factor=torch.load(run / "latents.pt", weights_only=False)["scaling_factor"])
-    net = O.train_oracle(steps=s.oracle_steps, batch=s.oracle_batch, seed=s.seed, vae=vae,
-                         log=lambda m: print(m, flush=True))
+    say = (lambda m: print(m, flush=True))
+    pixel_ckpt = run / "oracle_pixels.pt"  # the pixel net is done once; a rerun goes on with the shapes
+    if pixel_ckpt.is_file():
+        net = O.OracleNet()
+        net.load_state_dict(torch.load(pixel_ckpt, weights_only=True))
+        net.eval()
+    else:
+        net = O.train_oracle(steps=s.oracle_steps, batch=s.oracle_batch, seed=s.seed, vae=vae, log=say)
+        torch.save(net.state_dict(), pixel_ckpt)
     oracle = O.Oracle(net)
+    oracle.shape_net = O.train_shape_net(oracle, steps=s.oracle_shape_steps, batch=s.oracle_batch, seed=s.seed,
+                                         vae=vae, log=say).requires_grad_(False)
     held = [O.oracle_scene(s.seed + 10_000, i) for i in range(validate)]  # another seed: never trained on
     acc = {"renders": O.score_renders(oracle, held)}
     if vae is not None:
@@ -413,7 +424,8 @@ def oracle_stage(s: ToySettings, run: Path, out: Path, validate: int = 256) -> d
     print(f"[oracle] held-out accuracy {json.dumps(acc)}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     oracle.save(out / "oracle.safetensors", metadata={
-        "world_seed": str(s.seed), "training_settings": json.dumps({"steps": s.oracle_steps, "batch": s.oracle_batch,
+        "world_seed": str(s.seed), "training_settings": json.dumps({"steps": s.oracle_steps, "shape_steps": s.oracle_shape_steps,
+                                                                    "batch": s.oracle_batch,
                                                                     "vae_round_trip": vae is not None}),
         "held_out_accuracy": json.dumps(acc)})
     return acc
