@@ -105,13 +105,17 @@ def base_confusion(bundle, oracle, scorer, n: int, steps: int, cfg: float) -> di
         for a, b in pairs:
             pa, pb = f"{a[0]} {a[2]}", f"{b[0]} {b[2]}"
             imgs = generate(bundle, [f"a {pa} and a {pb}"] * n, list(range(n)), steps, cfg)
-            rep = O.pair_report(oracle.detect(imgs), a, b)
+            dets = oracle.detect(imgs)
+            rep = O.pair_report(dets, a, b)
+            if a[0] != b[0]:  # the colours tell them apart: the same measures by colour alone
+                rep.update(O.pair_report(dets, a, b, attrs=("colour",), suffix="_colour"))
             with torch.no_grad():
                 f = F.normalize(bundle.text_encoder(bundle.tokenize([f"a {pa}", f"a {pb}"])).pooler_output, dim=-1)
             rep["text_cosine"] = float(f[0] @ f[1])
             rows.append(rep)
-        out[kind] = {k: float(np.mean([r[k] for r in rows])) for k in ("confusion_degree", "both", "leak_rate",
-                                                                       "text_cosine")}
+        keys = ["confusion_degree", "both", "leak_rate", "text_cosine"]
+        keys += [k + "_colour" for k in keys[:3] if k + "_colour" in rows[0]]
+        out[kind] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     return out
 
 
@@ -254,7 +258,9 @@ def measure_pair(bundle, oracle, n: int, steps: int, cfg: float, seed: int) -> d
 
     seeds = [1000 * seed + i for i in range(n)]
     pictures = generate(bundle, [PAIR_PROMPT] * n, seeds, steps, cfg)
-    rep = O.pair_report(oracle.detect(pictures), A, B)
+    dets = oracle.detect(pictures)
+    rep = O.pair_report(dets, A, B)
+    rep.update(O.pair_report(dets, A, B, attrs=("colour",), suffix="_colour"))  # the model draws colours, not outlines
     if SCORER:  # the pack's CLIP-T and CLIP-I with the toy CLIP
         refs = [M.Reference(t, TOKENS[t][2], [_img(s) for s in sc], [torch.from_numpy(s.masks[0]).float() for s in sc])
                 for t, sc in SCORER["photos"].items()]
@@ -266,6 +272,7 @@ def measure_pair(bundle, oracle, n: int, steps: int, cfg: float, seed: int) -> d
         rep[f"fidelity_{token.strip('<>')}"] = sum(any(O.is_concept(d, c) for d in ds) for ds in single) / n
         rep[f"colour_fidelity_{token.strip('<>')}"] = sum(any(d.colour == c[0] for d in ds) for ds in single) / n
     rep["fidelity"] = (rep["fidelity_a-ball"] + rep["fidelity_b-ball"]) / 2
+    rep["colour_fidelity"] = (rep["colour_fidelity_a-ball"] + rep["colour_fidelity_b-ball"]) / 2
     return rep
 
 
@@ -413,17 +420,22 @@ def write(res: dict, path: str | None) -> None:
 
 def table(res: dict) -> str:
     r = res["results"]
-    lines = ["| method | both present | A present | B present | confusion degree | leak rate | fidelity | CLIP-T | "
-             "CLIP-I |", "|---|---|---|---|---|---|---|---|---|"]
+    cols = [("both", "both present (all attributes)"), ("both_colour", "both present (colour)"),
+            ("present_a_colour", "A present (colour)"), ("present_b_colour", "B present (colour)"),
+            ("confusion_degree_colour", "confusion degree (colour)"), ("leak_rate_colour", "leak rate (colour)"),
+            ("fidelity", "fidelity (all)"), ("colour_fidelity", "fidelity (colour)"), ("clip_t", "CLIP-T"),
+            ("clip_i", "CLIP-I"), ("mask_iou", "EM mask IoU")]
+    lines = ["| method | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
 
     def f(row, k):
         return f"{row[k]['mean']:.2f} ± {row[k]['sd']:.2f}" if k in row else "-"
     for name in ("untrained_tokens", "baseline", "clif", "em_base", "em"):
         if name in r:
-            row = r[name]
-            lines.append(f"| {name} | {f(row, 'both')} | {f(row, 'present_a')} | {f(row, 'present_b')} | "
-                         f"{f(row, 'confusion_degree')} | {f(row, 'leak_rate')} | {f(row, 'fidelity')} | "
-                         f"{f(row, 'clip_t')} | {f(row, 'clip_i')} |")
+            row = dict(r[name])
+            if "colour_fidelity_a-ball" in row and "colour_fidelity" not in row:
+                row["colour_fidelity"] = {s: (row["colour_fidelity_a-ball"][s] + row["colour_fidelity_b-ball"][s]) / 2
+                                          for s in ("mean", "sd")}
+            lines.append(f"| {name} | " + " | ".join(f(row, k) for k, _ in cols) + " |")
     if any(k.startswith("sid_") for k in r):
         lines += ["", "| SID captions | fidelity | colour fidelity | companion comes along |", "|---|---|---|---|"]
         for case in ("case1", "case3", "case4"):

@@ -352,31 +352,34 @@ def score_renders(oracle: Oracle, scenes: list[tw.Scene], images: torch.Tensor |
 
 # ---------------------------------------------------------------- the experiment's measures
 Concept3 = tuple[str, str, str]  # (colour, pattern, shape)
+ALL = ("colour", "pattern", "shape")
 
 
-def is_concept(d: Detection, c: Concept3) -> bool:
-    return d.concept == tuple(c)
+def is_concept(d: Detection, c: Concept3, attrs: tuple[str, ...] = ALL) -> bool:
+    return all(getattr(d, a) == c[ALL.index(a)] for a in attrs)
 
 
-def concept_p(d: Detection, c: Concept3) -> float:
-    return d.concept_prob(colour=c[0], pattern=c[1], shape=c[2])
+def concept_p(d: Detection, c: Concept3, attrs: tuple[str, ...] = ALL) -> float:
+    return d.concept_prob(**{a: c[ALL.index(a)] for a in attrs})
 
 
-def confusion_score(dets: list[Detection], a: Concept3, b: Concept3, detected: float = 0.5) -> float:
+def confusion_score(dets: list[Detection], a: Concept3, b: Concept3, detected: float = 0.5,
+                    attrs: tuple[str, ...] = ALL) -> float:
     """CLIF's confusion degree (paper A.2, eq. 6) of one picture of 'A and B': the box detected as A
     (the detection most like A, if the oracle gives it at least `detected`) and the one detected as
     B, each scored by the oracle for both concepts; a concept without a box scores 0 for both.
-    0 = decoupled; 1 = indistinguishable or absent; 0.5 = one of them drawn, the other missing."""
+    0 = decoupled; 1 = indistinguishable or absent; 0.5 = one of them drawn, the other missing.
+    `attrs`: the attributes that make a concept (e.g. colour alone, when shapes are not drawn)."""
     def term(x: Concept3, y: Concept3) -> float:
-        box = max(dets, key=lambda d: concept_p(d, x), default=None)
-        if box is None or concept_p(box, x) < detected:
+        box = max(dets, key=lambda d: concept_p(d, x, attrs), default=None)
+        if box is None or concept_p(box, x, attrs) < detected:
             return 0.0
-        return abs(concept_p(box, x) - concept_p(box, y))
+        return abs(concept_p(box, x, attrs) - concept_p(box, y, attrs))
 
     return 1 - (term(a, b) + term(b, a)) / 2
 
 
-def assign_pair(dets: list[Detection], a: Concept3, b: Concept3):
+def assign_pair(dets: list[Detection], a: Concept3, b: Concept3, attrs: tuple[str, ...] = ALL):
     """The detections standing for A and for B (distinct; None when too few): the assignment
     with the highest summed concept probability."""
     best, pick = -1.0, (None, None)
@@ -384,42 +387,44 @@ def assign_pair(dets: list[Detection], a: Concept3, b: Concept3):
         for j, db in enumerate(dets + [None]):
             if da is not None and db is not None and i == j:
                 continue
-            s = (concept_p(da, a) if da else 0) + (concept_p(db, b) if db else 0)
+            s = (concept_p(da, a, attrs) if da else 0) + (concept_p(db, b, attrs) if db else 0)
             if s > best:
                 best, pick = s, (da, db)
     return pick
 
 
-def outcome(d: Detection | None, own: Concept3, other: Concept3) -> str:
+def outcome(d: Detection | None, own: Concept3, other: Concept3, attrs: tuple[str, ...] = ALL) -> str:
     """What stands where a concept should be: itself, the other concept, a mix or nothing."""
     if d is None:
         return "missing"
-    if is_concept(d, own):
+    if is_concept(d, own, attrs):
         return "own"
-    if is_concept(d, other):
+    if is_concept(d, other, attrs):
         return "other"
     return "mixed"
 
 
-def pair_report(dets_per_image: list[list[Detection]], a: Concept3, b: Concept3) -> dict:
+def pair_report(dets_per_image: list[list[Detection]], a: Concept3, b: Concept3, attrs: tuple[str, ...] = ALL,
+                suffix: str = "") -> dict:
     """Oracle measures of pictures of 'A and B': presence of each (attendance), both, CLIF's
-    confusion degree, and the leakage matrix (what stands where A / B should be)."""
+    confusion degree, and the leakage matrix (what stands where A / B should be); a concept is
+    recognised by `attrs` (all three, or e.g. colour alone), the keys get `suffix`."""
     n = max(1, len(dets_per_image))
     out = {"images": len(dets_per_image)}
-    pa = [any(is_concept(d, a) for d in ds) for ds in dets_per_image]
-    pb = [any(is_concept(d, b) for d in ds) for ds in dets_per_image]
+    pa = [any(is_concept(d, a, attrs) for d in ds) for ds in dets_per_image]
+    pb = [any(is_concept(d, b, attrs) for d in ds) for ds in dets_per_image]
     out["present_a"], out["present_b"] = sum(pa) / n, sum(pb) / n
     out["both"] = sum(x and y for x, y in zip(pa, pb)) / n
-    out["confusion_degree"] = sum(confusion_score(ds, a, b) for ds in dets_per_image) / n
+    out["confusion_degree"] = sum(confusion_score(ds, a, b, attrs=attrs) for ds in dets_per_image) / n
     keys = ("own", "other", "mixed", "missing")
     m = {"a": dict.fromkeys(keys, 0), "b": dict.fromkeys(keys, 0)}
     for ds in dets_per_image:
-        da, db = assign_pair(ds, a, b)
-        m["a"][outcome(da, a, b)] += 1
-        m["b"][outcome(db, b, a)] += 1
+        da, db = assign_pair(ds, a, b, attrs)
+        m["a"][outcome(da, a, b, attrs)] += 1
+        m["b"][outcome(db, b, a, attrs)] += 1
     out["leakage"] = {k: {kk: v / n for kk, v in row.items()} for k, row in m.items()}
     out["leak_rate"] = (m["a"]["other"] + m["b"]["other"]) / (2 * n)
-    return out
+    return {(k + suffix if k != "images" else k): v for k, v in out.items()}
 
 
 def prompt_report(dets_per_image: list[list[Detection]], wanted: list[Concept3]) -> dict:

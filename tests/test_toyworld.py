@@ -80,7 +80,7 @@ def test_committed_model_loads_as_sd1_through_the_pack_and_its_node(tmp_path):
     host.configure(folders={"diffusers": [tw.WEIGHTS_DIR]})
     assert "diffusers/toy-sd" in checkpoint_choices()
     node_bundle, info = UnconfusedLoadCheckpoint().load("diffusers/toy-sd", "auto", "fp32")["result"]
-    assert "SD 1" in info or "sd1" in info.lower()
+    assert "Stable Diffusion 1.x" in info and node_bundle.family == "sd1"
     # the open_clip file's text tower is the SD text encoder: the two text features agree
     scorer = tw.load_toy_clip()
     tower = tower_from_scorer(scorer)
