@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -73,7 +72,7 @@ def base_quality(bundle, oracle, n: int, steps: int, cfg: float) -> dict:
                 c = (colours[rng.integers(len(colours))], tw.PATTERNS[rng.integers(2)], tw.SHAPES[rng.integers(4)])
                 if c not in tw.HELD_OUT and c not in objs:
                     objs.append(c)
-            words = [" ".join(([c[0]] + (["striped"] if c[1] == "striped" else []) + [c[2]])) for c in objs]
+            words = [" ".join([c[0]] + (["striped"] if c[1] == "striped" else []) + [c[2]]) for c in objs]
             prompts.append(" and ".join(tw.article(w) for w in words) + f" on {list(tw.GROUNDS)[i % 3]}")
             wanted.append(objs)
         imgs = generate(bundle, prompts, list(range(n)), steps, cfg)
@@ -87,7 +86,6 @@ def base_quality(bundle, oracle, n: int, steps: int, cfg: float) -> dict:
 def base_confusion(bundle, oracle, scorer, n: int, steps: int, cfg: float) -> dict:
     """CLIF's confusion degree of 'a X and a Y' over pairs of known objects, by kind of pair."""
     import torch.nn.functional as F
-
     from unconfused.engine import oracle as O
 
     kinds = {"same shape": [(("red", "plain", "ball"), ("blue", "plain", "ball")),
@@ -152,7 +150,6 @@ def train_baseline(bundle, photos, seed: int, steps: int, work: Path):
 
 def toy_bank(bundle, folder: Path, steps: int, cfg: float):
     """A common-concept bank drawn by the toy model in its own words, matted by the plain ground."""
-    from unconfused.engine import toyworld as tw
     from unconfused.engine.augment import bank_from_folder
     from unconfused.engine.concepts import tensor_to_pil
 
@@ -190,9 +187,9 @@ def train_clif_method(bundle, photos, tower, bank, seed: int, steps: int, clif_s
 
 def pair_pictures(n: int, seed: int):
     """Pictures holding both concepts (for the EM), with their exact masks."""
-    from unconfused.engine import toyworld as tw
-
     import random
+
+    from unconfused.engine import toyworld as tw
     rng = random.Random(f"pairs:{seed}")
     out = []
     for i in range(n):
@@ -204,9 +201,9 @@ def pair_pictures(n: int, seed: int):
 
 
 def train_em_method(bundle, seed: int, steps: int, work: Path, masks_from_em: bool = True):
+    from unconfused.engine.training_data import Example
     from unconfused.trainers.em import EMSettings, make_scenes, train_em
     from unconfused.trainers.lora import train_lora
-    from unconfused.engine.training_data import Example
 
     pics = pair_pictures(4, seed)
     concepts = [[("<a-ball>", "ball"), ("<b-ball>", "ball")] for _ in pics]
@@ -227,10 +224,10 @@ def train_em_method(bundle, seed: int, steps: int, work: Path, masks_from_em: bo
 
 def train_sid_method(bundle, seed: int, steps: int, case: str, work: Path):
     """<a-ball> photos that always show a green box too; captions by case (SID Table 1)."""
+    import random
+
     from unconfused.engine import toyworld as tw
     from unconfused.trainers.lora import train_lora
-
-    import random
     rng = random.Random(f"sid:{seed}")
     scenes = []
     for i in range(5):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import toyworld as tw
 
@@ -77,8 +77,8 @@ def silhouette(mask: np.ndarray, size: int = ShapeNet.CROP) -> torch.Tensor:
     ys, xs = np.nonzero(mask)
     cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
     half = max(ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()) / 2 + 2
-    y0, x0 = int(math.floor(cy - half)), int(math.floor(cx - half))
-    side = int(math.ceil(2 * half))
+    y0, x0 = math.floor(cy - half), math.floor(cx - half)
+    side = math.ceil(2 * half)
     pad = np.zeros((side, side), np.float32)
     sy0, sx0 = max(0, y0), max(0, x0)
     sy1, sx1 = min(mask.shape[0], y0 + side), min(mask.shape[1], x0 + side)
@@ -162,7 +162,7 @@ def train_oracle(steps: int = 1500, batch: int = 32, seed: int = 0, vae=None, lr
     return net.eval()
 
 
-def train_shape_net(oracle: "Oracle", steps: int = 300, batch: int = 16, seed: int = 0, vae=None,
+def train_shape_net(oracle: Oracle, steps: int = 300, batch: int = 16, seed: int = 0, vae=None,
                     lr: float = 2e-3, log=print) -> ShapeNet:
     """The silhouette classifier, on the regions the trained pixel net finds in degraded renders
     (what it will see in generated pictures), labelled by matching them to the true objects."""
@@ -238,7 +238,7 @@ class Oracle:
         self.shape_net = shape_net.eval().requires_grad_(False) if shape_net is not None else None
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Oracle":
+    def load(cls, path: str | Path | None = None) -> Oracle:
         from safetensors.torch import load_file
 
         sd = {k: v.float() for k, v in load_file(str(path or ORACLE_PATH)).items()}

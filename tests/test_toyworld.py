@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from unconfused.engine import toyworld as tw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,8 +139,8 @@ def test_confusion_measures_known_answers():
 def test_training_crash_then_rerun_matches_uninterrupted(tmp_path, monkeypatch):
     """A stage of the training command, a crash in the middle, a rerun: the same weights as a run
     without the crash (batches and noise are functions of the step)."""
-    from unconfused.trainers import toyworld as T
     from unconfused.engine.tokenizer import clip_tokenizer
+    from unconfused.trainers import toyworld as T
 
     s = T.ToySettings(**dict(T.QUICK, vae_steps=4, vae_batch=2, save_every=2))
     T.train(s, tmp_path / "a", tmp_path / "out_a", stages=("vae",))
@@ -189,7 +188,6 @@ def test_sid_captions_keep_the_bias_object_out_and_case4_loses_the_colour(tmp_pa
     Seed 0 as in the benchmark, about 30 s on one free core."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import toy_confusion as T
-
     from unconfused.engine.oracle import Oracle
 
     bundle, oracle = tw.load_toy_bundle(), Oracle.load()

@@ -438,8 +438,7 @@ def train(s: ToySettings, run: Path, out: Path, stages: tuple[str, ...] = STAGES
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "settings.json", dataclasses.asdict(s))
     tok = clip_tokenizer()
-    rank, world = rank_world()
-    if world > 1 and set(stages) - {"unet", "vae"}:
+    if rank_world()[1] > 1 and set(stages) - {"unet", "vae"}:
         raise SystemExit("several processes train only the VAE and UNet stages: add --stages vae or unet")
     if "clip" in stages:
         ClipStage(s, run, tok).loop(s.clip_steps)
