@@ -50,6 +50,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "crf_quality": ("crf_quality.py", [], ["--n", "10", "--size", "128", "--speed-repeats", "1", "--no-sam"]),
     "sid_captions": ("sid_captions.py", [], ["--latency", "0.1"]),
     "precision": ("precision.py", [], ["--quick"]),
+    "toy_confusion": ("toy_confusion.py", [], ["--quick"]),
 }
 
 # What README.md quotes for each headline row (benchmark, key); a key ending in "*" matches by prefix.

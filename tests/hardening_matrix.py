@@ -46,7 +46,8 @@ MATRIX = {
         "test_clif.py::test_tokens_only_resume_equals_uninterrupted_run", "test_em.py::test_resume_equals_uninterrupted_run",
         "test_dataset.py::test_write_resume_and_read", "test_cli.py::test_lora_command_trains_exports_and_resumes",
         "test_loop.py::test_resume_never_unpickles_code_and_keeps_the_unreadable_file",
-        "test_buckets_train.py::test_bucketed_resume_equals_uninterrupted_run"],
+        "test_buckets_train.py::test_bucketed_resume_equals_uninterrupted_run",
+        "test_toyworld.py::test_training_crash_then_rerun_matches_uninterrupted"],
     "secrets and safety": [
         "test_vlm.py::test_node_flags_and_repairs_and_never_leaks_the_key",
         "test_vlm.py::test_key_only_over_https_or_to_this_machine", "test_vlm.py::test_no_key_when_variable_unset",

@@ -106,6 +106,12 @@ def _plan(args) -> int:
     return 0
 
 
+def _toyworld(args) -> int:
+    from . import toyworld
+
+    return toyworld.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unconfused", description="Unconfused: multi-concept "
                                 "personalization without concept confusion (headless commands)")
@@ -159,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "restart: train every stage again from step 0 (default: auto)")
     s.add_argument("--seed", type=int, help="seed of every stage (default: 0)")
     s.set_defaults(func=_demo)
+    s = sub.add_parser("toyworld", help="train the toy world's miniature SD 1.x model from scratch on a CPU "
+                                        "(resumable: rerun the same command)")
+    s.add_argument("action", choices=["train"])
+    s.add_argument("--workdir", default="toyworld-run", help="checkpoints of the stages (resume from here)")
+    s.add_argument("--out", help="where the model goes (default: the pack's engine/toyworld_weights)")
+    s.add_argument("--stages", help="comma-separated subset of clip,vae,latents,unet,export")
+    s.add_argument("--quick", action="store_true", help="a few steps of each stage (a test run)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    s.set_defaults(func=_toyworld)
     for name, runner, about, config, example in (
             ("lora", "run_lora", "train concept tokens + a shared UNet LoRA from a config file (JSON/TOML); rerun the "
              "same command to resume", "model, concepts or concept_set, [settings]", "steps=20"),
