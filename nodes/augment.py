@@ -13,20 +13,14 @@ from ..engine.dataset import Dataset
 from ..engine.errors import UnconfusedError
 from ..engine.files import safe_name
 from ..engine.regions import region_tools
-from .common import CATEGORY, CLIP_MODEL, CONCEPT_SET, DATASET, MODEL_BUNDLE, SAM_MODEL, with_preview
+from .common import CATEGORY, CLIP_MODEL, CONCEPT_SET, DATASET, MODEL_BUNDLE, SAM_MODEL, float_input, int_input, \
+    with_preview
 
 DATASETS_SUBFOLDER = "unconfused/datasets"
 KIND_CHOICES = ["all", "global", "region", "mix"]
 _S = A.AugmentSettings()
 _B = A.BankSpec()
 
-
-def _int(default, lo, hi, tip, step=1):
-    return ("INT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tip})
-
-
-def _float(default, lo, hi, step, tip):
-    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False, "tooltip": tip})
 
 
 def dataset_folder(name: str, *, node: str, input: str = "name") -> Path:
@@ -52,14 +46,14 @@ class UnconfusedAugmentBuilder:
                                                          "node, or your own): the masks give the cut-outs"}),
                 "name": ("STRING", {"default": "clif", "tooltip": "Dataset folder under output/unconfused/datasets. "
                                     "Same name + same settings = resume"}),
-                "seed": _int(0, 0, 2**31 - 1, "Every pair is made from (seed, kind, index)"),
-                "global_pairs": _int(_S.global_pairs, 0, 1_000_000, "G-Aug pairs: a concept with common concepts "
+                "seed": int_input(0, 0, 2**31 - 1, "Every pair is made from (seed, kind, index)"),
+                "global_pairs": int_input(_S.global_pairs, 0, 1_000_000, "G-Aug pairs: a concept with common concepts "
                                      "(paper: about 40,000)"),
-                "region_pairs": _int(_S.region_pairs, 0, 1_000_000, "R-Aug pairs: a concept's labelled parts "
+                "region_pairs": int_input(_S.region_pairs, 0, 1_000_000, "R-Aug pairs: a concept's labelled parts "
                                      "(paper: about 10,000); needs sam_model and clip_model"),
-                "mix_per_pair": _int(_S.mix_per_pair, 0, 10_000, "M-Aug pairs per pair of concepts (two concepts "
+                "mix_per_pair": int_input(_S.mix_per_pair, 0, 10_000, "M-Aug pairs per pair of concepts (two concepts "
                                      "side by side; paper: 612 for 18 concepts = 4 per pair)"),
-                "canvas": _int(_S.canvas, 64, 2048, "Pair image size (square)", step=8),
+                "canvas": int_input(_S.canvas, 64, 2048, "Pair image size (square)", step=8),
                 "resume": (["auto", "restart"], {"default": "auto", "tooltip": "auto: finish or reuse the dataset "
                                                   "of this name; restart: make it again"}),
             },
@@ -72,10 +66,10 @@ class UnconfusedAugmentBuilder:
                 "common_concepts": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": default_common_text(),
                                                "tooltip": "Common concepts for the bank, one per line, with their "
                                                           "article ('a policeman')"}),
-                "images_per_common": _int(_B.per_concept, 1, 100, "Bank images per common concept (paper: 20)"),
-                "bank_steps": _int(_B.steps, 1, 150, "Sampling steps of the bank images"),
-                "bank_cfg": _float(_B.cfg, 0.0, 30.0, 0.5, "Guidance scale of the bank images"),
-                "bank_size": _int(_B.size, 64, 2048, "Bank image size (512 for SD1, 768 for SD2-v)", step=8),
+                "images_per_common": int_input(_B.per_concept, 1, 100, "Bank images per common concept (paper: 20)"),
+                "bank_steps": int_input(_B.steps, 1, 150, "Sampling steps of the bank images"),
+                "bank_cfg": float_input(_B.cfg, 0.0, 30.0, 0.5, "Guidance scale of the bank images"),
+                "bank_size": int_input(_B.size, 64, 2048, "Bank image size (512 for SD1, 768 for SD2-v)", step=8),
                 "bank_matte": (A.MATTES, {"default": A.MATTES[0], "tooltip": "How bank images are cut out: their "
                                "plain background is removed, or the whole image is used"}),
                 "sam_model": (SAM_MODEL, {"tooltip": "For R-Aug (SAM Loader): over-segments each cut-out "
@@ -86,22 +80,22 @@ class UnconfusedAugmentBuilder:
                                           "concepts' parts (e.g. from the SID captioner), comma or line separated"}),
                 "use_default_vocabulary": ("BOOLEAN", {"default": True, "tooltip": "Also the built-in parts list "
                                            "(hair, hat, necklace, ...)"}),
-                "min_common": _int(_S.min_common, 0, 8, "G-Aug: fewest common concepts next to the concept"),
-                "max_common": _int(_S.max_common, 0, 8, "G-Aug: most common concepts next to the concept"),
-                "region_common": _int(_S.region_common, 0, 8, "R-Aug: most common concepts in a pair"),
-                "regions_per_pair": _int(_S.regions_per_pair, 1, 8, "R-Aug: most parts of the concept in a pair"),
-                "min_scale": _float(_S.min_scale, 0.05, 1.0, 0.05, "Smallest element height (fraction of canvas)"),
-                "max_scale": _float(_S.max_scale, 0.05, 1.0, 0.05, "Largest element height (fraction of canvas)"),
-                "min_area": _float(_S.min_area, 0.0, 1.0, 0.01, "A usable cut-out covers at least this fraction "
+                "min_common": int_input(_S.min_common, 0, 8, "G-Aug: fewest common concepts next to the concept"),
+                "max_common": int_input(_S.max_common, 0, 8, "G-Aug: most common concepts next to the concept"),
+                "region_common": int_input(_S.region_common, 0, 8, "R-Aug: most common concepts in a pair"),
+                "regions_per_pair": int_input(_S.regions_per_pair, 1, 8, "R-Aug: most parts of the concept in a pair"),
+                "min_scale": float_input(_S.min_scale, 0.05, 1.0, 0.05, "Smallest element height (fraction of canvas)"),
+                "max_scale": float_input(_S.max_scale, 0.05, 1.0, 0.05, "Largest element height (fraction of canvas)"),
+                "min_area": float_input(_S.min_area, 0.0, 1.0, 0.01, "A usable cut-out covers at least this fraction "
                                    "of its photo (the paper: 10%)"),
-                "min_regions": _int(_S.min_regions, 1, 50, "R-Aug: wanted parts per concept (a note if fewer)"),
-                "max_regions": _int(_S.max_regions, 1, 50, "R-Aug: most parts kept per concept"),
+                "min_regions": int_input(_S.min_regions, 1, 50, "R-Aug: wanted parts per concept (a note if fewer)"),
+                "max_regions": int_input(_S.max_regions, 1, 50, "R-Aug: most parts kept per concept"),
                 "with_class_word": ("BOOLEAN", {"default": _S.with_class_word, "tooltip": "Captions say "
                                     "'<alice> woman' instead of '<alice>'"}),
                 "flip": ("BOOLEAN", {"default": _S.flip, "tooltip": "Random horizontal flips of the elements"}),
                 "templates": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "\n".join(A.DEFAULT_TEMPLATES),
                                          "tooltip": "Caption templates, one per line; {} is where the names go"}),
-                "preview_count": _int(8, 0, 64, "Pairs shown in the preview"),
+                "preview_count": int_input(8, 0, 64, "Pairs shown in the preview"),
                 "device": (host.DEVICE_CHOICES, {"default": "auto", "tooltip": "Where the bank is generated"}),
             },
         }
@@ -221,9 +215,9 @@ class UnconfusedDatasetPreview:
     def INPUT_TYPES(cls):
         return {"required": {
             "dataset": (DATASET,),
-            "count": _int(12, 1, 64, "Pairs to show"),
+            "count": int_input(12, 1, 64, "Pairs to show"),
             "kind": (KIND_CHOICES, {"default": "all", "tooltip": "global = G-Aug, region = R-Aug, mix = M-Aug"}),
-            "seed": _int(0, 0, 2**31 - 1, "Which pairs are picked"),
+            "seed": int_input(0, 0, 2**31 - 1, "Which pairs are picked"),
             "show_masks": ("BOOLEAN", {"default": True, "tooltip": "Tint each element's mask"}),
         }}
 

@@ -27,6 +27,16 @@ DINO_MODEL = "UNCONFUSED_DINO"
 CATEGORY = "Unconfused"
 
 
+def int_input(default, lo, hi, tip, step=1):
+    """An INT widget (nodes without a settings dataclass; the trainers' come from engine/settings.py)."""
+    return ("INT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tip})
+
+
+def float_input(default, lo, hi, step, tip):
+    """A FLOAT widget, shown unrounded (learning rates, thresholds)."""
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False, "tooltip": tip})
+
+
 def save_previews(images, prefix: str = "unconfused") -> list[dict]:
     """Save images (PIL, or IMAGE tensors [H,W,3]/[B,H,W,3]) into ComfyUI's temp folder and
     return the `ui.images` entries that make ComfyUI show them on the node."""

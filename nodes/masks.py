@@ -15,20 +15,13 @@ from ..engine.common_concepts import REGION_VOCABULARY, parse_list
 from ..engine.errors import UnconfusedError
 from ..engine.preview import grid, overlay_masks
 from ..engine.regions import label_regions
-from .common import CATEGORY, CLIP_MODEL, CONCEPT, REGIONS, SAM_MODEL, with_preview
+from .common import CATEGORY, CLIP_MODEL, CONCEPT, REGIONS, SAM_MODEL, float_input, int_input, with_preview
 
 CAT = f"{CATEGORY}/masks"
 MODES = ["automatic", "prompted", "concept cut-out"]
 MAX_LABELS = 4
 _C = CRF.CRFSettings()
 
-
-def _float(default, lo, hi, step, tip):
-    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False, "tooltip": tip})
-
-
-def _int(default, lo, hi, tip):
-    return ("INT", {"default": default, "min": lo, "max": hi, "tooltip": tip})
 
 
 def _none_list(kind: str) -> list[str]:
@@ -107,12 +100,12 @@ class UnconfusedSAMSegment:
                 "mode": (MODES, {"default": "automatic", "tooltip": "automatic: over-segment into regions; "
                                  "prompted: the object at the points/boxes; concept cut-out: the segment CLIP "
                                  "calls 'a photo of a <class word>' (needs clip_model)"}),
-                "points_per_side": _int(32, 1, 128, "automatic/cut-out: grid of point prompts per image side"),
-                "pred_iou_thresh": _float(0.88, 0.0, 1.0, 0.01, "keep masks SAM rates at least this good"),
-                "stability_thresh": _float(0.95, 0.0, 1.0, 0.01, "keep masks stable under threshold changes"),
-                "min_region_area": _float(0.0, 0.0, 1e6, 0.001, "drop regions smaller than this fraction of the "
+                "points_per_side": int_input(32, 1, 128, "automatic/cut-out: grid of point prompts per image side"),
+                "pred_iou_thresh": float_input(0.88, 0.0, 1.0, 0.01, "keep masks SAM rates at least this good"),
+                "stability_thresh": float_input(0.95, 0.0, 1.0, 0.01, "keep masks stable under threshold changes"),
+                "min_region_area": float_input(0.0, 0.0, 1e6, 0.001, "drop regions smaller than this fraction of the "
                                           "image (< 1) or this many pixels (>= 1)"),
-                "max_regions": _int(0, 0, 1000, "automatic: keep the largest N regions per image (0 = all)"),
+                "max_regions": int_input(0, 0, 1000, "automatic: keep the largest N regions per image (0 = all)"),
             },
             "optional": {
                 "points": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip": "prompted: x,y per line (pixels "
@@ -120,9 +113,9 @@ class UnconfusedSAMSegment:
                 "boxes": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "", "tooltip": "prompted: x0,y0,x1,y1 per line"}),
                 "clip_model": (CLIP_MODEL, {"tooltip": "concept cut-out: scores the segments"}),
                 "class_word": ("STRING", {"default": "dog", "tooltip": "concept cut-out: what the concept is"}),
-                "min_fraction": _float(0.10, 0.0, 1.0, 0.01, "concept cut-out: drop segments under this part of "
+                "min_fraction": float_input(0.10, 0.0, 1.0, 0.01, "concept cut-out: drop segments under this part of "
                                        "the image (CLIF: 10%)"),
-                "keep": _int(1, 1, 16, "concept cut-out: keep this many best-scoring segments"),
+                "keep": int_input(1, 1, 16, "concept cut-out: keep this many best-scoring segments"),
             },
         }
 
@@ -174,11 +167,11 @@ class UnconfusedConceptCutout:
             "concept": (CONCEPT,),
             "sam_model": (SAM_MODEL,),
             "clip_model": (CLIP_MODEL,),
-            "points_per_side": _int(32, 1, 128, "grid of point prompts per image side"),
-            "pred_iou_thresh": _float(0.88, 0.0, 1.0, 0.01, "keep masks SAM rates at least this good"),
-            "stability_thresh": _float(0.95, 0.0, 1.0, 0.01, "keep masks stable under threshold changes"),
-            "min_fraction": _float(0.10, 0.0, 1.0, 0.01, "drop segments under this part of the photo (CLIF: 10%)"),
-            "keep": _int(1, 1, 16, "keep this many best-scoring segments per photo"),
+            "points_per_side": int_input(32, 1, 128, "grid of point prompts per image side"),
+            "pred_iou_thresh": float_input(0.88, 0.0, 1.0, 0.01, "keep masks SAM rates at least this good"),
+            "stability_thresh": float_input(0.95, 0.0, 1.0, 0.01, "keep masks stable under threshold changes"),
+            "min_fraction": float_input(0.10, 0.0, 1.0, 0.01, "drop segments under this part of the photo (CLIF: 10%)"),
+            "keep": int_input(1, 1, 16, "keep this many best-scoring segments per photo"),
         }}
 
     RETURN_TYPES = (CONCEPT, "IMAGE", "STRING")
@@ -293,13 +286,13 @@ class UnconfusedCRFRefine:
             "required": {
                 "images": ("IMAGE",),
                 "mask_1": ("MASK", {"tooltip": "Soft or binary mask of label 1 (any resolution; upsampled)"}),
-                "iterations": _int(_C.iterations, 1, 100, "mean-field iterations (CutLER: 10)"),
-                "gaussian_sxy": _float(_C.gaussian_sxy, 0.1, 200.0, 0.1, "smoothness kernel width, px (CutLER: 3)"),
-                "gaussian_compat": _float(_C.gaussian_compat, 0.0, 100.0, 0.1, "smoothness weight (CutLER: 7)"),
-                "bilateral_sxy": _float(_C.bilateral_sxy, 0.1, 500.0, 0.1, "appearance kernel width, px (CutLER: 50)"),
-                "bilateral_srgb": _float(_C.bilateral_srgb, 0.1, 255.0, 0.1, "appearance colour tolerance (CutLER: 5)"),
-                "bilateral_compat": _float(_C.bilateral_compat, 0.0, 100.0, 0.1, "appearance weight (CutLER: 10)"),
-                "unary_scale": _float(_C.unary_scale, 0.1, 50.0, 0.1, "trust in the input masks (1 = CutLER's soft "
+                "iterations": int_input(_C.iterations, 1, 100, "mean-field iterations (CutLER: 10)"),
+                "gaussian_sxy": float_input(_C.gaussian_sxy, 0.1, 200.0, 0.1, "smoothness kernel width, px (CutLER: 3)"),
+                "gaussian_compat": float_input(_C.gaussian_compat, 0.0, 100.0, 0.1, "smoothness weight (CutLER: 7)"),
+                "bilateral_sxy": float_input(_C.bilateral_sxy, 0.1, 500.0, 0.1, "appearance kernel width, px (CutLER: 50)"),
+                "bilateral_srgb": float_input(_C.bilateral_srgb, 0.1, 255.0, 0.1, "appearance colour tolerance (CutLER: 5)"),
+                "bilateral_compat": float_input(_C.bilateral_compat, 0.0, 100.0, 0.1, "appearance weight (CutLER: 10)"),
+                "unary_scale": float_input(_C.unary_scale, 0.1, 50.0, 0.1, "trust in the input masks (1 = CutLER's soft "
                                       "unary; higher = edges move less)"),
                 "output": (["binary", "soft"], {"default": "binary", "tooltip": "binary: each pixel's winning label "
                                                                              "(CutLER); soft: CRF probabilities"}),
