@@ -410,6 +410,7 @@ def test_the_package_builds_without_deprecation_or_ignored_folders(tmp_path):
 
     names = zipfile.ZipFile(next((tmp_path / "whl").glob("*.whl"))).namelist()
     assert "unconfused/web/unconfused.js" in names and any(n.endswith("licenses/LICENSE") for n in names)
+    assert "unconfused/engine/toyworld_weights/toy-sd/unet/config.json" in names  # the toy model ships
 
 
 def test_preview_legends_draw_colours_and_never_split_a_token():
