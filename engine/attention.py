@@ -23,6 +23,8 @@ Two modes: `detach=True` (mask estimates, the sampler's debugger) accumulates ru
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -88,6 +90,7 @@ class _CaptureProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
+        cond = encoder_hidden_states  # (what the UNet was called with: a recomputed block sees it again)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
@@ -96,7 +99,7 @@ class _CaptureProcessor:
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         query = attn.head_to_batch_dim(query)
         probs = attn.get_attention_scores(query, key, attention_mask)
-        self.capture._add(self.name, probs, attn.heads)
+        self.capture._add(self.name, probs, attn.heads, cond)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -119,6 +122,10 @@ class AttentionCapture:
         self.unet = unet
         self.detach = detach
         self._positions: torch.Tensor | None = None
+        # id(conditioning) -> (weak ref, positions, latent size) of the watched UNet calls: with gradient
+        # checkpointing a block runs again during backward, after the batch's watch ended, and must
+        # capture the same way (torch checks that the recomputation saves the same tensors)
+        self._by_cond: dict[int, tuple] = {}
         self._saved = None
         self._hook = None
         # (h, w) of the latent the UNet runs on; set by each UNet call, or given
@@ -140,6 +147,9 @@ class AttentionCapture:
         sample = args[0] if args else kwargs.get("sample")
         if isinstance(sample, torch.Tensor) and sample.ndim == 4:
             self.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        cond = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if self._positions is not None and isinstance(cond, torch.Tensor):
+            self._by_cond[id(cond)] = (weakref.ref(cond), self._positions, self.latent_size)
 
     def __exit__(self, *exc) -> None:
         if self._hook is not None:
@@ -153,6 +163,8 @@ class AttentionCapture:
     def watch(self, positions: torch.Tensor) -> None:
         """positions [B, K, 77] (token_position_mask) for the UNet batch that follows; rows of
         all zeros (e.g. the unconditional half under CFG) give zero maps."""
+        if positions is not None:
+            self._by_cond = {}  # a new batch: the last one's backward is done
         self._positions = positions
 
     def reset(self) -> None:
@@ -160,12 +172,13 @@ class AttentionCapture:
         self._count = 0
         self._calls: list[torch.Tensor] = []  # differentiable mode: maps [B, K, h, w] of each call
 
-    def grid_size(self, pixels: int) -> tuple[int, int]:
+    def grid_size(self, pixels: int, latent_size: tuple[int, int] | None = None) -> tuple[int, int]:
         """(h, w) of a layer's map holding `pixels` positions, from the latent size."""
-        if self.latent_size is None:
+        latent_size = latent_size or self.latent_size
+        if latent_size is None:
             raise RuntimeError("the capture does not know the latent size: run the UNet inside the capture, or "
                                "give latent_size=(h, w)")
-        h, w = self.latent_size
+        h, w = latent_size
         f = 1
         while f <= max(h, w):
             gh, gw = -(-h // f), -(-w // f)  # ceil: stride-2 convolutions with padding 1 round up
@@ -174,16 +187,21 @@ class AttentionCapture:
             f *= 2
         raise RuntimeError(f"a map of {pixels} positions fits no level of a {h}x{w} latent")
 
-    def _add(self, name: str, probs: torch.Tensor, heads: int) -> None:
-        if self._positions is None:
+    def _add(self, name: str, probs: torch.Tensor, heads: int, cond: torch.Tensor | None = None) -> None:
+        pos, latent_size = self._positions, None
+        if pos is None and cond is not None:  # a checkpointed block recomputed during backward
+            rec = self._by_cond.get(id(cond))
+            if rec is not None and rec[0]() is cond:
+                pos, latent_size = rec[1], rec[2]
+        if pos is None:
             return
-        pos = self._positions.to(probs.device, probs.dtype)
+        pos = pos.to(probs.device, probs.dtype)
         b = pos.shape[0]
         if probs.shape[0] != b * heads:
             raise ValueError(f"capture watches a batch of {b} but the UNet ran {probs.shape[0] // heads}")
         p = probs.view(b, heads, probs.shape[1], probs.shape[2]).mean(1)  # [B, HW, 77]
         maps = torch.einsum("bqt,bkt->bkq", p, pos).float()  # [B, K, HW], HW row-major as the UNet flattens
-        maps = maps.reshape(*maps.shape[:2], *self.grid_size(maps.shape[-1]))
+        maps = maps.reshape(*maps.shape[:2], *self.grid_size(maps.shape[-1], latent_size))
         if self.detach:
             maps = maps.detach()
             hw = tuple(maps.shape[-2:])

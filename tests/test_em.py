@@ -144,6 +144,24 @@ def test_fixed_mask_stage_ends_the_re_estimation(dreambooth_dir, base):
         [0, 2, 4, 6, 8, 9]
 
 
+def test_gradient_checkpointing_trains_the_em_exactly_as_without(dreambooth_dir, base):
+    """With gradient checkpointing each UNet block runs again during backward, after the batch's
+    attention watch has ended; the capture must record the same maps then (before, torch refused:
+    'A different number of tensors was saved during the original forward and recomputation')."""
+    image, gt = composite(dreambooth_dir)
+    scenes = E.make_scenes([image], "<dog> dog\n<cat> cat", gt)
+    out = {}
+    for gc in (False, True):
+        tr = E.EMTrainer(base, scenes, settings(name=f"gc{int(gc)}", steps=5, tokens_only_steps=2, crf_at="off",
+                                                gradient_checkpointing=gc))
+        res = tr.run()
+        out[gc] = (res.losses, {k: v.detach().clone() for k, v in tr.trainable.items()})
+    assert tr.settings.attention_weight > 0 and len(out[True][0]) == 5
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
+    for k, v in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], v, rtol=1e-5, atol=1e-6)
+
+
 def test_em_end_to_end_on_two_photos_in_one_image(dreambooth_dir, base):
     image, gt = composite(dreambooth_dir)
     scenes = E.make_scenes([image], "<dog> dog\n<cat> cat", gt)

@@ -127,3 +127,15 @@ def test_check_fits_refuses_with_a_sentence_naming_the_settings(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (GIB // 4, 8 * GIB))  # below the CUDA context
     with pytest.raises(UnconfusedError, match="free GPU memory .* or use a larger GPU"):
         MP.check_fits("lora", bundle, s, "cuda", node="N")
+
+
+def test_sdxl_plans_its_full_size_architecture_and_checkpointing_saves_memory():
+    """SDXL (two text encoders, pooled + size conditioning) is planned on its full-size architecture:
+    it needs more than SD 1.5 at the same size, gradient checkpointing lowers it, the EM step plans
+    with checkpointing too (its attention capture runs again in the recomputed blocks)."""
+    lora = MP.estimate("lora", "sdxl", LoraSettings(resolution=256, precision="bf16"))
+    sd1 = MP.estimate("lora", "sd1", LoraSettings(resolution=256, precision="bf16"))
+    ckpt = MP.estimate("lora", "sdxl", LoraSettings(resolution=256, precision="bf16", gradient_checkpointing=True))
+    em = MP.estimate("em", "sdxl", EMSettings(resolution=256, precision="bf16", gradient_checkpointing=True))
+    assert lora.peak > 2 * sd1.peak and ckpt.peak < lora.peak and em.peak >= ckpt.peak * 0.9
+    assert lora.resident > 5 * 1024 ** 3  # 2.6B UNet + 0.8B text encoders in bf16

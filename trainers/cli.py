@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="the job file of the lora, clif or em command")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
     s.add_argument("--trainer", choices=["lora", "clif", "em"], help="default: from the job's keys")
-    s.add_argument("--family", choices=["sd1", "sd2", "demo"], help="default: read from the model file")
+    s.add_argument("--family", choices=["sd1", "sd2", "sdxl", "demo"], help="default: read from the model file")
     s.set_defaults(func=_plan)
     return p
 

@@ -43,8 +43,8 @@ OVERHEAD_BYTES = int(0.6 * GIB)  # CUDA context (~300-450 MB) + cuBLAS/cuDNN wor
 SLACK = 1.10  # the caching allocator's fragmentation and rounding over the live bytes
 GPU_SIZES = (6, 8, 12, 16, 24)
 TRAINERS = ("lora", "clif", "em")
-TOWER_EMBED = {"sd1": 768, "sd2": 1024, "demo": 32}  # ViT-L/14 for SD1, ViT-H/14 for SD2 (the CLIF pairing)
-TOWER_MODEL = {"sd1": "ViT-L-14", "sd2": "ViT-H-14"}
+TOWER_EMBED = {"sd1": 768, "sd2": 1024, "sdxl": 768, "demo": 32}  # ViT-L/14 for SD1 and SDXL's CLIP-L, ViT-H/14 for SD2
+TOWER_MODEL = {"sd1": "ViT-L-14", "sd2": "ViT-H-14", "sdxl": "ViT-L-14"}
 
 
 # ------------------------------------------------------------------ the counter
@@ -150,8 +150,16 @@ def fake_bundle(family: str):
 
     if family == "demo":
         bundle = build_demo_model()
+    elif family == "sdxl":
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        v = cfg.SDXL_VARIANTS[(320, 2048)]  # the full-size SDXL base architecture
+        bundle = bundle_from_parts(UNet2DConditionModel(**v["unet"]), AutoencoderKL(**v["vae"]),
+                                   CLIPTextModel(CLIPTextConfig(**v["te"])),
+                                   text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**v["te2"])),
+                                   family="sdxl", name="sdxl (fake weights)")
     elif family not in cfg.UNET:
-        raise UnconfusedError(f"unknown model family {family!r}; use sd1, sd2 or demo", input="family")
+        raise UnconfusedError(f"unknown model family {family!r}; use sd1, sd2, sdxl or demo", input="family")
     else:
         bundle = bundle_from_parts(UNet2DConditionModel(**cfg.UNET[family]), AutoencoderKL(**cfg.VAE),
                                    build_text_encoder(family), family=family, name=f"{family} (fake weights)")
@@ -170,6 +178,8 @@ def family_of(model_path: str | Path | None) -> str:
     if path.is_dir():
         if json.loads((path / "model_index.json").read_text()).get("_unconfused_demo"):
             return "demo"
+        if (path / "text_encoder_2" / "config.json").is_file():
+            return "sdxl"
         te = json.loads((path / "text_encoder" / "config.json").read_text())
         return "sd2" if te.get("hidden_size") == 1024 else "sd1"
     from ..engine.models import detect_family
