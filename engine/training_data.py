@@ -112,6 +112,9 @@ def prepare(examples: list[Example], resolution: int, *, vae=None, flip: bool = 
     pixels, masks = [], []
     for e, size in zip(examples, sizes):
         mask = e.mask if e.mask is not None else torch.ones(e.image.shape[:2])
+        if tuple(mask.shape[-2:]) != tuple(e.image.shape[:2]):  # a mask made at another size covers the photo
+            mask = F.interpolate(mask.float().reshape(1, 1, *mask.shape[-2:]), size=tuple(e.image.shape[:2]),
+                                 mode="bilinear", align_corners=False)[0, 0]
         img, m = fit_to_bucket(e.image, mask, size)  # the mask takes the photo's resize and crop
         pixels.append(img.permute(2, 0, 1) * 2 - 1)
         masks.append(m[None])

@@ -226,3 +226,16 @@ def test_em_concept_masks_flip_with_their_image(base):
             assert torch.equal(union[0], (masks * sel[:, None, None]).amax(0))
             sides.add(was_flipped)
     assert sides == {True, False}
+
+
+def test_a_mask_made_at_another_size_covers_its_photo():
+    """A mask saved at another size than its photo (e.g. 256 px for a 320 px photo) is scaled to the
+    photo before the bucket fit, as before buckets, instead of stopping the run."""
+    from unconfused.engine.training_data import Example, prepare
+
+    img = torch.rand(320, 320, 3)
+    mask = torch.zeros(256, 256)
+    mask[:, :128] = 1  # the left half
+    data = prepare([Example(img, "a photo of <a>", mask, ["<a>"])], 64, flip=False)
+    m = data.masks[0][0]
+    assert m.shape == (64, 64) and float(m[:, :30].mean()) > 0.95 and float(m[:, 34:].mean()) < 0.05
