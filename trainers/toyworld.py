@@ -119,7 +119,7 @@ class Stage:
     def loop(self, steps: int) -> None:
         start = 0
         if self.ckpt.is_file():
-            st = torch.load(self.ckpt, weights_only=False)
+            st = torch.load(self.ckpt, weights_only=True)
             self.load(st)
             start = st["step"]
         t0, losses = time.time(), []
@@ -245,7 +245,7 @@ def encode_latents(s: ToySettings, run: Path) -> None:
     if out.is_file():
         return
     vae = tw.build_vae()
-    vae.load_state_dict(torch.load(run / "vae.pt", weights_only=False)["vae"])
+    vae.load_state_dict(torch.load(run / "vae.pt", weights_only=True)["vae"])
     vae.eval()
     lats, caps = [], []
     with torch.no_grad():
@@ -263,7 +263,7 @@ def encode_latents(s: ToySettings, run: Path) -> None:
 
 def frozen_text(run: Path):
     text = tw.build_text_encoder()
-    text.load_state_dict(torch.load(run / "clip.pt", weights_only=False)["text"])
+    text.load_state_dict(torch.load(run / "clip.pt", weights_only=True)["text"])
     return text.eval().requires_grad_(False)
 
 
@@ -277,7 +277,7 @@ class UnetStage(Stage):
         from ..engine import model_configs
 
         text = frozen_text(run)
-        data = torch.load(run / "latents.pt", weights_only=False)
+        data = torch.load(run / "latents.pt", weights_only=True)
         self.latents, self.captions = data["latents"], data["captions"]
         with torch.no_grad():  # the text tower is frozen: encode every caption once
             self.cond = torch.cat([text(self.ids(self.captions[i:i + 256]))[0]
@@ -354,14 +354,14 @@ def export(s: ToySettings, run: Path, out: Path) -> Path:
             "training_settings": json.dumps(dataclasses.asdict(s)), "world": json.dumps(
                 {"size": tw.SIZE, "shapes": tw.SHAPES, "colours": list(tw.COLOURS), "patterns": tw.PATTERNS,
                  "sizes": list(tw.SIZES), "grounds": list(tw.GROUNDS), "held_out": tw.HELD_OUT})}
-    clip_st = torch.load(run / "clip.pt", weights_only=False)
+    clip_st = torch.load(run / "clip.pt", weights_only=True)
     text = tw.build_text_encoder()
     text.load_state_dict(clip_st["text"])
     vae = tw.build_vae()
-    vae.load_state_dict(torch.load(run / "vae.pt", weights_only=False)["vae"])
-    vae.register_to_config(scaling_factor=torch.load(run / "latents.pt", weights_only=False)["scaling_factor"])
+    vae.load_state_dict(torch.load(run / "vae.pt", weights_only=True)["vae"])
+    vae.register_to_config(scaling_factor=torch.load(run / "latents.pt", weights_only=True)["scaling_factor"])
     unet = tw.build_unet()
-    unet.load_state_dict(torch.load(run / "unet.pt", weights_only=False)["ema"])
+    unet.load_state_dict(torch.load(run / "unet.pt", weights_only=True)["ema"])
     folder = out / "toy-sd"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").unlink(missing_ok=True)
@@ -397,10 +397,10 @@ def oracle_stage(s: ToySettings, run: Path, out: Path, validate: int = 256) -> d
     vae = None
     if (run / "vae.pt").is_file():
         vae = tw.build_vae()
-        vae.load_state_dict(torch.load(run / "vae.pt", weights_only=False)["vae"])
+        vae.load_state_dict(torch.load(run / "vae.pt", weights_only=True)["vae"])
         vae.eval().requires_grad_(False)
         if (run / "latents.pt").is_file():
-            vae.register_to_config(scaling_factor=torch.load(run / "latents.pt", weights_only=False)["scaling_factor"])
+            vae.register_to_config(scaling_factor=torch.load(run / "latents.pt", weights_only=True)["scaling_factor"])
     say = (lambda m: print(m, flush=True))
     pixel_ckpt = run / "oracle_pixels.pt"  # the pixel net is done once; a rerun goes on with the shapes
     if pixel_ckpt.is_file():
@@ -409,7 +409,9 @@ def oracle_stage(s: ToySettings, run: Path, out: Path, validate: int = 256) -> d
         net.eval()
     else:
         net = O.train_oracle(steps=s.oracle_steps, batch=s.oracle_batch, seed=s.seed, vae=vae, log=say)
-        torch.save(net.state_dict(), pixel_ckpt)
+        tmp = pixel_ckpt.with_suffix(".tmp")  # whole or not at all, as the stages' checkpoints
+        torch.save(net.state_dict(), tmp)
+        tmp.replace(pixel_ckpt)
     oracle = O.Oracle(net)
     oracle.shape_net = O.train_shape_net(oracle, steps=s.oracle_shape_steps, batch=s.oracle_batch, seed=s.seed,
                                          vae=vae, log=say).requires_grad_(False)
