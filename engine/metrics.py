@@ -1,21 +1,9 @@
 """The papers' evaluation metrics, on a user's own generated images.
 
-- CLIP-T (text alignment): cosine of each image and its prompt with the concept tokens replaced
-  by their class words ("a photo of <alice> woman" -> "a photo of woman") or removed, as the
-  papers do. Two conventions exist and the report names the one used: the plain cosine
-  (DreamBooth style) or Custom Diffusion's CLIPScore, 2.5 x max(cosine, 0).
-- CLIP-I / DINO (image alignment): mean pairwise cosine of generated and reference images,
-  reported for single-concept and multi-concept prompts separately (CLIF's tables).
-- SID (paper section 4): subject-alignment = mean pairwise cosine of generated images and the
-  references' subject segments (cropped to the subject, centred, resized); non-subject-
-  disentanglement = 1 - the same with the non-subject segments (the subject blanked out).
-- CLIF attendance (appendix A.3): for each concept, its image alignment in images generated with
-  it and one other concept, averaged over the partners.
-- Confusion matrix: for the region where concept B should be (a mask per concept per image: the
-  sampler's attention maps, or SAM masks of the generated image), which concept's references
-  match best. The diagonal is "no confusion".
-- Mask IoU between two mask batches (the EM paper's check against user masks), and feature
-  diversity (mean pairwise 1 - cosine of generated images of one prompt).
+Each metric is one function registered with `@metric` (its name, what it measures, its source and what
+it needs, declared once): `evaluate` runs every registered metric on shared, lazily computed features,
+and docs/metrics.md is generated from the declarations. Also here: the segments SID's metrics use,
+mask IoU (the EM paper's check against user masks) and the report with its files.
 
 The feature models are anything with `image_features(list of [h,w,3]) -> [N, D]` (unit norm) and,
 for CLIP-T, `text_features(list of str) -> [N, D]`: the open_clip scorer (clip_scoring), DINO
@@ -30,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -303,158 +291,316 @@ class EvalReport:
         return pics
 
 
+# ------------------------------------------------------------------ the metrics, declared once
+@dataclass(frozen=True)
+class Metric:
+    """One metric of the report: its row name(s), what it measures, where it comes from and what
+    it needs. `docs/metrics.md` is generated from these declarations (scripts/gen_docs.py metrics)."""
+
+    name: str
+    title: str
+    what: str
+    source: str
+    needs: str = ""
+    per_concept: bool = False  # one row per concept, plus their mean as concept "all"
+    rows: tuple[str, ...] = ()  # further row names it writes (variants)
+    fn: Callable[["EvalInputs", "EvalReport"], None] | None = field(default=None, compare=False, repr=False)
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def metric(name: str, title: str, what: str, source: str, *, needs: str = "", per_concept: bool = False,
+           rows: tuple[str, ...] = ()):
+    """Register `fn(inputs, report)` as a metric: adding a metric is this decorator on one function
+    (plus its test); `evaluate`, the report, the docs page and the CLI pick it up."""
+
+    def register(fn):
+        METRICS[name] = Metric(name, title, what, source, needs, per_concept, rows, fn)
+        return fn
+
+    return register
+
+
 def _features(model, images: list[torch.Tensor]) -> torch.Tensor:
     return model.image_features(images) if images else torch.zeros(0, 1)
 
 
-def evaluate(images: Sequence[torch.Tensor], prompts: Sequence[str], references: Sequence[Reference], clip, *,
-             dino=None, region_masks: Sequence[Sequence[torch.Tensor | None]] | None = None,
-             settings: EvalSettings | None = None, node: str = NODE) -> EvalReport:
-    """Every metric the inputs allow. `prompts` has one prompt per image; `region_masks[i][k]` is
-    where concept k should be in image i (None: not there)."""
-    s = settings or EvalSettings()
+class EvalInputs:
+    """What every metric reads, with each feature computed once and only when a metric asks."""
+
+    def __init__(self, images, prompts, references, clip, dino, region_masks, settings):
+        self.images, self.prompts, self.references = images, prompts, references
+        self.clip, self.dino, self.region_masks, self.s = clip, dino, region_masks, settings
+        self.tokens = [r.token for r in references]
+        self.present = [tokens_in(p, self.tokens) for p in prompts]
+        self.clip_name = getattr(clip, "name", "clip")
+        self.dino_name = getattr(dino, "name", "dino")
+        self._cache: dict = {}
+
+    def _once(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def gen(self) -> torch.Tensor:
+        """CLIP image features of the generated pictures."""
+        return self._once("gen", lambda: self.clip.image_features(self.images))
+
+    @property
+    def gen_dino(self) -> torch.Tensor:
+        return self._once("gen_dino", lambda: self.dino.image_features(self.images))
+
+    def refs(self, k: int) -> torch.Tensor:
+        return self._once(("refs", k), lambda: self.clip.image_features(self.references[k].images))
+
+    def segments(self, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """CLIP features of concept k's subject segments and non-subject segments (None without masks)."""
+        def make():
+            r = self.references[k]
+            if r.masks is None:
+                return None, None
+            cut = [subject_segment(img, m, self.s.region_threshold) for img, m in zip(r.images, r.masks)]
+            cut = [c for c in cut if c is not None]
+            subs = self.clip.image_features([non_subject_segment(img, m, self.s.region_threshold)
+                                             for img, m in zip(r.images, r.masks)])
+            return (self.clip.image_features(cut) if cut else None), subs
+        return self._once(("segments", k), make)
+
+    def naming(self, k: int, pick=lambda ts: True) -> list[int]:
+        """The pictures whose prompt names concept k (and passes `pick` on its token list)."""
+        return [i for i, ts in enumerate(self.present) if self.tokens[k] in ts and pick(ts)]
+
+
+SPLITS = (("single", lambda ts: len(ts) == 1), ("multi", lambda ts: len(ts) >= 2))
+
+
+@metric("clip_t", "CLIP-T (text alignment)",
+        "cosine of each picture and its prompt with the concept tokens replaced by their class words (text mode "
+        "`class`: \"a photo of <alice> woman\" -> \"a photo of woman\") or removed (`remove`); convention `cosine` "
+        "(plain, DreamBooth style) or `clipscore` (2.5 x max(cosine, 0), Custom Diffusion); also split into "
+        "single- and multi-concept prompts", "DreamBooth; Custom Diffusion; CLIF Table 1",
+        rows=("clip_t_single", "clip_t_multi"))
+def _clip_t(x: EvalInputs, report: EvalReport) -> None:
+    class_words = {r.token: r.class_word for r in x.references}
+    texts = [eval_prompt(p, class_words, x.s.text_mode) for p in x.prompts]
+    ta = text_alignment(x.gen, x.clip.text_features(texts), x.s.convention)
+    for i, (p, t, v) in enumerate(zip(x.prompts, texts, ta.tolist())):
+        report.per_image.append({"image": i, "prompt": p, "scored_prompt": t, "concepts": " ".join(x.present[i]),
+                                 "clip_t": round(v, 6)})
+    report.add("clip_t", ta.mean(), n=len(x.images), model=x.clip_name, note=x.s.convention)
+    for mode, pick in SPLITS:
+        idx = [i for i, ts in enumerate(x.present) if pick(ts)]
+        if idx:
+            report.add(f"clip_t_{mode}", ta[idx].mean(), n=len(idx), model=x.clip_name, note=x.s.convention)
+
+
+@metric("clip_i", "CLIP-I (image alignment)",
+        "mean pairwise cosine of the pictures naming a concept and its reference photos, overall and for single- "
+        "vs multi-concept prompts", "DreamBooth; CLIF Table 1", per_concept=True,
+        rows=("clip_i_single", "clip_i_multi"))
+def _clip_i(x: EvalInputs, report: EvalReport) -> None:
+    for k, token in enumerate(x.tokens):
+        with_k = x.naming(k)
+        if not with_k:
+            continue
+        report.add("clip_i", pairwise_mean(x.gen[with_k], x.refs(k)), concept=token, n=len(with_k), model=x.clip_name)
+        for mode, pick in SPLITS:
+            idx = x.naming(k, pick)
+            if idx:
+                report.add(f"clip_i_{mode}", pairwise_mean(x.gen[idx], x.refs(k)), concept=token, n=len(idx),
+                           model=x.clip_name)
+
+
+@metric("subject_alignment", "SID subject alignment",
+        "mean pairwise cosine of the pictures and the references' subject segments (cropped to the subject, the "
+        "rest grey, centred and resized)", "SID section 4", needs="masks on the concepts (SAM cut-outs)",
+        per_concept=True)
+def _subject_alignment(x: EvalInputs, report: EvalReport) -> None:
+    for k, token in enumerate(x.tokens):
+        segs, _ = x.segments(k)
+        with_k = x.naming(k)
+        if segs is not None and with_k:
+            report.add("subject_alignment", pairwise_mean(x.gen[with_k], segs), concept=token, n=len(with_k),
+                       model=x.clip_name)
+    if x.references and not any(r.masks is not None for r in x.references):
+        report.notes.append("the references have no masks: subject-alignment and non-subject-disentanglement "
+                            "need them (connect the SAM cut-out masks to the concepts)")
+
+
+@metric("non_subject_disentanglement", "SID non-subject disentanglement",
+        "1 - mean pairwise cosine of the pictures and the references' non-subject segments (the subject greyed "
+        "out): high = the background did not come along", "SID section 4",
+        needs="masks on the concepts (SAM cut-outs)", per_concept=True)
+def _non_subject(x: EvalInputs, report: EvalReport) -> None:
+    for k, token in enumerate(x.tokens):
+        _, subs = x.segments(k)
+        with_k = x.naming(k)
+        if subs is not None and with_k:
+            report.add("non_subject_disentanglement", 1 - pairwise_mean(x.gen[with_k], subs), concept=token,
+                       n=len(with_k), model=x.clip_name)
+
+
+@metric("dino", "DINO (image alignment)",
+        "as CLIP-I with a DINO model's class token (unit norm)", "DreamBooth", needs="a DINO model",
+        per_concept=True)
+def _dino(x: EvalInputs, report: EvalReport) -> None:
+    if x.dino is None:
+        return
+    for k, token in enumerate(x.tokens):
+        with_k = x.naming(k)
+        if with_k:
+            host.check_cancel()
+            report.add("dino", pairwise_mean(x.gen_dino[with_k], x.dino.image_features(x.references[k].images)),
+                       concept=token, n=len(with_k), model=x.dino_name)
+
+
+@metric("attendance", "CLIF attendance",
+        "for each concept, its image alignment in the pictures made with it and exactly one other concept, "
+        "averaged over the partners; the heat map `attendance` shows every pair (\"-\" = not generated)",
+        "CLIF appendix A.3", needs="prompts naming two concepts", per_concept=True)
+def _attendance(x: EvalInputs, report: EvalReport) -> None:
+    attendance = torch.full((len(x.tokens), len(x.tokens)), float("nan"))
+    for k, token in enumerate(x.tokens):
+        for j, other in enumerate(x.tokens):
+            idx = x.naming(k, lambda ts: set(ts) == {token, other}) if j != k else []
+            if idx:
+                attendance[k, j] = pairwise_mean(x.gen[idx], x.refs(k))
+        row = attendance[k][~attendance[k].isnan()]
+        if row.numel():
+            report.add("attendance", row.mean(), concept=token, n=int(row.numel()), model=x.clip_name,
+                       note="mean over partner concepts")
+    if (~attendance.isnan()).any():
+        report.attendance = attendance
+
+
+@metric("diversity", "Diversity",
+        "mean pairwise 1 - cosine among the pictures of one prompt (CLIP features; LPIPS is left out: its networks "
+        "are downloaded)", "DreamBooth (as feature diversity, not LPIPS)", needs="two or more pictures of a prompt")
+def _diversity(x: EvalInputs, report: EvalReport) -> None:
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(x.prompts):
+        groups.setdefault(p, []).append(i)
+    divs = [(diversity(x.gen[idx]), len(idx)) for idx in groups.values() if len(idx) >= 2]
+    if divs:
+        report.add("diversity", sum(d for d, _ in divs) / len(divs), n=sum(n for _, n in divs), model=x.clip_name,
+                   note="1 - cosine within a prompt's images (feature diversity, not LPIPS)")
+
+
+@metric("region_accuracy", "Confusion matrix",
+        "for each region where concept B should be (its mask above `region_threshold`, cropped like a subject "
+        "segment), which concept's references (mean feature of their subject segments) match best; row = meant, "
+        "column = matched, the diagonal is no confusion; `region_accuracy` is its share, the heat map "
+        "`confusion` shows fraction and count per cell", "CLIF section 3 (confusion), in the pack's region form",
+        needs="region masks (the sampler's attention masks, or SAM masks of the pictures)")
+def _confusion(x: EvalInputs, report: EvalReport) -> None:
+    if x.region_masks is None or not x.references:
+        return
+    crops, intended = [], []
+    for i, (img, masks) in enumerate(zip(x.images, x.region_masks)):
+        for k, m in enumerate(masks):
+            if m is None or x.tokens[k] not in x.present[i]:
+                continue
+            seg = subject_segment(img, m, x.s.region_threshold)
+            if seg is not None:
+                crops.append(seg)
+                intended.append(k)
+    if not crops:
+        report.notes.append("no region mask covered anything above the threshold: no confusion matrix")
+        return
+    directions = []
+    for k in range(len(x.tokens)):
+        segs, _ = x.segments(k)
+        directions.append(_mean_direction(segs if segs is not None and segs.shape[0] else x.refs(k)))
+    report.confusion = confusion_counts(x.clip.image_features(crops), intended, torch.stack(directions))
+    total = int(report.confusion.sum())
+    report.add("region_accuracy", report.confusion.diag().sum() / total, n=total, model=x.clip_name,
+               note="regions whose best-matching references are their own concept's")
+
+
+def _check_inputs(x: EvalInputs, node: str) -> None:
+    s = x.s
     if s.convention not in CONVENTIONS:
         raise UnconfusedError(f"unknown convention {s.convention!r}; use one of {sorted(CONVENTIONS)}", node=node,
                               input="convention")
     if s.text_mode not in TEXT_MODES:
         raise UnconfusedError(f"unknown text mode {s.text_mode!r}; use one of {sorted(TEXT_MODES)}", node=node,
                               input="text_mode")
-    images = list(images)
-    if not images:
+    if not x.images:
         raise UnconfusedError("no generated images to evaluate; connect the sampler's images", node=node,
                               input="images")
-    if len(prompts) != len(images):
-        raise UnconfusedError(f"{len(prompts)} prompts for {len(images)} images; give one prompt for all or one "
+    if len(x.prompts) != len(x.images):
+        raise UnconfusedError(f"{len(x.prompts)} prompts for {len(x.images)} images; give one prompt for all or one "
                               "per image (one per line)", node=node, input="prompts")
-    empty = [i for i, p in enumerate(prompts) if not str(p).strip()]
+    empty = [i for i, p in enumerate(x.prompts) if not str(p).strip()]
     if empty:
         raise UnconfusedError(f"image {empty[0]} has no prompt; CLIP-T needs the prompt each image was made from",
                               node=node, input="prompts")
-    for r in references:
+    for r in x.references:
         if not r.images:
             raise UnconfusedError(f"concept {r.token} has no reference images", node=node, input="concepts")
         _check_masks(r.images, r.masks, r.token, "concepts")
-    tokens = [r.token for r in references]
-    class_words = {r.token: r.class_word for r in references}
-    report = EvalReport(tokens=tokens)
+    if x.region_masks is None:
+        return
+    if len(x.region_masks) != len(x.images):
+        raise UnconfusedError(f"region masks for {len(x.region_masks)} images but {len(x.images)} images",
+                              node=node, input="region_masks")
+    for i, (img, masks) in enumerate(zip(x.images, x.region_masks)):
+        if len(masks) != len(x.tokens):
+            raise UnconfusedError(f"image {i} has {len(masks)} region masks for {len(x.tokens)} concepts",
+                                  node=node, input="region_masks")
+        for k, m in enumerate(masks):  # (a mask for a concept the prompt does not name is never read)
+            if m is not None and x.tokens[k] in x.present[i] and tuple(m.shape) != tuple(img.shape[:2]):
+                raise UnconfusedError(f"region mask {k} of image {i} is {m.shape[-1]}x{m.shape[-2]} but the "
+                                      f"image is {img.shape[1]}x{img.shape[0]}", node=node, input="region_masks")
+
+
+def evaluate(images: Sequence[torch.Tensor], prompts: Sequence[str], references: Sequence[Reference], clip, *,
+             dino=None, region_masks: Sequence[Sequence[torch.Tensor | None]] | None = None,
+             settings: EvalSettings | None = None, node: str = NODE) -> EvalReport:
+    """Every registered metric the inputs allow. `prompts` has one prompt per image; `region_masks[i][k]`
+    is where concept k should be in image i (None: not there)."""
+    s = settings or EvalSettings()
+    x = EvalInputs(list(images), list(prompts), list(references), clip, dino, region_masks, s)
+    _check_inputs(x, node)
+    report = EvalReport(tokens=x.tokens)
     report.settings = {"convention": s.convention, "convention_text": CONVENTIONS[s.convention],
                        "text_mode": s.text_mode, "text_mode_text": TEXT_MODES[s.text_mode],
                        "clip": getattr(clip, "name", str(clip)), "dino": getattr(dino, "name", None),
                        "region_threshold": s.region_threshold}
-    clip_name = getattr(clip, "name", "clip")
-    present = [tokens_in(p, tokens) for p in prompts]
-    steps = 2 + len(references) * (2 if dino is None else 3) + (1 if region_masks is not None else 0)
-    with host.progress(steps, desc="evaluating") as bar:
-        gen = clip.image_features(images)
-        bar.update()
-        texts = [eval_prompt(p, class_words, s.text_mode) for p in prompts]
-        t_feats = clip.text_features(texts)
-        ta = text_alignment(gen, t_feats, s.convention)
-        bar.update()
-        for i, (p, t, v) in enumerate(zip(prompts, texts, ta.tolist())):
-            report.per_image.append({"image": i, "prompt": p, "scored_prompt": t, "concepts": " ".join(present[i]),
-                                     "clip_t": round(v, 6)})
-        report.add("clip_t", ta.mean(), n=len(images), model=clip_name, note=s.convention)
-        for mode, pick in (("single", lambda ts: len(ts) == 1), ("multi", lambda ts: len(ts) >= 2)):
-            idx = [i for i, ts in enumerate(present) if pick(ts)]
-            if idx:
-                report.add(f"clip_t_{mode}", ta[idx].mean(), n=len(idx), model=clip_name, note=s.convention)
-
-        # image alignment against each concept's references
-        ref_dirs, gen_dino = [], (dino.image_features(images) if dino is not None and references else None)
-        attendance = torch.full((len(tokens), len(tokens)), float("nan"))
-        for k, r in enumerate(references):
+    with host.progress(len(METRICS), desc="evaluating") as bar:
+        for m in METRICS.values():
             host.check_cancel()
-            refs = clip.image_features(r.images)
+            m.fn(x, report)
             bar.update()
-            with_k = [i for i, ts in enumerate(present) if r.token in ts]
-            segs = subs = None
-            if r.masks is not None:
-                cut = [subject_segment(img, m, s.region_threshold) for img, m in zip(r.images, r.masks)]
-                cut = [c for c in cut if c is not None]
-                segs = clip.image_features(cut) if cut else None
-                subs = clip.image_features([non_subject_segment(img, m, s.region_threshold)
-                                            for img, m in zip(r.images, r.masks)])
-            bar.update()
-            ref_dirs.append(_mean_direction(segs if segs is not None and segs.shape[0] else refs))
-            if not with_k:
-                report.notes.append(f"no image's prompt names {r.token}: its alignment is not measured")
-                continue
-            g = gen[with_k]
-            report.add("clip_i", pairwise_mean(g, refs), concept=r.token, n=len(with_k), model=clip_name)
-            for mode, pick in (("single", lambda ts: len(ts) == 1), ("multi", lambda ts: len(ts) >= 2)):
-                idx = [i for i in with_k if pick(present[i])]
-                if idx:
-                    report.add(f"clip_i_{mode}", pairwise_mean(gen[idx], refs), concept=r.token, n=len(idx),
-                               model=clip_name)
-            if segs is not None:
-                report.add("subject_alignment", pairwise_mean(g, segs), concept=r.token, n=len(with_k),
-                           model=clip_name)
-                report.add("non_subject_disentanglement", 1 - pairwise_mean(g, subs), concept=r.token,
-                           n=len(with_k), model=clip_name)
-            if gen_dino is not None:
-                report.add("dino", pairwise_mean(gen_dino[with_k], dino.image_features(r.images)), concept=r.token,
-                           n=len(with_k), model=getattr(dino, "name", "dino"))
-                bar.update()
-            for j, other in enumerate(tokens):  # attendance: with exactly one partner
-                idx = [i for i in with_k if set(present[i]) == {r.token, other}] if j != k else []
-                if idx:
-                    attendance[k, j] = pairwise_mean(gen[idx], refs)
-            row = attendance[k][~attendance[k].isnan()]
-            if row.numel():
-                report.add("attendance", row.mean(), concept=r.token, n=int(row.numel()), model=clip_name,
-                           note="mean over partner concepts")
-        if not any(r.masks is not None for r in references) and references:
-            report.notes.append("the references have no masks: subject-alignment and non-subject-disentanglement "
-                                "need them (connect the SAM cut-out masks to the concepts)")
-        if (~attendance.isnan()).any():
-            report.attendance = attendance
-        for mode in ("clip_i", "clip_i_single", "clip_i_multi", "subject_alignment", "non_subject_disentanglement",
-                     "attendance", "dino"):
-            vals = [r["value"] for r in report.rows if r["metric"] == mode and r["concept"] != "all"]
+    for k, token in enumerate(x.tokens):
+        if not x.naming(k):
+            report.notes.append(f"no image's prompt names {token}: its alignment is not measured")
+    for m in METRICS.values():  # a per-concept metric's mean over the concepts, as concept "all"
+        for name in (m.name, *m.rows) if m.per_concept else ():
+            vals = [r["value"] for r in report.rows if r["metric"] == name and r["concept"] != "all"]
             if vals:
-                report.add(mode, sum(vals) / len(vals), n=len(vals), model=clip_name if mode != "dino" else
-                           getattr(dino, "name", "dino"), note="mean over concepts")
-
-        # diversity among images of one prompt
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(p, []).append(i)
-        divs = [(diversity(gen[idx]), len(idx)) for idx in groups.values() if len(idx) >= 2]
-        if divs:
-            report.add("diversity", sum(d for d, _ in divs) / len(divs), n=sum(n for _, n in divs), model=clip_name,
-                       note="1 - cosine within a prompt's images (feature diversity, not LPIPS)")
-
-        # the confusion matrix over regions
-        if region_masks is not None and references:
-            if len(region_masks) != len(images):
-                raise UnconfusedError(f"region masks for {len(region_masks)} images but {len(images)} images",
-                                      node=node, input="region_masks")
-            crops, intended = [], []
-            for i, (img, masks) in enumerate(zip(images, region_masks)):
-                if len(masks) != len(tokens):
-                    raise UnconfusedError(f"image {i} has {len(masks)} region masks for {len(tokens)} concepts",
-                                          node=node, input="region_masks")
-                for k, m in enumerate(masks):
-                    if m is None or tokens[k] not in present[i]:
-                        continue
-                    if tuple(m.shape) != tuple(img.shape[:2]):
-                        raise UnconfusedError(f"region mask {k} of image {i} is {m.shape[-1]}x{m.shape[-2]} but the "
-                                              f"image is {img.shape[1]}x{img.shape[0]}", node=node,
-                                              input="region_masks")
-                    seg = subject_segment(img, m, s.region_threshold)
-                    if seg is not None:
-                        crops.append(seg)
-                        intended.append(k)
-            if crops:
-                report.confusion = confusion_counts(clip.image_features(crops), intended, torch.stack(ref_dirs))
-                total = int(report.confusion.sum())
-                report.add("region_accuracy", report.confusion.diag().sum() / total, n=total, model=clip_name,
-                           note="regions whose best-matching references are their own concept's")
-            else:
-                report.notes.append("no region mask covered anything above the threshold: no confusion matrix")
-            bar.update()
+                report.add(name, sum(vals) / len(vals), n=len(vals), model=x.dino_name if name == "dino" else
+                           x.clip_name, note="mean over concepts")
     return report
+
+
+def metrics_page() -> str:
+    """docs/metrics.md: every metric of the report, from its declaration above."""
+    out = ["# Metrics", "",
+           "Generated by `python scripts/gen_docs.py metrics` from the metric declarations in `engine/metrics.py`",
+           "(one `@metric` function each). The Evaluate node, `python -m unconfused eval` and the benchmarks report",
+           "every metric its inputs allow; a per-concept metric also gets the mean over the concepts (concept",
+           "`all`). Files: `report.json`, `metrics.csv` (metric, concept, value, n, model, note), `per_image.csv`.",
+           "", "| metric (rows) | what it measures | source | needs |", "|---|---|---|---|"]
+    for m in METRICS.values():
+        names = ", ".join(f"`{n}`" for n in (m.name, *m.rows))
+        per = " Per concept, and their mean." if m.per_concept else ""
+        out.append(f"| **{m.title}**: {names} | {m.what}.{per} | {m.source} | {m.needs or '-'} |")
+    out += ["", "Also: **Mask IoU** (`mask_iou`, the Mask IoU node): IoU of two mask batches at a threshold, the EM "
+            "paper's check against hand-drawn masks.", ""]
+    return "\n".join(out)
 
 
 def prompts_for(text: str | Sequence[str], n: int, *, node: str = NODE, input: str = "prompts") -> list[str]:

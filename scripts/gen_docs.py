@@ -31,6 +31,7 @@ NODES_MD = REPO / "docs" / "nodes.md"
 BENCH_MD = REPO / "docs" / "benchmarks.md"
 PRESETS_MD = REPO / "docs" / "presets.md"
 SETTINGS_MD = REPO / "docs" / "settings.md"
+METRICS_MD = REPO / "docs" / "metrics.md"
 LONG = 24  # a choice list longer than this comes from a library, not from the pack: not listed
 
 
@@ -225,7 +226,7 @@ def _write_or_check(path: Path, text: str, check: bool) -> int:
         same = path.is_file() and path.read_text("utf-8") == text
         if not same:
             print(f"{path.relative_to(REPO)} differs from the code; run: python scripts/gen_docs.py "
-                  f"{ {NODES_MD: 'nodes', PRESETS_MD: 'presets', SETTINGS_MD: 'settings'}.get(path, 'benchmarks RESULTS')}", file=sys.stderr)
+                  f"{ {NODES_MD: 'nodes', PRESETS_MD: 'presets', SETTINGS_MD: 'settings', METRICS_MD: 'metrics'}.get(path, 'benchmarks RESULTS')}", file=sys.stderr)
         return 0 if same else 1
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--check", action="store_true")
     st = sub.add_parser("settings", help="docs/settings.md from the trainers' settings declarations")
     st.add_argument("--check", action="store_true")
+    me = sub.add_parser("metrics", help="docs/metrics.md from the metric declarations (engine/metrics.py)")
+    me.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
     if args.page == "picture":
         picture()
@@ -288,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         return _write_or_check(PRESETS_MD, presets_page(), args.check)
     if args.page == "settings":
         return _write_or_check(SETTINGS_MD, settings_page(), args.check)
+    if args.page == "metrics":
+        _import_pack()
+        from unconfused.engine.metrics import metrics_page
+        return _write_or_check(METRICS_MD, metrics_page(), args.check)
     return _write_or_check(BENCH_MD, benchmarks_page(json.loads(Path(args.results).read_text("utf-8"))), args.check)
 
 

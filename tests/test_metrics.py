@@ -345,3 +345,43 @@ def test_eval_command_on_folders(tmp_path, demo_clip, capsys):
     assert main(["eval", "--config", str(cfg)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
     host.reset_standalone()
+
+
+def test_a_metric_is_one_declared_function_that_evaluate_and_the_docs_pick_up():
+    """The registry is what evaluate runs: a metric registered with @metric adds its rows (and, per
+    concept, their mean) with no other change, and its declaration reaches the generated docs page."""
+    feats = ColourFeatures()
+
+    @M.metric("redness", "Redness", "mean red channel of the pictures naming a concept", "this test",
+              per_concept=True)
+    def _redness(x, report):
+        for k, token in enumerate(x.tokens):
+            idx = x.naming(k)
+            if idx:
+                report.add("redness", sum(float(x.images[i][..., 0].mean()) for i in idx) / len(idx), concept=token,
+                           n=len(idx))
+
+    try:
+        report = M.evaluate([solid(RED), solid(GREEN)], ["<a>", "<b>"], refs()[:2], feats)
+        assert report.value("redness", "<a>") == pytest.approx(1.0)
+        assert report.value("redness", "<b>") == pytest.approx(0.0)
+        assert report.value("redness") == pytest.approx(0.5)  # the mean over concepts, from per_concept
+        assert "| **Redness**: `redness` |" in M.metrics_page()
+    finally:
+        del M.METRICS["redness"]
+    assert M.evaluate([solid(RED)], ["<a>"], refs()[:1], feats).value("redness", "<a>") is None
+
+
+def test_metrics_page_is_generated_from_the_declarations():
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_docs", repo / "scripts" / "gen_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen._write_or_check(gen.METRICS_MD, M.metrics_page(), check=True) == 0, \
+        "run: python scripts/gen_docs.py metrics"
+    for name in ("clip_t", "clip_i", "subject_alignment", "non_subject_disentanglement", "dino", "attendance",
+                 "diversity", "region_accuracy"):
+        assert f"`{name}`" in M.metrics_page()
