@@ -50,7 +50,6 @@ from .files import atomic_save_image, atomic_write_json, safe_name
 from .regions import iou
 
 NODE = "UnconfusedAugmentBuilder"
-KIND_IDS = {"global": 1, "region": 2, "mix": 3}
 MATTES = ["plain background", "whole image"]
 DEFAULT_TEMPLATES = ["a photo of {}", "a picture of {}", "an image of {}", "a photo showing {}",
                      "a cropped photo of {}", "a bright photo of {}", "a rendering of {}", "{}"]
@@ -642,8 +641,18 @@ class AugmentSettings:
     vocabulary: list[str] = field(default_factory=lambda: list(REGION_VOCABULARY))
 
     def counts(self, n_concepts: int) -> dict[str, int]:
-        pairs = n_concepts * (n_concepts - 1) // 2
-        return {"global": self.global_pairs, "region": self.region_pairs, "mix": pairs * self.mix_per_pair}
+        """Pairs of each registered kind for a set of `n_concepts` concepts."""
+        return {k.name: k.count(self, n_concepts) for k in KINDS.values()}
+
+    def needs_bank(self, n_concepts: int) -> bool:
+        """Whether the build draws common concepts from the bank."""
+        counts = self.counts(n_concepts)
+        return any(counts[k.name] > 0 and k.uses_bank(self) for k in KINDS.values())
+
+    def needs_regions(self, n_concepts: int) -> bool:
+        """Whether the build needs labelled regions of the concepts (a proposer and a labeller)."""
+        counts = self.counts(n_concepts)
+        return any(counts[k.name] > 0 and k.uses_regions for k in KINDS.values())
 
     def check(self, n_concepts: int, node: str = NODE) -> None:
         def bad(msg, inp):
@@ -707,7 +716,7 @@ class Builder:
         self.pairs = list(itertools.combinations(range(n), 2))
 
     def _rng(self, kind: str, index: int) -> np.random.Generator:
-        return np.random.default_rng([int(self.s.seed) & 0xFFFFFFFF, KIND_IDS[kind], int(index)])
+        return np.random.default_rng([int(self.s.seed) & 0xFFFFFFFF, KINDS[kind].id, int(index)])
 
     def _concept_piece(self, ci: int, rng) -> Piece:
         c = self.concepts[ci]
@@ -724,32 +733,7 @@ class Builder:
     def make(self, kind: str, index: int) -> tuple[Image.Image, str, list[str], dict[str, Image.Image], dict]:
         rng = self._rng(kind, index)
         s = self.s
-        if kind == "global":
-            ci = index % len(self.concepts)
-            pieces = [self._concept_piece(ci, rng)]
-            pieces += self._bank_pieces(int(rng.integers(s.min_common, s.max_common + 1)), rng)
-            pieces = [pieces[int(i)] for i in rng.permutation(len(pieces))]
-        elif kind == "region":
-            rs = self.regions[self.region_tokens[index % len(self.region_tokens)]]
-            by_label: dict[str, list[Piece]] = {}
-            for p in rs.pieces:  # one piece per word in a pair: never "<a>'s hat and <a>'s hat"
-                by_label.setdefault(p.label, []).append(p)
-            labels = list(by_label)
-            k = int(rng.integers(1, min(s.regions_per_pair, len(labels)) + 1))
-            pieces = []
-            for i in rng.choice(len(labels), size=k, replace=False):
-                options = by_label[labels[int(i)]]
-                pieces.append(options[int(rng.integers(len(options)))])
-            pieces += self._bank_pieces(int(rng.integers(0, s.region_common + 1)), rng)
-            pieces = [pieces[int(i)] for i in rng.permutation(len(pieces))]
-        elif kind == "mix":
-            per = max(1, s.mix_per_pair)
-            a, b = self.pairs[(index // per) % len(self.pairs)]
-            if index % 2:  # each pair is shown both ways round
-                a, b = b, a
-            pieces = [self._concept_piece(a, rng), self._concept_piece(b, rng)]
-        else:
-            raise ValueError(kind)
+        pieces = KINDS[kind].pieces(self, index, rng)
         image, masks, layout = compose(pieces, s.canvas, rng, scale=(s.min_scale, s.max_scale), flip=s.flip)
         template = s.templates[int(rng.integers(len(s.templates)))]
         caption = template.replace("{}", join_phrases([p.phrase for p in pieces]), 1)
@@ -765,6 +749,74 @@ class Builder:
             named[label] = m
         source = {"seed": s.seed, "index": index, "template": template, **layout}
         return image, caption, tokens, named, source
+
+
+# ------------------------------------------------------------------ the pair kinds, declared once
+@dataclass(frozen=True)
+class AugKind:
+    """One kind of augmented pair. Adding a kind is one `@aug_kind` function that picks a pair's pieces
+    (plus the setting that counts its pairs): the settings' counts, the build, the dataset's record
+    kinds, the CLIF trainer's `kinds` and the nodes' kind lists come from this registry."""
+
+    name: str
+    id: int  # part of each pair's random stream: never renumber a kind
+    paper: str  # the paper's name for it
+    what: str
+    count: Callable[["AugmentSettings", int], int]  # (settings, number of concepts) -> pairs
+    uses_bank: Callable[["AugmentSettings"], bool]
+    uses_regions: bool
+    pieces: Callable[["Builder", int, np.random.Generator], list[Piece]]
+
+
+KINDS: dict[str, AugKind] = {}
+
+
+def aug_kind(name: str, id: int, paper: str, what: str, *, count, uses_bank=lambda s: False,
+             uses_regions: bool = False):
+    def register(fn):
+        if any(k.id == id for k in KINDS.values()):
+            raise ValueError(f"augmentation kind id {id} is taken")
+        KINDS[name] = AugKind(name, id, paper, what, count, uses_bank, uses_regions, fn)
+        return fn
+
+    return register
+
+
+@aug_kind("global", 1, "G-Aug", "a concept's cut-out next to common concepts from the bank",
+          count=lambda s, n: s.global_pairs, uses_bank=lambda s: True)
+def _global_pieces(b: "Builder", index: int, rng) -> list[Piece]:
+    s = b.s
+    pieces = [b._concept_piece(index % len(b.concepts), rng)]
+    pieces += b._bank_pieces(int(rng.integers(s.min_common, s.max_common + 1)), rng)
+    return [pieces[int(i)] for i in rng.permutation(len(pieces))]
+
+
+@aug_kind("region", 2, "R-Aug", "labelled regions of a concept's cut-out, with common concepts",
+          count=lambda s, n: s.region_pairs, uses_bank=lambda s: s.region_common > 0, uses_regions=True)
+def _region_pieces(b: "Builder", index: int, rng) -> list[Piece]:
+    s = b.s
+    rs = b.regions[b.region_tokens[index % len(b.region_tokens)]]
+    by_label: dict[str, list[Piece]] = {}
+    for p in rs.pieces:  # one piece per word in a pair: never "<a>'s hat and <a>'s hat"
+        by_label.setdefault(p.label, []).append(p)
+    labels = list(by_label)
+    k = int(rng.integers(1, min(s.regions_per_pair, len(labels)) + 1))
+    pieces = []
+    for i in rng.choice(len(labels), size=k, replace=False):
+        options = by_label[labels[int(i)]]
+        pieces.append(options[int(rng.integers(len(options)))])
+    pieces += b._bank_pieces(int(rng.integers(0, s.region_common + 1)), rng)
+    return [pieces[int(i)] for i in rng.permutation(len(pieces))]
+
+
+@aug_kind("mix", 3, "M-Aug", "two concepts side by side; every pair of concepts `mix_per_pair` times",
+          count=lambda s, n: n * (n - 1) // 2 * s.mix_per_pair)
+def _mix_pieces(b: "Builder", index: int, rng) -> list[Piece]:
+    per = max(1, b.s.mix_per_pair)
+    i, j = b.pairs[(index // per) % len(b.pairs)]
+    if index % 2:  # each pair is shown both ways round
+        i, j = j, i
+    return [b._concept_piece(i, rng), b._concept_piece(j, rng)]
 
 
 def concept_manifest(concept_set: ConceptSet) -> list[dict]:
@@ -849,11 +901,11 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
     n = len(concept_set.concepts)
     settings.check(n, node)
     counts = settings.counts(n)
-    needs_bank = counts["global"] > 0 or (counts["region"] > 0 and settings.region_common > 0)
+    needs_bank, needs_regions = settings.needs_bank(n), settings.needs_regions(n)
     if needs_bank and bank is None:
         raise UnconfusedError("G-Aug needs common concepts: connect the model (the bank is generated with it) or "
                               "give bank_folder", node=node, input="model")
-    if counts["region"] > 0 and (proposer is None or labeller is None):
+    if needs_regions and (proposer is None or labeller is None):
         raise UnconfusedError("R-Aug needs a region proposer and a labeller: connect sam_model and clip_model, or "
                               "set region_pairs to 0", node=node, input="sam_model" if proposer is None else
                               "clip_model")
@@ -874,7 +926,7 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
     complete = False
     try:
         regions = None
-        if counts["region"] > 0:
+        if needs_regions:
             regions = _load_regions(folder) if len(writer) else None
             if regions is None:
                 regions = {}
@@ -891,7 +943,7 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
                                       input="region_pairs")
         builder = Builder(concept_set, bank if needs_bank else None, settings, regions, cutouts=cutouts, node=node)
         done = {r.id for r in writer.records}
-        todo = [(k, i) for k in ("global", "region", "mix") for i in range(counts[k]) if f"{k}_{i:06d}" not in done]
+        todo = [(k, i) for k in KINDS for i in range(counts[k]) if f"{k}_{i:06d}" not in done]
         total = sum(counts.values())
         made = 0
         bar = host.progress(total, "augmenting")

@@ -36,7 +36,14 @@ from .errors import UnconfusedError
 from .files import atomic_save_image, atomic_write_json
 
 FORMAT = "unconfused-dataset/1"
-KINDS = ["photo", "global", "region", "mix"]
+PHOTO = "photo"  # a record made from a concept's own photo; the other kinds are augment.py's
+
+
+def record_kinds() -> list[str]:
+    """Every kind a record may have: a concept's photo, or a registered augmentation kind."""
+    from .augment import KINDS  # (augment builds on this module; its registry is read when asked)
+
+    return [PHOTO, *KINDS]
 
 
 @dataclass
@@ -88,7 +95,7 @@ class DatasetWriter:
 
     def add(self, kind: str, index: int, image: Image.Image, caption: str, tokens: list[str],
             masks: dict[str, Image.Image], source: dict | None = None) -> Record:
-        if kind not in KINDS:
+        if kind not in record_kinds():
             raise ValueError(f"unknown kind {kind}")
         rid = f"{kind}_{index:06d}"
         rec = Record(rid, kind, f"images/{rid}.png", caption, list(tokens), {}, dict(source or {}))

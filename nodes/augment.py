@@ -17,7 +17,7 @@ from .common import CATEGORY, CLIP_MODEL, CONCEPT_SET, DATASET, MODEL_BUNDLE, SA
     with_preview
 
 DATASETS_SUBFOLDER = "unconfused/datasets"
-KIND_CHOICES = ["all", "global", "region", "mix"]
+KIND_CHOICES = ["all", *A.KINDS]
 _S = A.AugmentSettings()
 _B = A.BankSpec()
 
@@ -119,10 +119,8 @@ class UnconfusedAugmentBuilder:
         settings = A.AugmentSettings(seed=seed, canvas=canvas, global_pairs=global_pairs, region_pairs=region_pairs,
                                      mix_per_pair=mix_per_pair, templates=temps, vocabulary=words, **kw)
         settings.check(len(concept_set.concepts), node)
-        counts = settings.counts(len(concept_set.concepts))
-        needs_bank = counts["global"] > 0 or (counts["region"] > 0 and settings.region_common > 0)
         bank = None
-        if needs_bank:
+        if settings.needs_bank(len(concept_set.concepts)):
             if (bank_folder or "").strip():
                 path = Path(bank_folder.strip()).expanduser()
                 bank = A.bank_from_folder(path if path.is_absolute() else host.input_dir() / path, matte=bank_matte,
@@ -137,7 +135,7 @@ class UnconfusedAugmentBuilder:
                 raise UnconfusedError("G-Aug needs common concepts: connect the model (the bank is generated with "
                                       "it) or give bank_folder; or set global_pairs to 0", node=node, input="model")
         proposer = labeller = None
-        if counts["region"] > 0:
+        if settings.needs_regions(len(concept_set.concepts)):
             if sam_model is None or clip_model is None:
                 missing = "sam_model" if sam_model is None else "clip_model"
                 raise UnconfusedError(f"R-Aug needs {missing}: connect SAM Loader and CLIP Scorer Loader "

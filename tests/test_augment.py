@@ -449,3 +449,30 @@ def test_bank_images_are_the_same_alone_or_batched(tmp_path, tiny):
         x = np.asarray(Image.open(a.image)).astype(int)
         y = np.asarray(Image.open(b.image)).astype(int)
         assert np.abs(x - y).max() <= 1
+
+
+def test_a_pair_kind_is_one_registered_function(tmp_path):
+    """The kind registry is what the build, the counts and the dataset read: a kind registered with
+    @aug_kind (here: a concept alone, no bank) is built, counted, resumed and accepted as a record kind
+    with no other change; the three paper kinds keep their ids (each pair's random stream)."""
+    assert {k: v.id for k, v in A.KINDS.items()} == {"global": 1, "region": 2, "mix": 3}
+
+    @A.aug_kind("solo", 9, "test", "a concept alone", count=lambda s, n: 2 * n)
+    def _solo(b, index, rng):
+        return [b._concept_piece(index % len(b.concepts), rng)]
+
+    try:
+        s = settings(global_pairs=0, region_pairs=0, mix_per_pair=1)
+        assert s.counts(2) == {"global": 0, "region": 0, "mix": 1, "solo": 4} and not s.needs_bank(2)
+        cs = make_concept_set([band_concept("<a>"), band_concept("<b>")])
+        res = A.build_dataset(cs, tmp_path / "solo", s)  # no bank, no region tools needed
+        assert res.counts == {"mix": 1, "solo": 4}
+        recs = [r for r in read_records(tmp_path / "solo") if r.kind == "solo"]
+        assert [r.tokens for r in recs] == [["<a>"], ["<b>"], ["<a>"], ["<b>"]]
+        assert all(len(r.masks) == 1 for r in recs)
+        with pytest.raises(ValueError, match="taken"):
+            A.aug_kind("again", 9, "", "", count=lambda s, n: 0)(_solo)
+    finally:
+        del A.KINDS["solo"]
+    assert "solo" not in A.AugmentSettings().counts(2)
+

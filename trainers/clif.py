@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..engine import host, presets
 from ..engine.clip_tower import FeatureCache, ImageTower, check_pair, file_hash, load_image_tower, tower_from_scorer
-from ..engine.dataset import KINDS, Dataset
+from ..engine.dataset import Dataset, record_kinds
 from ..engine.errors import UnconfusedError
 from ..engine.exports import export_name, save_lora, save_text_encoder
 from ..engine.files import atomic_save_image, atomic_write_json
@@ -126,9 +126,9 @@ class ClifSettings:
             bad("vectors_per_token", "must be at least 1")
         if not 0 <= self.holdout < 0.9:
             bad("holdout", "must be between 0 and 0.9 (e.g. 0.05 = 5% of the pairs)")
-        unknown = [k for k in self.kind_list() if k not in KINDS]
+        unknown = [k for k in self.kind_list() if k not in record_kinds()]
         if unknown or not self.kind_list():
-            bad("kinds", f"{unknown or 'nothing'} - name pair kinds from {KINDS}, comma separated")
+            bad("kinds", f"{unknown or 'nothing'} - name pair kinds from {record_kinds()}, comma separated")
         if "{token}" not in self.probe_template:
             bad("probe_template", "must contain {token} (e.g. 'a photo of {token}')")
         check_declared(self, node)
