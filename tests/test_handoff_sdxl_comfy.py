@@ -33,7 +33,8 @@ pytestmark = pytest.mark.comfyui
 
 
 # ---------------------------------------------------------------- the tiny SDXL layout, taught to ComfyUI
-def _teach_comfyui_the_tiny_sdxl(tmp: Path) -> None:
+def _teach_comfyui_the_tiny_sdxl(tmp: Path, tiny: dict) -> None:
+    """`tiny`: the tiny SDXL's configs (engine/model_configs.py SDXL_VARIANTS), as JSON-able dicts."""
     import comfy.ldm.modules.diffusionmodules.model as ldm_model
     import comfy.model_base
     import comfy.sd
@@ -43,9 +44,6 @@ def _teach_comfyui_the_tiny_sdxl(tmp: Path) -> None:
     import comfy.supported_models_base
     from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
 
-    from unconfused.engine import model_configs as cfg
-
-    tiny = cfg.SDXL_VARIANTS[(32, 96)]
     configs = {}
     for key, te in (("l", tiny["te"]), ("g", tiny["te2"])):
         configs[key] = tmp / f"tiny_clip_{key}.json"
@@ -130,7 +128,7 @@ def _job(job_path: str) -> None:
     import comfy.sd
     import nodes as stock
 
-    _teach_comfyui_the_tiny_sdxl(Path(job["tmp"]))
+    _teach_comfyui_the_tiny_sdxl(Path(job["tmp"]), job["tiny"])
     from unconfused.engine.models import load_model
     from unconfused.nodes.handoff import UnconfusedApplyToComfy, UnconfusedBundleFromComfy
 
@@ -249,11 +247,17 @@ def _digest(bundle) -> dict[str, str]:
     return out
 
 
+def _tiny_configs() -> dict:
+    from unconfused.engine import model_configs as cfg
+
+    return json.loads(json.dumps(cfg.SDXL_VARIANTS[(32, 96)]))
+
+
 def run_job(tmp_path: Path, **job) -> dict:
     from tiny_models import write_sdxl_checkpoint
 
     job.setdefault("ckpt", str(write_sdxl_checkpoint(tmp_path / "tiny-sdxl.safetensors", seed=1)))
-    job["out"], job["tmp"] = str(tmp_path / "report.json"), str(tmp_path)
+    job["out"], job["tmp"], job["tiny"] = str(tmp_path / "report.json"), str(tmp_path), _tiny_configs()
     (tmp_path / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, __file__, str(tmp_path / "job.json")], capture_output=True, text=True,
                           timeout=900)
@@ -296,6 +300,71 @@ def test_sdxl_stock_ksampler_on_applied_concepts_matches_the_packs_sampler(repor
             assert r["latent_err"] < 2e-4 * max(1.0, r["latent_max"]), (prompt, r)
             assert r["latent_err_unmerged"] < max(2e-4 * max(1.0, r["latent_max"]), 4 * r["latent_floor"]), (prompt, r)
             assert r["concept_effect"] > 100 * r["latent_err"], (prompt, r)  # the comparison sees the concepts
+
+
+# ---------------------------------------------------------------- the SDXL example workflow in the real server
+# A test-only custom node teaches the server's ComfyUI the tiny SDXL layout (as the subprocess above does);
+# the example then runs from its UI form as a user's SDXL graph would.
+TEACHER = """import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_handoff_sdxl_comfy import _teach_comfyui_the_tiny_sdxl
+_teach_comfyui_the_tiny_sdxl(Path(__file__).parent, json.loads((Path(__file__).parent / "tiny.json").read_text()))
+NODE_CLASS_MAPPINGS = {{}}
+"""
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, dreambooth_dir):
+    import shutil
+
+    from comfy_harness import ComfyServer, require_comfyui
+    from tiny_models import write_sdxl_checkpoint
+
+    require_comfyui()
+    home = tmp_path_factory.mktemp("comfy_handoff_sdxl")
+    write_sdxl_checkpoint(home / "models" / "checkpoints" / "sd_xl_base_1.0.safetensors", seed=1)
+    teacher = home / "custom_nodes" / "tiny_sdxl_for_tests"
+    teacher.mkdir(parents=True)
+    (teacher / "tiny.json").write_text(json.dumps(_tiny_configs()))
+    (teacher / "__init__.py").write_text(TEACHER.format(tests=str(HERE)))
+    for name in ("dog2", "cat"):
+        dst = home / "input" / "dreambooth" / name
+        dst.mkdir(parents=True)
+        for p in sorted((dreambooth_dir / name).glob("*.jpg"))[:2]:
+            shutil.copy(p, dst / p.name)
+    with ComfyServer.start(home) as server:
+        yield server
+
+
+def test_native_handoff_sdxl_example_runs_in_comfyui(comfy):
+    """Photos -> train on the graph's own SDXL checkpoint -> apply -> stock CLIPTextEncode/KSampler, from the
+    example's UI form, CPU-sized: the image comes out, ComfyUI loads every LoRA key (UNet and both text
+    encoders' key maps) and finds every concept token in both tokenizers, and nothing lands in models/."""
+    from comfy_harness import ui_to_api
+    from test_handoff_comfy import REPO, _model_files
+
+    info = comfy.object_info()
+    ui = json.loads((REPO / "examples" / "native_handoff_sdxl.json").read_text())
+    api = ui_to_api(ui, info)
+    assert api == json.loads((HERE / "workflows" / "native_handoff_sdxl_api.json").read_text())  # the forms agree
+    assert [n for n in ui["nodes"] if n["type"] == "Note"]
+    api["6"]["inputs"].update(steps=1, resolution=64, rank=2, name="handoff-sdxl-example", resume="restart",
+                              cache_latents=False, device="cpu", text_encoder_lora=True)
+    api["10"]["inputs"].update(width=64, height=64)
+    api["11"]["inputs"].update(steps=2)
+    before_files = _model_files(comfy)
+    before = comfy.log.read_text(errors="replace")
+    entry = comfy.run(api, timeout=900)
+    log = comfy.log.read_text(errors="replace")[len(before):]
+    outputs = entry["outputs"]
+    assert outputs["13"]["images"], outputs
+    assert "SDXL" in outputs["2"]["text"][0], outputs["2"]
+    applied = outputs["7"]["text"][0]
+    assert "<my-dog>, <my-cat>" in applied and "LoRA: " in applied and "modules" in applied, applied
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    assert "does not exist" not in log and "shape mismatch" not in log, log[-3000:]
+    assert _model_files(comfy) == before_files  # the native route writes nothing into models/
 
 
 if __name__ == "__main__":
