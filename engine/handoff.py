@@ -4,12 +4,14 @@ embeddings. Pure logic on tensors, names and strings; ComfyUI itself is reached 
 `host` (the nodes in nodes/handoff.py join the two).
 
 - Family and prediction type: read from the names ComfyUI gives its model config class and its
-  model-sampling classes (`SD15`, `SD20`, `EPS`, `V_PREDICTION`, ...), the same in 2024 and today.
+  model-sampling classes (`SD15`, `SD20`, `SDXL`, `EPS`, `V_PREDICTION`, ...), the same in 2024 and
+  today. The exact class name counts: SDXL's distillations (SSD-1B, Vega, KOALA) subclass `SDXL`.
 - Weights: ComfyUI's checkpoint saver gives them in LDM keys; `shared_tensors` makes them usable
   for training without a second copy (ComfyUI creates them as inference tensors).
 - Concepts back: the shared LoRA in kohya naming (engine/exports.py), the text encoder's changed
   weights as differences, and each concept token's vectors for an in-memory `embedding:` name the
-  prompt rewrite points at (`<alice>` -> `embedding:unconfused.alice`).
+  prompt rewrite points at (`<alice>` -> `embedding:unconfused.alice`), per text encoder under the
+  embedding-file key ComfyUI's tokenizers read (`clip_l`; SDXL: `clip_l` and `clip_g`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ import torch
 
 from .errors import UnconfusedError
 from .exports import kohya_lora_state
+from .families import family_named
 from .models import hf_text_keys
 from .tokens import token_rows
 
 # ComfyUI's model config class -> our family (only these are built)
-FAMILIES = {"SD15": "sd1", "SD20": "sd2"}
+FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
+TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # names for families refused, so the sentence says what the user connected
 OTHER_FAMILIES = {
-    "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SSD1B": "SSD-1B (an SDXL distillation)",
+    "SDXLRefiner": "SDXL refiner", "SSD1B": "SSD-1B (an SDXL distillation)",
     "Segmind_Vega": "Segmind Vega (an SDXL distillation)", "KOALA_700M": "KOALA (an SDXL distillation)",
     "KOALA_1B": "KOALA (an SDXL distillation)", "SDXL_instructpix2pix": "SDXL InstructPix2Pix",
     "SD15_instructpix2pix": "SD 1.5 InstructPix2Pix", "SD21UnclipL": "SD 2.1 unCLIP",
@@ -57,8 +61,8 @@ def family_of(config_class: str, *, node: str | None = None, input: str = "model
     if config_class in FAMILIES:
         return FAMILIES[config_class]
     what = OTHER_FAMILIES.get(config_class, f"'{config_class}'")
-    raise UnconfusedError(f"the connected MODEL is a {what} model; Unconfused trains SD 1.x and "
-                          "SD 2.x models - load one with a checkpoint loader and connect its MODEL, CLIP and VAE",
+    raise UnconfusedError(f"the connected MODEL is a {what} model; Unconfused trains SD 1.x, SD 2.x and "
+                          "SDXL base models - load one with a checkpoint loader and connect its MODEL, CLIP and VAE",
                           node=node, input=input)
 
 
@@ -67,7 +71,7 @@ def prediction_of(sampling_classes: list[str], *, node: str | None = None, input
     ModelSamplingDiscrete node upstream counts as it does for ComfyUI's samplers."""
     refused = [c for c in sampling_classes if c in _REFUSED_SAMPLING]
     if refused:
-        raise UnconfusedError(f"the MODEL samples as {refused[0]}, which the SD 1.x/2.x trainers do not support; "
+        raise UnconfusedError(f"the MODEL samples as {refused[0]}, which the trainers (epsilon / v-prediction) do not support; "
                               "remove the ModelSampling node before this one or choose eps / v_prediction",
                               node=node, input=input)
     if "V_PREDICTION" in sampling_classes:
@@ -111,9 +115,12 @@ def embedding_name(token: str) -> str:
     return EMBEDDING_PREFIX + re.sub(r"[^0-9A-Za-z_.-]+", "_", token.strip("<>")).strip("_")
 
 
-def concept_embeddings(bundle) -> dict[str, torch.Tensor]:
-    """embedding name -> the token's vectors [n, D] (float32, CPU), for every added token."""
-    return {embedding_name(t): token_rows(bundle, t).float().cpu() for t in bundle.added_tokens}
+def concept_embeddings(bundle) -> dict[str, dict[str, torch.Tensor]]:
+    """embedding name -> {embedding-file key: the token's vectors [n, D]} (float32, CPU), for every
+    added token: one key per text encoder (`clip_l`; SDXL `clip_l` + `clip_g`), as in exported files."""
+    spec = family_named(bundle.family)
+    return {embedding_name(t): {k: v.float().cpu() for k, v in spec.embedding_state(bundle, t).items()}
+            for t in bundle.added_tokens}
 
 
 def prompt_rewriter(tokens: list[str]):
@@ -133,13 +140,15 @@ def _alpha(module) -> float | None:
 
 
 def lora_patch_state(bundle) -> dict[str, torch.Tensor]:
-    """The bundle's shared LoRA (UNet, and the text encoder's if it has one) in kohya naming -
-    the file format LoraLoader reads - each part with its own adapter's alpha."""
+    """The bundle's shared LoRA (UNet, and each text encoder's if it has one) in kohya naming -
+    the file format LoraLoader reads (SDXL: `lora_te1_` / `lora_te2_`) - each part with its own
+    adapter's alpha."""
     state = {}
     if _alpha(bundle.unet) is not None:
-        state.update(kohya_lora_state(bundle.unet, None, _alpha(bundle.unet)))
-    if _alpha(bundle.text_encoder) is not None:
-        state.update(kohya_lora_state(None, bundle.text_encoder, _alpha(bundle.text_encoder)))
+        state.update(kohya_lora_state(bundle.unet, None, _alpha(bundle.unet), family=bundle.family))
+    for attr, te in family_named(bundle.family).encoders(bundle).items():
+        if te is not None and _alpha(te) is not None:
+            state.update(kohya_lora_state(None, {attr: te}, _alpha(te), family=bundle.family))
     return state
 
 
@@ -148,12 +157,16 @@ def lora_modules(state: dict) -> set[str]:
     return {k.split(".", 1)[0] for k in state}
 
 
-def text_encoder_deltas(te_state: dict[str, torch.Tensor], comfy_clip_state: dict[str, torch.Tensor]
-                        ) -> dict[str, torch.Tensor]:
+def text_encoder_deltas(te_state: dict[str, torch.Tensor], comfy_clip_state: dict[str, torch.Tensor],
+                        key: str | None = None) -> dict[str, torch.Tensor]:
     """ComfyUI CLIP key -> (our weight - ComfyUI's), for the text-encoder weights a trainer changed
     (CLIF's merged LoRA or full training). Weights that are the same tensor, or equal, give none;
-    LoRA layers (sent as LoRA patches) and the token table (concept rows go as embeddings) are left out."""
-    anchor = next((k for k in comfy_clip_state if k.endswith(TEXT_ANCHOR)), None)
+    LoRA layers (sent as LoRA patches) and the token table (concept rows go as embeddings) are left out.
+    `key`: which of ComfyUI's text encoders it is when the CLIP has several (SDXL: `clip_l`, `clip_g`)."""
+    anchors = [k for k in comfy_clip_state if k.endswith(TEXT_ANCHOR)]
+    if len(anchors) > 1:
+        anchors = [k for k in anchors if key is not None and k.startswith(key + ".")]
+    anchor = anchors[0] if len(anchors) == 1 else None
     if anchor is None:
         return {}
     prefix = anchor[:-len(TEXT_ANCHOR)]
@@ -169,6 +182,17 @@ def text_encoder_deltas(te_state: dict[str, torch.Tensor], comfy_clip_state: dic
         delta = ours.detach().float().cpu() - theirs.detach().float().cpu()
         if bool(delta.abs().max() > 0):
             out[prefix + k.replace(".base_layer.", ".")] = delta
+    return out
+
+
+def bundle_text_deltas(bundle, comfy_clip_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`text_encoder_deltas` for each of the bundle's text encoders (SDXL: CLIP-L as ComfyUI's
+    `clip_l`, bigG as `clip_g`)."""
+    spec = family_named(bundle.family)
+    out = {}
+    for attr, te in spec.encoders(bundle).items():
+        if te is not None:
+            out.update(text_encoder_deltas(te.state_dict(), comfy_clip_state, spec.embedding_key(attr)))
     return out
 
 

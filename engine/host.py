@@ -506,20 +506,34 @@ def comfy_apply_concepts(model, clip, lora: dict, text_deltas: dict, embeddings:
             first, then = outer._rewrite, rewrite
             outer, rewrite = outer._inner, (lambda text: then(first(text)))
         outer = copy.copy(outer)  # (shared by every clone: never changed in place)
-        inner = copy.copy(getattr(outer, outer.clip))
-        if inner.embedding_directory is None:
-            inner.embedding_directory = []  # ComfyUI reads `embedding:` words only with a directory list
-        lookup = inner._try_get_embedding
-
-        def try_get_embedding(name: str):
-            found = lookup(name)  # (embed, leftover) in 2024; (embed, name, leftover) since 2025
-            key = found[1] if len(found) == 3 else name
-            return (embeddings[key],) + tuple(found[1:]) if key in embeddings else found
-
-        inner._try_get_embedding = try_get_embedding
-        setattr(outer, outer.clip, inner)
+        # each text encoder's tokenizer (SD1: `outer.clip`; SDXL: clip_l and clip_g) gets the rows of
+        # its embedding-file key, as it would read them from a file
+        for attr in [n for n, v in vars(outer).items() if hasattr(v, "_try_get_embedding")]:
+            setattr(outer, attr, _concept_lookup(copy.copy(getattr(outer, attr)), embeddings))
         new_clip.tokenizer = _ConceptTokenizer(outer, rewrite)
     return new_model, new_clip, unknown
+
+
+def _concept_lookup(inner, embeddings: dict):
+    """ComfyUI's tokenizer `inner` (a copy) that finds the in-memory embeddings first. `embeddings`:
+    name -> rows, or name -> {embedding-file key: rows} (the key this tokenizer reads, or the only one)."""
+    if inner.embedding_directory is None:
+        inner.embedding_directory = []  # ComfyUI reads `embedding:` words only with a directory list
+    lookup = inner._try_get_embedding
+    own = getattr(inner, "embedding_key", None)
+
+    def rows(value):
+        if not isinstance(value, dict):
+            return value
+        return value[own] if own in value else next(iter(value.values()))
+
+    def try_get_embedding(name: str):
+        found = lookup(name)  # (embed, leftover) in 2024; (embed, name, leftover) since 2025
+        key = found[1] if len(found) == 3 else name
+        return (rows(embeddings[key]),) + tuple(found[1:]) if key in embeddings else found
+
+    inner._try_get_embedding = try_get_embedding
+    return inner
 
 
 def comfy_clip_state_dict(clip) -> dict:

@@ -24,7 +24,7 @@ class UnconfusedBundleFromComfy:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD 1.x or SD 2.x MODEL (e.g. Load Checkpoint's); its "
+                "model": ("MODEL", {"tooltip": "An SD 1.x, SD 2.x or SDXL MODEL (e.g. Load Checkpoint's); its "
                                                "prediction type (and a ModelSamplingDiscrete patch) is used"}),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint"}),
                 "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint"}),
@@ -55,7 +55,7 @@ class UnconfusedBundleFromComfy:
             sd = H.shared_state_dict(host.comfy_checkpoint_state_dict(model, clip, vae))
             held = sd[UNET_PREFIX + "input_blocks.0.0.weight"].dtype
             dtype = held if precision == "auto" else host.default_dtype(torch.device("cpu"), precision)
-            label = name.strip() or f"ComfyUI {'SD 1.x' if family == 'sd1' else 'SD 2.x'} model"
+            label = name.strip() or f"ComfyUI {H.TITLES[family]} model"
             bundle = bundle_from_ldm_state_dict(sd, label, prediction=prediction, dtype=dtype, node=node,
                                                 source=None)
         bundle.notes = [n for n in bundle.notes if not n.startswith("prediction type set to")]
@@ -103,7 +103,7 @@ class UnconfusedApplyToComfy:
                                   f"{family.upper()}; connect the MODEL they were trained on", node=node,
                                   input="concepts")
         back = H.handback(concepts, node=node)
-        deltas = H.text_encoder_deltas(concepts.text_encoder.state_dict(), host.comfy_clip_state_dict(clip))
+        deltas = H.bundle_text_deltas(concepts, host.comfy_clip_state_dict(clip))
         if back.empty and not deltas:
             raise UnconfusedError("this model has no trained concepts (no LoRA, no concept tokens); connect the "
                                   "model output of a trainer", node=node, input="concepts")

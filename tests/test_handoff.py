@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from tiny_models import tiny_bundle
+from tiny_models import tiny_bundle, tiny_sdxl_bundle
 from unconfused.engine import handoff as H
 from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.models import add_text_encoder_lora, hf_text_keys
@@ -32,7 +32,8 @@ def _fake_model(config_class: str, sampling: tuple[str, ...] = ("EPS",)):
     return model
 
 
-@pytest.mark.parametrize("config,words", [("SDXL", "SDXL"), ("Flux", "Flux"), ("SD3", "SD3"),
+@pytest.mark.parametrize("config,words", [("SDXLRefiner", "SDXL refiner"), ("SSD1B", "SSD-1B"),
+                                          ("KOALA_700M", "KOALA"), ("Flux", "Flux"), ("SD3", "SD3"),
                                           ("SVD_img2vid", "video"), ("WAN21_T2V", "video"),
                                           ("SomeNewModel", "'SomeNewModel'")])
 def test_unsupported_families_are_named(config, words):
@@ -40,14 +41,14 @@ def test_unsupported_families_are_named(config, words):
         with pytest.raises(UnconfusedError) as e:
             node.build(_fake_model(config), None, None)
         msg = str(e.value)
-        assert words in msg and "SD 1.x and SD 2.x" in msg and "Bundle" in msg.replace("UnconfusedBundleFromComfy",
+        assert words in msg and "SD 1.x, SD 2.x and SDXL" in msg and "Bundle" in msg.replace("UnconfusedBundleFromComfy",
                                                                                       "Bundle"), msg
     with pytest.raises(UnconfusedError, match=words.strip("'")):
         UnconfusedApplyToComfy().apply(_fake_model(config), None, tiny_bundle(), 1.0, 1.0)
 
 
 def test_prediction_type_comes_from_the_model_sampling():
-    assert H.family_of("SD15") == "sd1" and H.family_of("SD20") == "sd2"
+    assert H.family_of("SD15") == "sd1" and H.family_of("SD20") == "sd2" and H.family_of("SDXL") == "sdxl"
     assert H.prediction_of(["ModelSamplingDiscrete", "EPS", "object"]) == "epsilon"
     # V_PREDICTION subclasses EPS in ComfyUI: the more specific one wins
     assert H.prediction_of(["ModelSamplingAdvanced", "ModelSamplingDiscrete", "V_PREDICTION", "EPS"]) == "v_prediction"
@@ -91,7 +92,8 @@ def test_handback_lora_tokens_and_text_encoder_changes():
     b.unet.add_adapter(LoraConfig(r=4, lora_alpha=2.0, target_modules=["to_q", "to_v"]))
     add_text_encoder_lora(b.text_encoder, LoraConfig(r=2, lora_alpha=8.0, target_modules=["q_proj"]))
     back = H.handback(b)
-    assert set(back.embeddings) == {"unconfused.a"} and back.embeddings["unconfused.a"].shape[0] == 2
+    assert set(back.embeddings) == {"unconfused.a"} and set(back.embeddings["unconfused.a"]) == {"clip_l"}
+    assert back.embeddings["unconfused.a"]["clip_l"].shape[0] == 2
     alphas = {k.split("_", 2)[1]: float(v) for k, v in back.lora.items() if k.endswith(".alpha")}
     assert alphas == {"unet": 2.0, "te": 8.0}  # each adapter's own alpha (LoraLoader's scale = alpha / rank)
     mods = H.lora_modules(back.lora)
@@ -111,6 +113,38 @@ def test_handback_lora_tokens_and_text_encoder_changes():
     assert list(deltas) == [key] and torch.allclose(deltas[key], torch.full_like(deltas[key], 0.5))
 
 
+def test_sdxl_handback_covers_both_text_encoders():
+    """SDXL: the concept rows go out for CLIP-L (`clip_l`) and bigG (`clip_g`), each encoder's LoRA under
+    kohya's `lora_te1_` / `lora_te2_` with its own alpha, and a changed bigG weight as a `clip_g` delta."""
+    b = tiny_sdxl_bundle()
+    add_concept_tokens(b, [("<a>", "dog")], vectors=2)
+    b.unet.add_adapter(LoraConfig(r=4, lora_alpha=2.0, target_modules=["to_q", "to_v"]))
+    add_text_encoder_lora(b.text_encoder, LoraConfig(r=2, lora_alpha=8.0, target_modules=["q_proj"]))
+    add_text_encoder_lora(b.text_encoder_2, LoraConfig(r=2, lora_alpha=4.0, target_modules=["v_proj"]))
+    back = H.handback(b)
+    rows = back.embeddings["unconfused.a"]
+    assert set(rows) == {"clip_l", "clip_g"}
+    assert rows["clip_l"].shape == (2, b.text_encoder.config.hidden_size)
+    assert rows["clip_g"].shape == (2, b.text_encoder_2.config.hidden_size)
+    assert rows["clip_l"].shape[1] != rows["clip_g"].shape[1]  # (the tiny encoders differ in width)
+    alphas = {k.split("_", 2)[1]: float(v) for k, v in back.lora.items() if k.endswith(".alpha")}
+    assert alphas == {"unet": 2.0, "te1": 8.0, "te2": 4.0}, alphas
+    mods = H.lora_modules(back.lora)
+    assert any(m.startswith("lora_te2_") and m.endswith("_v_proj") for m in mods)
+    assert not any(m.startswith("lora_te_") for m in mods)
+
+    comfy_state = {}
+    for attr, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        te_state = getattr(b, attr).state_dict()
+        comfy_state.update({f"{key}.transformer." + k.replace(".base_layer.", "."): v.clone()
+                            for k, v in hf_text_keys(te_state).items() if "lora_" not in k})
+    assert H.bundle_text_deltas(b, comfy_state) == {}
+    key = "clip_g.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
+    comfy_state[key] = comfy_state[key] + 0.25
+    deltas = H.bundle_text_deltas(b, comfy_state)
+    assert list(deltas) == [key] and torch.allclose(deltas[key], torch.full_like(deltas[key], -0.25))
+
+
 def test_apply_refuses_an_untrained_model_and_another_family():
     sd1 = _fake_model("SD15")
     sd1.model.model_config = type("SD15", (), {})()
@@ -123,6 +157,8 @@ def test_apply_refuses_an_untrained_model_and_another_family():
     b.family = "sd2"
     with pytest.raises(UnconfusedError, match="trained on a SD2 model but the MODEL is SD1"):
         UnconfusedApplyToComfy().apply(sd1, clip, b, 1.0, 1.0)
+    with pytest.raises(UnconfusedError, match="trained on a SDXL model but the MODEL is SD1"):
+        UnconfusedApplyToComfy().apply(sd1, clip, tiny_sdxl_bundle(), 1.0, 1.0)
 
 
 def test_embedding_weights_equal_in_comfyuis_dtype_are_not_sent():
@@ -221,3 +257,36 @@ def test_clip_gets_concept_tokens_in_memory_and_applies_chain(monkeypatch, three
     _, c3, _ = host.comfy_apply_concepts(model, c2, {}, {}, {"unconfused.b": vb}, H.prompt_rewriter(["<b>"]), 1, 1)
     toks = c3.tokenize("<a> and <b>")
     assert toks[0] is va and toks[1] == "and" and toks[2] is vb
+
+
+class _FakeSDXLTokenizer:
+    """ComfyUI's SDXLTokenizer: two inner tokenizers (no `clip` attribute), each reading its own key of
+    an embedding file (`clip_l`, `clip_g`)."""
+
+    def __init__(self):
+        self.clip_l, self.clip_g = _FakeInnerTokenizer(False), _FakeInnerTokenizer(False)
+        self.clip_l.embedding_key, self.clip_g.embedding_key = "clip_l", "clip_g"
+
+    def tokenize_with_weights(self, text, return_word_ids=False):
+        return {"l": self.clip_l.tokenize_with_weights(text), "g": self.clip_g.tokenize_with_weights(text)}
+
+
+def test_sdxl_clip_gets_each_encoders_rows(monkeypatch):
+    import sys
+    import types
+
+    from unconfused.engine import host
+
+    lora_mod = types.SimpleNamespace(model_lora_keys_unet=lambda model, km: km, model_lora_keys_clip=lambda m, km: km,
+                                     load_lora=lambda lora, km: {})
+    monkeypatch.setitem(sys.modules, "comfy.lora", lora_mod)
+    model = type("Model", (), {})()
+    model.model = None
+    model.clone = lambda: (lambda m: (setattr(m, "patches", {}), m)[1])(_FakePatcher())
+    clip = _FakeClip(False)
+    clip.tokenizer = _FakeSDXLTokenizer()
+    rows = {"clip_l": torch.ones(2, 3), "clip_g": torch.zeros(2, 5)}
+    _, c2, _ = host.comfy_apply_concepts(model, clip, {}, {}, {"unconfused.a": rows}, H.prompt_rewriter(["<a>"]), 1, 1)
+    toks = c2.tokenizer.tokenize_with_weights("<a> dog")
+    assert toks["l"][0] is rows["clip_l"] and toks["g"][0] is rows["clip_g"] and toks["l"][1] == toks["g"][1] == "dog"
+    assert clip.tokenizer.clip_g.embedding_directory is None  # the input CLIP's tokenizers are unchanged
