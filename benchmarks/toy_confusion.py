@@ -38,10 +38,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-A = ("purple", "striped", "ball")
-B = ("orange", "striped", "ball")
-TOKENS = {"<a-ball>": A, "<b-ball>": B}
-PAIR_PROMPT = "a photo of <a-ball> ball and <b-ball> ball"
+from unconfused.engine import toyworld as tw
+
+TOKENS = tw.DEMO_TOKENS  # <a-ball>: purple striped ball, <b-ball>: orange striped ball (the demo's two)
+A, B = TOKENS.values()
+PAIR_PROMPT = tw.pair_prompt(TOKENS)  # "a photo of <a-ball> ball and <b-ball> ball"
 COMPANION = ("green", "plain", "box")
 METHODS = ("baseline", "clif", "em", "sid")
 
@@ -51,16 +52,13 @@ def _img(scene) -> torch.Tensor:
 
 
 def generate(bundle, prompts: list[str], seeds: list[int], steps: int, cfg: float) -> torch.Tensor:
-    from unconfused.engine.sampling import generate as gen
-
-    return gen(bundle, prompts, steps=steps, cfg=cfg, width=64, height=64, seeds=seeds, scheduler="ddim")
+    return tw.draw(bundle, prompts, seeds, steps, cfg)
 
 
 # ---------------------------------------------------------------- 1. the base model
 def base_quality(bundle, oracle, n: int, steps: int, cfg: float) -> dict:
     """Object recall and attribute accuracy on one- and two-object prompts of the vocabulary."""
     from unconfused.engine import oracle as O
-    from unconfused.engine import toyworld as tw
 
     rng = np.random.default_rng(0)
     colours, out = list(tw.COLOURS), {}
@@ -134,8 +132,7 @@ def concept_set(photos: dict[str, list], captions: dict[str, list[str]] | None =
 def lora_settings(name: str, seed: int, steps: int, **kw):
     from unconfused.trainers.lora import LoraSettings
 
-    base = dict(name=name, steps=steps, resolution=64, rank=4, alpha=4.0, unet_lr=1e-3, token_lr=5e-3,
-                batch_size=2, checkpoint_every=0, seed=seed, export=False, flip=False)
+    base = {**tw.LORA, "name": name, "steps": steps, "seed": seed, "export": False}
     base.update(kw)
     return LoraSettings(**base)
 
@@ -173,13 +170,11 @@ def train_clif_method(bundle, photos, tower, bank, seed: int, steps: int, clif_s
     from unconfused.trainers.lora import train_lora
 
     cs = concept_set(photos)
-    aug = AugmentSettings(seed=seed, canvas=64, global_pairs=48, region_pairs=0, mix_per_pair=24,
-                          min_scale=0.35, max_scale=0.6)
+    aug = AugmentSettings(**tw.AUGMENT, seed=seed)
     built = build_dataset(cs, work / f"clif-data-{seed}", aug, bank=bank, node="toy_confusion")
     ds = Dataset(built.folder, node="toy_confusion")
     clif = train_clif(bundle.clone(), ds, tower, ClifSettings(
-        name=f"clif-{seed}", steps=clif_steps, batch_size=16, learning_rate=5e-4, token_lr=5e-3, rank=4, alpha=4.0,
-        warmup_steps=0, checkpoint_every=0, seed=seed, holdout=0.1, export=False), run_root=work)
+        **{**tw.CLIF, "name": f"clif-{seed}", "steps": clif_steps, "seed": seed, "export": False}), run_root=work)
     examples = examples_from_concept_set(cs, node="toy_confusion") + list(ds.examples(("mix",)))
     return train_lora(clif.bundle, examples, lora_settings(f"clif-lora-{seed}", seed, steps), run_root=work,
                       class_words={t: TOKENS[t][2] for t in photos}).bundle
@@ -189,7 +184,6 @@ def pair_pictures(n: int, seed: int):
     """Pictures holding both concepts (for the EM), with their exact masks."""
     import random
 
-    from unconfused.engine import toyworld as tw
     rng = random.Random(f"pairs:{seed}")
     out = []
     for i in range(n):
@@ -226,7 +220,6 @@ def train_sid_method(bundle, seed: int, steps: int, case: str, work: Path):
     """<a-ball> photos that always show a green box too; captions by case (SID Table 1)."""
     import random
 
-    from unconfused.engine import toyworld as tw
     from unconfused.trainers.lora import train_lora
     rng = random.Random(f"sid:{seed}")
     scenes = []
@@ -251,25 +244,14 @@ SCORER: dict = {}  # the toy CLIP and the concepts' photos, for the pack's own m
 
 def measure_pair(bundle, oracle, n: int, steps: int, cfg: float, seed: int) -> dict:
     from unconfused.engine import metrics as M
-    from unconfused.engine import oracle as O
 
-    seeds = [1000 * seed + i for i in range(n)]
-    pictures = generate(bundle, [PAIR_PROMPT] * n, seeds, steps, cfg)
-    dets = oracle.detect(pictures)
-    rep = O.pair_report(dets, A, B)
-    rep.update(O.pair_report(dets, A, B, attrs=("colour",), suffix="_colour"))  # the model draws colours, not outlines
+    rep, pictures = tw.measure_concepts(bundle, oracle, TOKENS, n, seed, steps, cfg)
     if SCORER:  # the pack's CLIP-T and CLIP-I with the toy CLIP
         refs = [M.Reference(t, TOKENS[t][2], [_img(s) for s in sc], [torch.from_numpy(s.masks[0]).float() for s in sc])
                 for t, sc in SCORER["photos"].items()]
         ev = M.evaluate(list(pictures), [PAIR_PROMPT] * n, refs, SCORER["clip"], node="toy_confusion")
         rep["clip_t"] = ev.value("clip_t")
         rep["clip_i"] = float(np.mean([ev.value("clip_i", t) for t in TOKENS]))
-    for token, c in TOKENS.items():
-        single = oracle.detect(generate(bundle, [f"a photo of {token} ball"] * n, seeds, steps, cfg))
-        rep[f"fidelity_{token.strip('<>')}"] = sum(any(O.is_concept(d, c) for d in ds) for ds in single) / n
-        rep[f"colour_fidelity_{token.strip('<>')}"] = sum(any(d.colour == c[0] for d in ds) for ds in single) / n
-    rep["fidelity"] = (rep["fidelity_a-ball"] + rep["fidelity_b-ball"]) / 2
-    rep["colour_fidelity"] = (rep["colour_fidelity_a-ball"] + rep["colour_fidelity_b-ball"]) / 2
     return rep
 
 
@@ -321,7 +303,6 @@ def main(argv=None) -> dict:
     import tempfile
 
     from unconfused.engine import host
-    from unconfused.engine import toyworld as tw
     from unconfused.engine.clip_tower import tower_from_scorer
     from unconfused.engine.oracle import Oracle
 

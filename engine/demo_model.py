@@ -1,7 +1,7 @@
 """A small random-weight SD-style model built from configs in code.
 
-Used by the README's main job (so a fresh machine runs the whole flow in minutes on a CPU,
-with nothing downloaded) and by the tests. Same structure as SD 1.x - UNet with cross
+Used by the tests, the jobs' and `demo --ckpt`'s defaults where no model is named (the demo's
+built-in run uses the trained toy world instead: engine/toyworld.py). Same structure as SD 1.x - UNet with cross
 attention, KL VAE with 8x downsampling, CLIP text encoder with the real CLIP vocabulary -
 only narrower and shallower. Its pictures are noise: it proves the plumbing, not the art.
 """
@@ -65,7 +65,7 @@ def load_demo_model(folder: str | Path) -> ModelBundle:
 
 
 # A tiny open_clip (image + text towers) whose text width matches the demo text encoder, so the
-# CLIF stage and the metrics run on built-in defaults. Made discriminative the cheap way (no class
+# CLIF stage and the metrics run on the demo model. Made discriminative the cheap way (no class
 # or position bias, a stronger patch filter, CLIP's trained logit scale): a random ViT otherwise
 # gives nearly one feature for every picture.
 DEMO_CLIP_NAME = "unconfused-demo-clip"
@@ -101,35 +101,3 @@ def write_demo_clip(folder: str | Path, seed: int = 0) -> Path:
     atomic_write_json(path.with_suffix(".json"), DEMO_CLIP_CFG)
     atomic_save_safetensors(path, {k: v.contiguous() for k, v in model.state_dict().items()})
     return path
-
-
-BANK_SHAPES = {"ball": "disc", "box": "square", "pyramid": "triangle", "ring": "ring"}
-
-
-def write_demo_bank(folder: str | Path, per_shape: int = 3, size: int = 96, seed: int = 0) -> Path:
-    """A built-in common-concept bank: plain-coloured shapes on plain backgrounds, one subfolder per
-    label, with exact masks in `<label>/masks/` (the layout the augmentation builder reads)."""
-    from PIL import Image
-
-    from .files import atomic_save_image
-
-    folder = Path(folder)
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    for label, shape in BANK_SHAPES.items():
-        for i in range(per_shape):
-            path = folder / label / f"{i:03d}.png"
-            if path.is_file():
-                continue
-            cx, cy = ((torch.rand(2, generator=g) - 0.5) * 0.4).tolist()
-            r = 0.35 + 0.2 * float(torch.rand((), generator=g))
-            dx, dy = xx - cx, yy - cy
-            m = {"disc": dx ** 2 + dy ** 2 < r ** 2, "square": (dx.abs() < r) & (dy.abs() < r),
-                 "triangle": (dy < r) & (dy > -r) & (dx.abs() < (dy + r) / 2),
-                 "ring": ((dx ** 2 + dy ** 2) < r ** 2) & ((dx ** 2 + dy ** 2) > (r / 2) ** 2)}[shape]
-            bg, fg = torch.rand(3, generator=g) * 0.3 + 0.65, torch.rand(3, generator=g) * 0.6
-            img = torch.where(m[..., None], fg, bg)
-            atomic_save_image(folder / label / "masks" / f"{i:03d}.png",
-                              Image.fromarray((m.numpy() * 255).astype("uint8"), "L"))
-            atomic_save_image(path, Image.fromarray((img.numpy() * 255).round().astype("uint8")))
-    return folder

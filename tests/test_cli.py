@@ -54,38 +54,3 @@ def test_lora_command_trains_exports_and_resumes(tmp_path, dreambooth_dir, capsy
     assert "other settings" in capsys.readouterr().err
     assert main(["lora", "--config", str(config), "--set", "stepz=4"]) == 2
     assert "unknown settings" in capsys.readouterr().err
-
-
-def test_demo_runs_the_whole_clif_flow_on_builtin_defaults(tmp_path, capsys):
-    """The README's main job, with fewer steps: every stage runs and writes its files."""
-    work = tmp_path / "demo"
-    assert main(["demo", "--workdir", str(work), "--clif-steps", "3", "--lora-steps", "3"]) == 0
-    report = json.loads((work / "report.json").read_text())
-    assert list(report["stages"]) == ["load model", "load clip", "concepts and cut-outs", "augmentations",
-                                      "CLIF text encoder", "LoRA + tokens", "sample", "evaluate"]
-    assert report["stages"]["augmentations"]["pairs"] == {"global": 24, "mix": 12}
-    assert report["stages"]["sample"]["attention_tokens"] == ["<red-thing>", "<blue-thing>"]
-    assert (work / "samples.png").is_file() and (work / "attention.png").is_file()
-    ev = report["stages"]["evaluate"]  # the papers' metrics on the pictures, with the sampler's maps as regions
-    assert {"clip_t[all]", "clip_i_single[all]", "clip_i_multi[all]", "subject_alignment[all]",
-            "attendance[all]", "region_accuracy[all]"} <= set(ev["rows"]), ev
-    assert sum(map(sum, ev["confusion"])) >= 2 and "plain cosine" in ev["convention"]
-    saved = json.loads((work / "eval" / "report.json").read_text())
-    assert len(saved["per_image"]) == 4 and (work / "eval" / "confusion.png").is_file()
-    assert (work / "models" / "loras" / "demo-lora.safetensors").is_file()
-    assert (work / "models" / "embeddings" / "demo-lora_red-thing.safetensors").is_file()
-    # a rerun resumes every stage: nothing is trained again
-    assert main(["demo", "--workdir", str(work), "--clif-steps", "3", "--lora-steps", "3"]) == 0
-    again = json.loads((work / "report.json").read_text())["stages"]
-    assert again["CLIF text encoder"]["resumed_from"] == 3 and again["LoRA + tokens"]["resumed_from"] == 3
-    # finished sampling and evaluation return at once too (issue 21), with the same numbers
-    assert again["sample"]["reused"] and again["evaluate"]["reused"]
-    assert again["evaluate"]["rows"] == ev["rows"] and again["sample"]["attention_overlap"] == \
-        report["stages"]["sample"]["attention_overlap"]
-    # another run name in the same workdir is a separate run (the option the refusal names)
-    assert main(["demo", "--workdir", str(work), "--clif-steps", "3", "--lora-steps", "3", "--name", "other",
-                 "--resume", "restart", "--sample-steps", "2"]) == 0
-    other = json.loads((work / "report.json").read_text())["stages"]
-    assert other["LoRA + tokens"]["resumed_from"] == 0 and not other["sample"].get("reused")
-    assert (work / "models" / "loras" / "other-lora.safetensors").is_file()
-    assert "report written" in capsys.readouterr().out

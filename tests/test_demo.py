@@ -1,6 +1,8 @@
-"""The main job on the user's files (issue 17 item 2): `demo --ckpt ...` runs a preset at the model's
-native resolution with a bank drawn by the user's model (cached), R-Aug with SAM, flags and a job file
-for counts and steps, and a time estimate from the first steps."""
+"""The main job. Without files (issue 20 item 5) it trains two concepts of the toy world and its
+oracle measures their confusion before and after CLIF. On the user's files (issue 17 item 2):
+`demo --ckpt ...` runs a preset at the model's native resolution with a bank drawn by the user's model
+(cached), R-Aug with SAM, flags and a job file for counts and steps, and a time estimate from the
+first steps."""
 
 from __future__ import annotations
 
@@ -35,10 +37,67 @@ def test_with_a_checkpoint_the_plan_is_the_quick_preset_at_the_native_resolution
                                   overrides={"clif.batch_size": 4, "lora": {"rank": 4}}), 512, with_sam=False)
     assert (mine.augment.global_pairs, mine.clif.steps, mine.clif.batch_size, mine.lora.steps, mine.lora.rank,
             mine.bank.per_concept) == (10, 7, 4, 9, 4, 2)
-    # without files: today's fast built-in values, synthetic bank
+    # without files: the toy world's values (64 px, its sampler settings), its own bank of world objects
+    from unconfused.engine import toyworld as tw
+
     builtin = make_plan(FlowSettings(), 512, with_sam=False)
     assert (builtin.mode, builtin.resolution, builtin.sample_size, builtin.augment.global_pairs, builtin.clif.steps,
-            builtin.lora.steps, builtin.bank) == ("built-in", 64, 128, 24, 30, 40, None)
+            builtin.lora.steps, builtin.lora.rank, builtin.bank) == ("built-in", 64, 64, 48, 60, 150, 4, None)
+    assert builtin.sampling == {"cfg": 4.0, "scheduler": "ddim", "negative": ""} and plan.sampling == {}
+    assert builtin.clif.learning_rate == tw.CLIF["learning_rate"] and builtin.lora.unet_lr == tw.LORA["unet_lr"]
+
+
+def test_the_builtin_demo_trains_two_toy_concepts_and_the_oracle_measures_them(tmp_path, capsys):
+    """The README's main job with fewer steps, on the toy world: every stage runs, the pictures and the
+    report are written, the oracle's measures before and after CLIF are in it, and the trained tokens
+    draw their concepts: each concept alone comes out in its own colour (with 40 LoRA steps all 4
+    pictures of seed 0 do; the untrained tokens drew them in 1 of 12, docs/toyworld.md). A rerun
+    resumes every stage and reads the finished pictures and measures."""
+    from PIL import Image
+
+    work = tmp_path / "demo"
+    args = ["demo", "--workdir", str(work), "--clif-steps", "10", "--lora-steps", "40", "--sample-steps", "10",
+            "--set", "oracle_images=4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads((work / "report.json").read_text())
+    assert report["model"] == "toy-sd" and report["plan"]["mode"] == "built-in"
+    assert list(report["stages"]) == ["load model", "load clip", "concepts and cut-outs", "augmentations",
+                                      "CLIF text encoder", "LoRA + tokens", "sample", "evaluate", "oracle"]
+    assert report["stages"]["augmentations"]["pairs"] == {"global": 48, "mix": 24}
+    sample = report["stages"]["sample"]
+    assert sample["prompt"] == "a photo of <a-ball> ball and <b-ball> ball on snow"
+    assert sample["attention_tokens"] == ["<a-ball>", "<b-ball>"]
+    # 4 two-concept pictures + each concept alone, enlarged from 64 px to be seen
+    width, height = Image.open(work / "samples.png").size  # two rows of 256 px cells with captions
+    assert width == 4 * 256 and 2 * 256 < height < 3 * 256
+    assert (work / "attention.png").is_file()
+    ev = report["stages"]["evaluate"]  # the pack's own metrics with the toy CLIP
+    assert {"clip_t[all]", "clip_i_single[all]", "clip_i_multi[all]", "attendance[all]"} <= set(ev["rows"]), ev
+    assert len(json.loads((work / "eval" / "report.json").read_text())["per_image"]) == 6
+    oracle = report["stages"]["oracle"]
+    assert oracle["images"] == 4 and "no CLIF" in oracle["before"]
+    for when in ("before_clif", "after_clif"):
+        assert {"both", "both_colour", "confusion_degree_colour", "leak_rate_colour", "leakage_colour",
+                "colour_fidelity"} <= set(oracle[when])
+        assert 0 <= oracle[when]["confusion_degree_colour"] <= 1
+    for name in ("a-ball", "b-ball"):
+        assert oracle["after_clif"][f"colour_fidelity_{name}"] >= 0.75, oracle["after_clif"]
+    assert "before CLIF  after CLIF" in out and "confusion degree (colour" in out
+    assert (work / "models" / "loras" / "demo-lora.safetensors").is_file()
+    assert (work / "models" / "loras" / "demo-baseline.safetensors").is_file()
+    # a rerun resumes every stage: nothing is trained or drawn again, the same numbers come back
+    assert main(args) == 0
+    again = json.loads((work / "report.json").read_text())["stages"]
+    assert again["CLIF text encoder"]["resumed_from"] == 10 and again["LoRA + tokens"]["resumed_from"] == 40
+    assert again["sample"]["reused"] and again["evaluate"]["reused"] and again["oracle"]["reused"]
+    assert again["oracle"]["after_clif"] == oracle["after_clif"] and again["evaluate"]["rows"] == ev["rows"]
+    # another run name in the same workdir is a separate run
+    assert main(args + ["--name", "other", "--resume", "restart", "--clif-steps", "2", "--lora-steps", "3",
+                        "--sample-steps", "2"]) == 0
+    other = json.loads((work / "report.json").read_text())["stages"]
+    assert other["LoRA + tokens"]["resumed_from"] == 0 and not other["sample"].get("reused")
+    assert (work / "models" / "loras" / "other-lora.safetensors").is_file()
 
 
 @pytest.mark.parametrize("settings, message", [

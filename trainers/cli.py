@@ -133,30 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and [settings.clif] / .lora / .augment / .bank); options given here win")
     s.add_argument("--workdir", help="where models, outputs, pictures and report.json go (default: unconfused-demo; "
                                      "with --config: the job file's folder)")
-    s.add_argument("--ckpt", help="an SD 1.x/2.x checkpoint or diffusers folder (default: the built-in demo model)")
+    s.add_argument("--ckpt", help="an SD 1.x/2.x checkpoint or diffusers folder (default: the toy world's model)")
     s.add_argument("--clip", help="an open_clip checkpoint with both towers matching the text encoder (ViT-L/14 for "
-                                  "SD1, ViT-H/14 for SD2; default: a tiny built-in one)")
+                                  "SD1, ViT-H/14 for SD2; default: the toy world's, or a tiny one with --ckpt)")
     s.add_argument("--sam", help="a SAM checkpoint (sam_vit_b/l/h): cut-outs of your photos and Region (R-Aug) pairs")
     s.add_argument("--concept", action="append", type=_concept_spec,
-                   help="FOLDER:TOKEN:CLASS, repeatable (default: two built-in synthetic concepts)")
+                   help="FOLDER:TOKEN:CLASS, repeatable (default: the toy world's two concepts)")
     s.add_argument("--preset", choices=["quick", "paper", "custom"],
                    help="the trainers' preset (docs/presets.md) and the demo's counts; default: quick with --ckpt, "
                         "else the fast built-in run")
     s.add_argument("--resolution", type=_resolution,
-                   help="training resolution in pixels, a multiple of 64 (default: 64 for the built-in run - its "
-                        "pictures are twice as large; with a preset the model's native size: 512 SD1, 768 SD2-v)")
-    s.add_argument("--pairs", type=_count(0), help="Global (G-Aug) pairs (quick 2000, paper 40000, built-in 24)")
+                   help="training resolution in pixels, a multiple of 64 (default: 64 for the built-in run; "
+                        "with a preset the model's native size: 512 SD1, 768 SD2-v)")
+    s.add_argument("--pairs", type=_count(0), help="Global (G-Aug) pairs (quick 2000, paper 40000, built-in 48)")
     s.add_argument("--region-pairs", type=_count(0), help="Region (R-Aug) pairs, made only with --sam (quick 500, "
                                                           "paper 10000)")
     s.add_argument("--bank-images", type=_count(1), help="images per common concept, drawn by your model and cached "
-                                                         "(quick 4, paper 20; the built-in run uses synthetic shapes)")
-    s.add_argument("--clif-steps", type=_count(0), help="CLIF text-encoder steps (default: the preset's; built-in 30)")
-    s.add_argument("--lora-steps", type=_count(1), help="LoRA + token steps (default: the preset's; built-in 40)")
+                                                         "(quick 4, paper 20; the built-in run uses the toy world's objects)")
+    s.add_argument("--clif-steps", type=_count(0), help="CLIF text-encoder steps (default: the preset's; built-in 60)")
+    s.add_argument("--lora-steps", type=_count(1), help="LoRA + token steps (default: the preset's; built-in 150)")
     s.add_argument("--sample-steps", type=_count(1), help="sampling steps per picture (default: 20)")
     s.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="a stage's own setting: clif.*, lora.* (the trainers' settings), augment.* (the Augment "
                         "node's), bank.* (steps, cfg, ...), e.g. --set clif.batch_size=32 (repeatable)")
-    s.add_argument("--prompt", help="default: a photo of <first token> and <second token>")
+    s.add_argument("--prompt", help="default: a photo of <first token> and <second token> (built-in: a photo of "
+                                    "<a-ball> ball and <b-ball> ball on snow)")
     s.add_argument("--name", help="run name: the CLIF and LoRA runs are <name>-clif and <name>-lora "
                                   "and the exports carry it; another name starts a separate run in "
                                   "the same workdir (default: demo)")

@@ -1,16 +1,18 @@
 """The flagship CLIF flow, headless: photos -> cut-outs -> augmentations -> CLIF text encoder ->
 LoRA + tokens -> multi-concept pictures with the attention debugger -> report.
 
-`python -m unconfused demo` runs it on built-in defaults (a small random SD model, a tiny CLIP,
-two synthetic concepts with exact masks, a synthetic common-concept bank), so a fresh machine sees
-every stage work in minutes on a CPU. The pictures of random models are noise: the run proves the
-flow, the files and the numbers' plumbing, not the art. Give real files and photos
-(`--ckpt`, `--clip`, `--sam`, `--concept`) for real results: then the run takes a preset (`quick`
-unless `--preset` says otherwise; the trainers' values from engine/presets.py, the demo's counts from
-DEMO_VALUES) at the model family's native resolution, draws the common-concept bank with the user's
-model (cached per model), makes R-Aug pairs when SAM is given, and says after the first steps of each
-stage how long the stage will take (`make_plan` is the whole plan; report.json keeps it). Each stage
-resumes: rerun the command and finished stages return at once.
+`python -m unconfused demo` runs it on built-in defaults: the toy world (engine/toyworld.py) - its
+miniature SD 1.x model trained on coloured shapes, its CLIP, two personal concepts it has never
+seen (a purple striped ball and an orange striped ball, with exact masks) and a common-concept bank
+of the world's objects - so a fresh machine sees every stage work, and the pictures show objects,
+in a few minutes on a CPU. The toy world's oracle measures the confusion of the two concepts before
+CLIF (the same LoRA + tokens trained on the original text encoder) and after. Give real files and
+photos (`--ckpt`, `--clip`, `--sam`, `--concept`) for real results: then the run takes a preset
+(`quick` unless `--preset` says otherwise; the trainers' values from engine/presets.py, the demo's
+counts from DEMO_VALUES) at the model family's native resolution, draws the common-concept bank with
+the user's model (cached per model), makes R-Aug pairs when SAM is given, and says after the first
+steps of each stage how long the stage will take (`make_plan` is the whole plan; report.json keeps
+it). Each stage resumes: rerun the command and finished stages return at once.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ NODE = "demo"
 
 
 PRESETS = ("quick", "paper", "custom")
-BUILTIN = "built-in"  # no --ckpt and no --preset: the fast run on the built-in model (the README's main job)
+BUILTIN = "built-in"  # no --ckpt and no --preset: the fast run on the toy world (the README's main job)
 STAGES = ("clif", "lora", "augment", "bank")  # what `--set STAGE.KEY=VALUE` may name
 # the demo's own settings a job's [settings] or `--set KEY=VALUE` may give (the options' names)
 OWN_NUMBERS = ("resolution", "pairs", "region_pairs", "bank_images", "clif_steps", "lora_steps", "sample_steps", "seed",
-               "estimate_after")
+               "estimate_after", "oracle_images")
 OWN_TEXTS = ("preset", "prompt", "name", "resume")
 
 # The demo's own counts per preset (the trainers' settings come from engine/presets.py): G-Aug pairs,
@@ -52,10 +54,11 @@ DEMO_VALUES = {"paper": {"pairs": 40000, "region_pairs": 10000, "bank_images": 2
 @dataclass
 class FlowSettings:
     workdir: Path = Path("unconfused-demo")
-    ckpt: Path | None = None  # default: the built-in demo model
-    clip: Path | None = None  # an open_clip checkpoint (image + text towers); default: the tiny demo CLIP
+    ckpt: Path | None = None  # default: the toy world's model (engine/toyworld_weights/toy-sd)
+    clip: Path | None = None  # an open_clip checkpoint (image + text towers); default: the toy CLIP (without
+    # --ckpt) or the tiny random demo CLIP (with it)
     sam: Path | None = None  # a SAM checkpoint: cut-outs of user photos and R-Aug pairs
-    concepts: list[ConceptSpec] = field(default_factory=list)  # default: two synthetic concepts
+    concepts: list[ConceptSpec] = field(default_factory=list)  # default: the toy world's two concepts
     preset: str = ""  # quick | paper | custom; "": quick with --ckpt, the fast built-in run without
     resolution: int = 0  # 0: 64 built-in, else the model family's native size
     pairs: int | None = None  # G-Aug pairs (None: the preset's)
@@ -70,6 +73,7 @@ class FlowSettings:
     resume: str = "auto"  # "restart": train every stage again
     overrides: dict = field(default_factory=dict)  # "clif.batch_size" -> value (--set / a job's [settings])
     estimate_after: int = 5  # steps measured for the time estimate of each training stage
+    oracle_images: int = 12  # toy world only: pictures per prompt the oracle measures, before and after CLIF
 
 
 @dataclass
@@ -82,11 +86,13 @@ class Plan:
     bank: object | None  # BankSpec, or None: the built-in synthetic bank
     clif: object  # ClifSettings
     lora: object  # LoraSettings
+    sampling: dict = field(default_factory=dict)  # the sampler's settings beyond its defaults (the toy world's)
 
     def summary(self) -> dict:
         return json.loads(json.dumps({"mode": self.mode, "resolution": self.resolution, "sample_size": self.sample_size,
                                       "augment": asdict(self.augment), "bank": asdict(self.bank) if self.bank else None,
-                                      "clif": asdict(self.clif), "lora": asdict(self.lora)}, default=str))
+                                      "clif": asdict(self.clif), "lora": asdict(self.lora),
+                                      "sampling": self.sampling}, default=str))
 
 
 def _split_overrides(overrides: dict) -> dict[str, dict]:
@@ -129,12 +135,16 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
     def steps(value):
         return {} if value is None else {"steps": value}
 
-    if mode == BUILTIN:  # today's fast values, any of them changeable
-        res = s.resolution or 64
-        aug = {"canvas": 128, "global_pairs": 24, "region_pairs": 0, "mix_per_pair": 12}
-        clif = {"steps": 30, "batch_size": 8, "warmup_steps": 0, "checkpoint_every": 0, "holdout": 0.2}
-        lora = {"steps": 40, "checkpoint_every": 0}
-        preset, sample_size, bank_images = "custom", res * 2, s.bank_images
+    sampling = {}
+    if mode == BUILTIN:  # the values that suit the toy model (64 px), any of them changeable
+        from ..engine import toyworld as tw
+
+        res = s.resolution or tw.SIZE
+        aug = {**tw.AUGMENT, "canvas": res}
+        clif = dict(tw.CLIF)
+        lora = {**tw.LORA, "resolution": res}
+        sampling = {k: v for k, v in tw.SAMPLING.items() if k != "steps"}
+        preset, sample_size, bank_images = "custom", res, s.bank_images
     else:
         res = s.resolution or native
         values = DEMO_VALUES[mode]
@@ -160,7 +170,7 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
     lora = {**lora, **common, "name": f"{s.name}-lora", "resolution": res, **steps(s.lora_steps), **over["lora"]}
     lora = apply_preset(LoraSettings, preset, lora, node=NODE)
     return Plan(mode, lora.resolution, sample_size, augment, bank, apply_preset(ClifSettings, preset, clif, node=NODE),
-                lora)
+                lora, sampling)
 
 
 class Stages:
@@ -180,7 +190,12 @@ class Stages:
 
 
 def _concepts(s: FlowSettings, sam_model, scorer) -> ConceptSet:
-    if not s.concepts:
+    if not s.concepts and s.ckpt is None:  # the toy world's two personal concepts, with exact masks
+        from ..engine import toyworld as tw
+
+        return make_concept_set([Concept(token, cls, images, masks=masks)
+                                 for token, cls, images, masks in tw.demo_concepts(5, s.seed)], node=NODE)
+    if not s.concepts:  # on the user's model: two synthetic concepts
         specs = [("<red-thing>", "ball"), ("<blue-thing>", "box")]
         made = []
         for i, (token, cls) in enumerate(specs):
@@ -256,11 +271,12 @@ def _say(line: str) -> None:
 def run(s: FlowSettings, say=_say) -> dict:
     """The whole flow; writes `<workdir>/report.json`, `samples.png`, `attention.png`."""
     from ..engine import sampling as S
+    from ..engine import toyworld as tw
     from ..engine.augment import bank_from_folder, build_dataset, generate_bank
     from ..engine.clip_scoring import load_clip
     from ..engine.clip_tower import tower_from_scorer
     from ..engine.dataset import Dataset
-    from ..engine.demo_model import write_demo_bank, write_demo_clip, write_demo_diffusers_folder
+    from ..engine.demo_model import write_demo_clip
     from ..engine.models import load_model
     from .clif import train_clif
     from .lora import train_lora
@@ -273,7 +289,8 @@ def run(s: FlowSettings, say=_say) -> dict:
     name = safe_name(s.name, input="--name", node=NODE)
     make_plan(s, 512, s.sam is not None)  # bad settings are refused before anything loads
     st = Stages()
-    ckpt = s.ckpt or write_demo_diffusers_folder(work / "models" / "diffusers" / "unconfused-demo")
+    toy = s.ckpt is None  # the built-in defaults: the toy world, measured by its oracle
+    ckpt = tw.MODEL_DIR if toy else s.ckpt
     bundle = st.run("load model", load_model, ckpt)
     plan = make_plan(s, bundle.spec.default_resolution(bundle), s.sam is not None)
     bank_text = f"{plan.bank.per_concept} images x {len(plan.bank.phrases)} concepts drawn by the model" \
@@ -281,7 +298,7 @@ def run(s: FlowSettings, say=_say) -> dict:
     say(f"demo plan ({plan.mode}): {plan.resolution} px, {plan.augment.global_pairs} G-Aug + "
         f"{plan.augment.region_pairs} R-Aug pairs, bank {bank_text}, CLIF {plan.clif.steps} steps x "
         f"{plan.clif.batch_size}, LoRA {plan.lora.steps} steps")
-    clip_path = s.clip or write_demo_clip(work / "models" / "clip_vision")
+    clip_path = s.clip or (tw.CLIP_PATH if toy else write_demo_clip(work / "models" / "clip_vision"))
     scorer = st.run("load clip", load_clip, clip_path)
     sam_model = None
     if s.sam:
@@ -295,7 +312,7 @@ def run(s: FlowSettings, say=_say) -> dict:
     timer = StepTimer(s.estimate_after, say)
     host.add_listener(timer)  # (host has no remove_listener: `end()` makes it deaf after the run)
     if plan.bank is None:
-        bank = bank_from_folder(write_demo_bank(work / "bank"), node=NODE, input="bank")
+        bank = bank_from_folder(tw.write_toy_bank(work / "bank", seed=s.seed), node=NODE, input="bank")
     else:  # drawn by the user's model, cached per model (by its hash), prompt, seed and size: a rerun reuses it
         timer.begin("common-concept bank")
         try:
@@ -335,30 +352,35 @@ def run(s: FlowSettings, say=_say) -> dict:
             st.note(stage, estimate=timer.estimates[label]["line"])
 
     tokens = [c.token for c in cs.concepts]
-    prompt = s.prompt or f"a photo of {tokens[0]} and {tokens[1] if len(tokens) > 1 else 'a friend'}"
+    # the toy model learnt its concepts as "<token> ball" and every picture with a ground: its prompts name both
+    phrase = {c.token: f"{c.token} {c.class_word}" if toy else c.token for c in cs.concepts}
+    where = f" on {tw.DEMO_GROUND}" if toy else ""
+    prompt = s.prompt or (f"a photo of {phrase[tokens[0]]} and {phrase[tokens[1]] if len(tokens) > 1 else 'a friend'}"
+                          + where)
     # sampling and evaluation: done once per (trained weights, prompt, settings); a rerun reads the result
-    key = _stage_key(lora.exports, prompt, s, plan.sample_size)
+    key = _stage_key(lora.exports, prompt, s, plan.sample_size, [plan.sampling, s.oracle_images] if toy else [])
     done = _read_stage(work, "sample", key)
     if done is None or not all((work / f).exists() for f in ("samples.png", "attention.png", "eval")):
         res = st.run("sample", S.sample, lora.bundle, prompt, steps=s.sample_steps, width=plan.sample_size,
-                     height=plan.sample_size, seed=s.seed, batch_size=2, debug_attention=True, node=NODE)
-        from ..engine.concepts import tensor_to_pil
-        from ..engine.preview import grid
-
-        atomic_save_image(work / "samples.png", grid([tensor_to_pil(i) for i in res.images],
-                                                     [prompt] * len(res.images)))
-        atomic_save_image(work / "attention.png", res.overlay())
+                     height=plan.sample_size, seed=s.seed, batch_size=4 if toy else 2, debug_attention=True,
+                     node=NODE, **plan.sampling)
         done = {"prompt": prompt, "attention_tokens": res.tokens, "attention_overlap": _attention_overlap(res.maps),
                 "warnings": res.warnings}
-        evaluation = st.run("evaluate", _evaluate, lora.bundle, cs, scorer, res, prompt, s, work / "eval",
-                            plan.sample_size)
-        _write_stage(work, "sample", key, {"sample": done, "evaluate": evaluation})
-        done = {"sample": done, "evaluate": evaluation}
+        evaluation, singles = st.run("evaluate", _evaluate, lora.bundle, cs, scorer, res, prompt, s, work / "eval",
+                                     plan, phrase, where)
+        _write_pictures(work, res, prompt, singles)
+        result = {"sample": done, "evaluate": evaluation}
+        if toy:  # the oracle's measures before CLIF (same LoRA + tokens, original text encoder) and after
+            result["oracle"] = st.run("oracle", _oracle_measures, bundle, lora.bundle, examples, plan, cs, s)
+        _write_stage(work, "sample", key, result)
+        done = result
     else:
-        st.note("sample", seconds=0.0, reused=True)
-        st.note("evaluate", seconds=0.0, reused=True)
+        for stage in ("sample", "evaluate") + (("oracle",) if "oracle" in done else ()):
+            st.note(stage, seconds=0.0, reused=True)
     st.note("sample", **done["sample"])
     st.note("evaluate", **done["evaluate"])
+    if "oracle" in done:
+        st.note("oracle", **done["oracle"])
 
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
                            if k != "concepts"}, "plan": plan.summary(),
@@ -371,7 +393,7 @@ def run(s: FlowSettings, say=_say) -> dict:
     return report
 
 
-def _stage_key(exports: dict, prompt: str, s: FlowSettings, size: int) -> str:
+def _stage_key(exports: dict, prompt: str, s: FlowSettings, size: int, extra: list) -> str:
     """What the pictures depend on: the trained tensors (by name and bytes: a re-export may order a
     file's header differently), the prompt, the sampling settings."""
     import hashlib
@@ -379,7 +401,7 @@ def _stage_key(exports: dict, prompt: str, s: FlowSettings, size: int) -> str:
     import torch
     from safetensors import safe_open
 
-    h = hashlib.sha256(json.dumps([prompt, s.sample_steps, size, s.seed]).encode())
+    h = hashlib.sha256(json.dumps([prompt, s.sample_steps, size, s.seed, *extra]).encode())
     for k, path in sorted(exports.items()):
         with safe_open(str(path), "pt") as f:
             for name in sorted(f.keys()):
@@ -402,9 +424,11 @@ def _write_stage(work: Path, stage: str, key: str, result: dict) -> None:
                       {"key": key, "result": json.loads(json.dumps(result, default=str))})
 
 
-def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings, folder: Path, size: int) -> dict:
+def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings, folder: Path, plan: Plan,
+              phrase: dict[str, str], where: str) -> tuple[dict, list]:
     """The papers' metrics on the pictures: the two-concept prompt's images (their attention maps
-    give the confusion matrix) plus one single-concept picture per concept (CLIP-I single vs multi)."""
+    give the confusion matrix) plus one single-concept picture per concept (CLIP-I single vs multi).
+    Returns the metrics and the single-concept pictures as (prompt, image)."""
     from ..engine import metrics as M
     from ..engine import sampling as S
 
@@ -412,19 +436,71 @@ def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings,
     images, prompts = list(res.images), [prompt] * len(res.images)
     regions = [[res.maps[i][res.tokens.index(t)] if res.maps is not None and t in res.tokens else None
                 for t in tokens] for i in range(len(res.images))]
+    singles = []
     for t in tokens:
-        single = f"a photo of {t}"
-        r = S.sample(bundle, single, steps=s.sample_steps, width=size, height=size,
-                     seed=s.seed, batch_size=1, node=NODE)
+        single = f"a photo of {phrase[t]}{where}"
+        r = S.sample(bundle, single, steps=s.sample_steps, width=plan.sample_size, height=plan.sample_size,
+                     seed=s.seed, batch_size=1, node=NODE, **plan.sampling)
         images.append(r.images[0])
         prompts.append(single)
         regions.append([None] * len(tokens))
+        singles.append((single, r.images[0]))
     refs = [M.Reference(c.token, c.class_word, c.images, c.masks) for c in cs.concepts]
     report = M.evaluate(images, prompts, refs, scorer, region_masks=regions, node=NODE)
     report.write(folder)
     return {"convention": report.settings["convention_text"], "rows": {
         f"{r['metric']}[{r['concept']}]": r["value"] for r in report.rows if r["concept"] == "all"},
-        "confusion": report.confusion.tolist() if report.confusion is not None else None}
+        "confusion": report.confusion.tolist() if report.confusion is not None else None}, singles
+
+
+def _write_pictures(work: Path, res, prompt: str, singles: list) -> None:
+    """samples.png: the two-concept pictures, then each concept alone; attention.png: the debugger's
+    overlay. Small pictures (the toy world's 64 px) are enlarged 4x, pixels kept sharp, to be seen."""
+    import dataclasses
+
+    import torch
+
+    from ..engine.concepts import tensor_to_pil
+    from ..engine.preview import grid
+
+    scale = 4 if res.images.shape[1] < 128 else 1
+
+    def big(x: torch.Tensor) -> torch.Tensor:  # [..., H, W] -> [..., H*scale, W*scale]
+        return x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+
+    pictures = list(res.images) + [img for _, img in singles]
+    captions = [prompt] * len(res.images) + [p for p, _ in singles]
+    atomic_save_image(work / "samples.png", grid([tensor_to_pil(big(i.permute(2, 0, 1)).permute(1, 2, 0))
+                                                  for i in pictures], captions, cell=max(256, 64 * scale)))
+    shown = dataclasses.replace(res, images=big(res.images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+                                maps=big(res.maps) if res.maps is not None else None)
+    atomic_save_image(work / "attention.png", shown.overlay())
+
+
+def _oracle_measures(base, trained, examples: list, plan: Plan, cs: ConceptSet, s: FlowSettings) -> dict:
+    """The toy world's oracle on the two concepts: before CLIF = tokens + LoRA trained exactly as the
+    run's (same examples, settings and seed) on the base model's own text encoder; after = the run's
+    model (CLIF text encoder, then tokens + LoRA)."""
+    from dataclasses import replace
+
+    from ..engine import toyworld as tw
+    from ..engine.oracle import Oracle
+    from .lora import train_lora
+
+    concepts = {c.token: tw.DEMO_TOKENS[c.token] for c in cs.concepts if c.token in tw.DEMO_TOKENS}
+    if len(concepts) != 2:
+        return {"note": "the oracle measures the toy world's two built-in concepts only"}
+    oracle = Oracle.load()
+    before = train_lora(base, examples, replace(plan.lora, name=f"{plan.lora.name.removesuffix('-lora')}"
+                                                                          "-baseline"),
+                        class_words={c.token: c.class_word for c in cs.concepts})
+    out = {"before": "tokens + LoRA on the original text encoder (no CLIF), same examples, settings and seed",
+           "after": "CLIF text encoder, then tokens + LoRA", "images": s.oracle_images,
+           "prompt": tw.pair_prompt(concepts, tw.DEMO_GROUND)}
+    for when, bundle in (("before_clif", before.bundle), ("after_clif", trained)):
+        out[when], _ = tw.measure_concepts(bundle, oracle, concepts, s.oracle_images, s.seed, s.sample_steps,
+                                           ground=tw.DEMO_GROUND)
+    return out
 
 
 def _attention_overlap(maps) -> float | None:
@@ -443,5 +519,25 @@ def format_report(report: dict) -> str:
         extra = {k: v for k, v in info.items() if k != "seconds"}
         lines.append(f"- {name}: {info.get('seconds', 0):.1f} s" + (f"  {json.dumps(extra, default=str)[:300]}"
                                                                      if extra else ""))
+    lines += _oracle_table(report["stages"].get("oracle", {}))
     lines += [f"{k}: {v}" for k, v in report["files"].items()]
     return "\n".join(lines)
+
+
+ORACLE_ROWS = (("both", "both concepts present (colour, pattern, shape)"),
+               ("both_colour", "both concepts present (colour)"),
+               ("confusion_degree_colour", "confusion degree (colour; 0 = apart, 1 = confused or absent)"),
+               ("leak_rate_colour", "leak rate (colour: a concept drawn in the other's colour)"),
+               ("colour_fidelity", "each concept alone, drawn in its colour"),
+               ("fidelity", "each concept alone, all attributes right"))
+
+
+def _oracle_table(o: dict) -> list[str]:
+    """The oracle's before/after CLIF table of the toy world's run, as text."""
+    if "before_clif" not in o:
+        return []
+    lines = [f"oracle ({o['images']} pictures per prompt, '{o['prompt']}'):", f"  {'':64s} before CLIF  after CLIF"]
+    for key, label in ORACLE_ROWS:
+        lines.append(f"  {label:64s} {o['before_clif'][key]:11.2f}  {o['after_clif'][key]:10.2f}")
+    lines.append(f"  before CLIF = {o['before']}")
+    return lines
