@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import sys
@@ -390,6 +391,18 @@ def current_node() -> str | None:
 def current_node_name() -> str | None:
     """The node name set by `running_node` (the running node, a CLI job's section), or None."""
     return _running_name.get()
+
+
+def takes_node(fn: Callable) -> Callable:
+    """For callers not yet moved to the running-node context: `fn(..., node=NAME)` runs `fn`
+    inside `running_node(name=NAME)`, so everything it raises names NAME as before."""
+    @functools.wraps(fn)
+    def run(*args, node: str | None = None, **kwargs):
+        if node is None:
+            return fn(*args, **kwargs)
+        with running_node(current_node(), name=node):
+            return fn(*args, **kwargs)
+    return run
 
 
 def in_context(fn: Callable) -> Callable:

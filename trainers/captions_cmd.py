@@ -40,12 +40,12 @@ def add_parser(subparsers) -> None:
     c.set_defaults(func=run)
 
 
-def _sidecars(folder: Path, ext: str, node: str) -> list[tuple[str, str | None]]:
+def _sidecars(folder: Path, ext: str) -> list[tuple[str, str | None]]:
     from ..engine.errors import UnconfusedError
 
     if not folder.is_dir():
         raise UnconfusedError(f"{folder} is not a folder; give the folder that holds the images and their "
-                              f"{ext} captions", node=node, input="--folder")
+                              f"{ext} captions", input="--folder")
     ext = ext if ext.startswith(".") else "." + ext
     out = []
     for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
@@ -53,8 +53,7 @@ def _sidecars(folder: Path, ext: str, node: str) -> list[tuple[str, str | None]]
         out.append((str(img), side.read_text(encoding="utf-8", errors="replace").strip() if side.is_file()
                     else None))
     if not out:
-        raise UnconfusedError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
-                              node=node, input="--folder")
+        raise UnconfusedError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})", input="--folder")
     return out
 
 
@@ -67,8 +66,7 @@ def run(args) -> int:
     for folder in args.folder:
         items += _sidecars(Path(folder), args.caption_extension, node)
     if not items:
-        raise UnconfusedError("no captions: give captions as arguments or --folder DIR with caption sidecars",
-                              node=node, input="captions")
+        raise UnconfusedError("no captions: give captions as arguments or --folder DIR with caption sidecars", input="captions")
     counts = {"ok": 0, "repaired": 0, "flagged": 0}
     failed = 0
     for i, (source, text) in enumerate(items):

@@ -58,7 +58,7 @@ def _type_name(tp) -> str:
         tp, "a list of text, e.g. [\"a photo of <alice>\"]" if tp == list[str] else str(tp))
 
 
-def parse_setting(key: str, value, tp, *, node: str, input: str | None = None):
+def parse_setting(key: str, value, tp, *, input: str | None = None):
     """`value` as the declared type `tp`, or a sentence naming the key and the type.
 
     Whole numbers accept an integral float (4.0, 3e0 -> 4, 3: TOML and JSON readers give floats
@@ -68,7 +68,7 @@ def parse_setting(key: str, value, tp, *, node: str, input: str | None = None):
     import math
 
     def bad():
-        raise UnconfusedError(f"'{key}' must be {_type_name(tp)}, not {value!r}", node=node, input=input or key)
+        raise UnconfusedError(f"'{key}' must be {_type_name(tp)}, not {value!r}", input=input or key)
 
     cli = isinstance(value, CliText)
     if cli and tp is not str:
@@ -118,7 +118,7 @@ def parse_setting(key: str, value, tp, *, node: str, input: str | None = None):
     return value
 
 
-def settings_from_dict(cls, data: dict, node: str):
+def settings_from_dict(cls, data: dict):
     """A trainer's settings dataclass from a config's [settings] table: unknown keys are named,
     every value is parsed by its declared type (`parse_setting`), then the class's own
     `validated(node)` (where it has one) checks the values."""
@@ -130,23 +130,23 @@ def settings_from_dict(cls, data: dict, node: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", node=node, input="config")
+        raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", input="config")
     hints = typing.get_type_hints(cls)
-    values = {k: parse_setting(k, v, hints.get(k), node=node) for k, v in data.items()}
-    values = with_preset(cls, values, node=node)  # a named preset's values, under the table's own
+    values = {k: parse_setting(k, v, hints.get(k)) for k, v in data.items()}
+    values = with_preset(cls, values)  # a named preset's values, under the table's own
     for key, text in values.items():  # caption templates: a misspelt field is named here, not mid-run
         if key.endswith("template") and isinstance(text, str):
             try:
                 text.format(token="<t>", class_word="c")
             except (KeyError, IndexError, ValueError) as e:
                 raise UnconfusedError(f"'{text}' uses {e}, which templates do not know; use {{token}} and "
-                                      "{class_word} (write {{ and }} for braces)", node=node, input=key) from e
+                                      "{class_word} (write {{ and }} for braces)", input=key) from e
     if isinstance(values.get("resolution"), int) and values["resolution"] > 2048:
         log.warning("%s: resolution %d is far above what SD 1.x/2.x were trained at (512/768): memory and time grow "
-                    "with its square (%.0fx of 512) and the model has never seen such pictures", node,
+                    "with its square (%.0fx of 512) and the model has never seen such pictures", host.current_node_name() or cls.__name__,
                     values["resolution"], (values["resolution"] / 512) ** 2)
     made = cls(**values)
-    return made.validated(node) if hasattr(made, "validated") else made
+    return made.validated() if hasattr(made, "validated") else made
 
 
 def rng_state() -> dict:
@@ -193,9 +193,8 @@ class RunLock:
     (killed, crashed, the machine restarted) is taken over. The lock is made by linking a
     complete file into place, so two runs starting together cannot both win."""
 
-    def __init__(self, folder: Path, *, node: str):
+    def __init__(self, folder: Path):
         self.path = Path(folder) / ".lock"
-        self.node = node
         self.held = False
         self.id = uuid.uuid4().hex
 
@@ -235,16 +234,16 @@ class RunLock:
                     raise UnconfusedError(
                         f"the run folder {self.path.parent} is in use by another run (process {owner.get('pid')} on "
                         f"{owner.get('host')}, since {owner.get('since')}); wait for it to finish, or choose another "
-                        f"run name. If that run is gone, delete {self.path}", node=self.node, input="name")
+                        f"run name. If that run is gone, delete {self.path}", input="name")
                 if owner.get("pid") != os.getpid():  # (this process's own earlier, finished loop: no news)
                     log.warning("%s: taking over the lock of a run that ended (%s)", self.node,
                                 f"process {owner.get('pid')}" if owner else "an unreadable lock")
                 self.path.unlink(missing_ok=True)
-            raise UnconfusedError(f"could not lock the run folder {self.path.parent}; try again", node=self.node,
+            raise UnconfusedError(f"could not lock the run folder {self.path.parent}; try again",
                                   input="name")
         except OSError as e:
             raise UnconfusedError(f"cannot lock the run folder {self.path.parent} ({e.strerror or e}); check that "
-                                  "it is writable and the disk is not full", node=self.node, input="name") from e
+                                  "it is writable and the disk is not full", input="name") from e
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
