@@ -288,10 +288,10 @@ def load_concept_set(folder: str | Path, *, node: str = "UnconfusedLoadConceptSe
                                   "fix the file or save the concept set again", input="folder")
         sub = folder / safe_name(entry["folder"], input="folder")
         names = [Path(n).stem for n in entry["images"]]
-        images = [pil_to_tensor(_read_image(sub / n, "image", node)) for n in entry["images"]]
+        images = [pil_to_tensor(_read_image(sub / n, "image")) for n in entry["images"]]
         masks = None
         if entry.get("masks"):
-            masks = [pil_to_mask(_read_image(sub / "masks" / f"{n}.png", "mask", node)) for n in names]
+            masks = [pil_to_mask(_read_image(sub / "masks" / f"{n}.png", "mask")) for n in names]
         captions = None
         if entry.get("captions") or all((sub / f"{n}.txt").is_file() for n in names):
             captions = [read_caption(sub / f"{n}.txt") for n in names]

@@ -308,9 +308,8 @@ class UnconfusedCRFRefine:
 
     def refine(self, images, mask_1, iterations=10, gaussian_sxy=3.0, gaussian_compat=7.0, bilateral_sxy=50.0,
                bilateral_srgb=5.0, bilateral_compat=10.0, unary_scale=1.0, output="binary", work_at="image", **more):
-        node = self.NODE_ID
         settings = CRF.CRFSettings(iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,
-                                   bilateral_compat, unary_scale, output).validate(node)
+                                   bilateral_compat, unary_scale, output).validate()
         if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
             raise UnconfusedError(f"the image has {images.shape[-1]} channels; connect an RGB IMAGE",
                                   input="images")

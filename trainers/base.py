@@ -154,7 +154,7 @@ class TrainerCore:
         s = self.settings
         self.trainable = trainable
         Precision.upcast(trainable.values())
-        self.optimizer = make_optimizer([g for g in groups if g["params"]], s.optimizer, weight_decay, self.node)
+        self.optimizer = make_optimizer([g for g in groups if g["params"]], s.optimizer, weight_decay)
         self.lr_scheduler = get_scheduler(s.lr_scheduler, self.optimizer, num_warmup_steps=warmup_steps,
                                           num_training_steps=s.steps)
 
@@ -247,7 +247,7 @@ class TrainerCore:
     def export_embeddings(self, name: str) -> dict[str, Path]:
         """Each token -> models/embeddings/<name>_<token>.safetensors, with the family's keys."""
         out: dict[str, Path] = {}
-        folder = first_folder("embeddings", self.node)
+        folder = first_folder("embeddings")
         family = self.bundle.spec
         for token in self.tokens:
             stem = f"{name}_{safe_name(token.strip('<>'), input='token')}"

@@ -58,13 +58,19 @@ def _sidecars(folder: Path, ext: str) -> list[tuple[str, str | None]]:
 
 
 def run(args) -> int:
+    from ..engine import host
+
+    with host.running_node(name="captions check"):  # the command names itself in every message
+        return _run(args)
+
+
+def _run(args) -> int:
     from ..engine import sid
     from ..engine.errors import UnconfusedError
 
-    node = "captions check"
     items: list[tuple[str, str | None]] = [(f"argument {i + 1}", c) for i, c in enumerate(args.captions)]
     for folder in args.folder:
-        items += _sidecars(Path(folder), args.caption_extension, node)
+        items += _sidecars(Path(folder), args.caption_extension)
     if not items:
         raise UnconfusedError("no captions: give captions as arguments or --folder DIR with caption sidecars", input="captions")
     counts = {"ok": 0, "repaired": 0, "flagged": 0}

@@ -511,11 +511,11 @@ class ClifTrainer(TrainerCore):
         out = self.export_embeddings(name)
         te = self.bundle.text_encoder
         if s.train == "tokens+lora":
-            out["lora"] = save_lora(first_folder("loras", self.node) / f"{name}_te.safetensors", None, te,
+            out["lora"] = save_lora(first_folder("loras") / f"{name}_te.safetensors", None, te,
                                     alpha=s.alpha, metadata=self.metadata(), family=self.bundle.family)
             te = merged_text_encoder(te)
         if s.train != "tokens":
-            out["text_encoder"] = save_text_encoder(first_folder(host.text_encoder_folder_kind(), self.node) /
+            out["text_encoder"] = save_text_encoder(first_folder(host.text_encoder_folder_kind()) /
                                                     f"{name}.safetensors", _StockTextEncoder(te),
                                                     metadata=self.metadata())
         return out

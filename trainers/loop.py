@@ -236,7 +236,7 @@ class RunLock:
                         f"{owner.get('host')}, since {owner.get('since')}); wait for it to finish, or choose another "
                         f"run name. If that run is gone, delete {self.path}", input="name")
                 if owner.get("pid") != os.getpid():  # (this process's own earlier, finished loop: no news)
-                    log.warning("%s: taking over the lock of a run that ended (%s)", self.node,
+                    log.warning("%s: taking over the lock of a run that ended (%s)", host.current_node_name() or "unconfused",
                                 f"process {owner.get('pid')}" if owner else "an unreadable lock")
                 self.path.unlink(missing_ok=True)
             raise UnconfusedError(f"could not lock the run folder {self.path.parent}; try again",

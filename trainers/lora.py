@@ -200,7 +200,7 @@ def class_image_examples(bundle, classes: list[str], settings: LoraSettings, fol
 
 
 def _optimizer(params: list[dict], name: str):
-    return make_optimizer(params, name, 1e-2, NODE)
+    return make_optimizer(params, name, 1e-2)
 
 
 @contextlib.contextmanager
@@ -498,7 +498,7 @@ class LoraTrainer(TrainerCore):
         name = export_name(s.name)
         out: dict[str, Path] = {}
         encoders = self.family.encoders(self.bundle) if s.text_encoder_lora else None
-        out["lora"] = save_lora(first_folder("loras", self.node) / f"{name}.safetensors", self.bundle.unet, encoders,
+        out["lora"] = save_lora(first_folder("loras") / f"{name}.safetensors", self.bundle.unet, encoders,
                                 alpha=s.alpha, metadata=self.metadata(), family=self.bundle.family)
         out.update(self.export_embeddings(name))
         return out

@@ -481,7 +481,8 @@ def plan_job(config_path, overrides: list[str] | None = None, *, trainer: str | 
         from .lora import NODE, LoraSettings as cls
     else:
         raise UnconfusedError(f"unknown trainer {trainer!r}; use one of {TRAINERS}", node="plan", input="--trainer")
-    settings = cls.from_dict(config["settings"]).validated(NODE)
+    with host.running_node(name=NODE):  # the settings name their trainer's node, as on the node
+        settings = cls.from_dict(config["settings"]).validated()
     if family is None:
         family = family_of(_path(base, config["model"]) if config.get("model") else None)
     return advise(trainer, family, settings, sizes)
