@@ -36,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..engine import host
 from ..engine.errors import UnconfusedError
 
 GIB = 1024 ** 3
