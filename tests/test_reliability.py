@@ -87,7 +87,7 @@ from unconfused.trainers.loop import RunLock
 from pathlib import Path
 import time
 Path({str(run)!r}).mkdir(parents=True, exist_ok=True)
-RunLock(Path({str(run)!r})).acquire(); print("locked", flush=True); time.sleep(60)
+RunLock(Path({str(run)!r}), node="x").acquire(); print("locked", flush=True); time.sleep(60)
 """], stdout=subprocess.PIPE, text=True, env=_env())
     try:
         assert owner.stdout.readline().strip() == "locked"

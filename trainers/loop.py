@@ -193,8 +193,9 @@ class RunLock:
     (killed, crashed, the machine restarted) is taken over. The lock is made by linking a
     complete file into place, so two runs starting together cannot both win."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, node: str):
         self.path = Path(folder) / ".lock"
+        self.node = node
         self.held = False
         self.id = uuid.uuid4().hex
 
@@ -234,16 +235,16 @@ class RunLock:
                     raise UnconfusedError(
                         f"the run folder {self.path.parent} is in use by another run (process {owner.get('pid')} on "
                         f"{owner.get('host')}, since {owner.get('since')}); wait for it to finish, or choose another "
-                        f"run name. If that run is gone, delete {self.path}", input="name")
+                        f"run name. If that run is gone, delete {self.path}", node=self.node, input="name")
                 if owner.get("pid") != os.getpid():  # (this process's own earlier, finished loop: no news)
-                    log.warning("%s: taking over the lock of a run that ended (%s)", host.current_node_name() or "unconfused",
+                    log.warning("%s: taking over the lock of a run that ended (%s)", self.node,
                                 f"process {owner.get('pid')}" if owner else "an unreadable lock")
                 self.path.unlink(missing_ok=True)
-            raise UnconfusedError(f"could not lock the run folder {self.path.parent}; try again",
+            raise UnconfusedError(f"could not lock the run folder {self.path.parent}; try again", node=self.node,
                                   input="name")
         except OSError as e:
             raise UnconfusedError(f"cannot lock the run folder {self.path.parent} ({e.strerror or e}); check that "
-                                  "it is writable and the disk is not full", input="name") from e
+                                  "it is writable and the disk is not full", node=self.node, input="name") from e
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
