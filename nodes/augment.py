@@ -186,7 +186,7 @@ class UnconfusedLoadDataset:
     @classmethod
     def IS_CHANGED(cls, name, allow_incomplete=False):
         try:
-            folder = dataset_folder(name, node=cls.NODE_ID)
+            folder = dataset_folder(name)
             return f"{(folder / 'manifest.json').stat().st_mtime_ns}:{(folder / 'records.jsonl').stat().st_size}"
         except (OSError, UnconfusedError):
             return float("nan")

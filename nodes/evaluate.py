@@ -110,7 +110,7 @@ class UnconfusedEvaluate:
         regions = None
         if region_masks is not None:
             order = list(model.added_tokens) if model is not None else tokens
-            regions = _region_masks(region_masks, len(imgs), order, tokens, self.NODE_ID)
+            regions = _region_masks(region_masks, len(imgs), order, tokens)
         report = M.evaluate(imgs, texts, refs, clip_model, dino=dino_model, region_masks=regions,
                             settings=M.EvalSettings(convention, text_mode, region_threshold))
         table = report.table()

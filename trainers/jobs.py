@@ -330,7 +330,7 @@ def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dic
 
     from .loop import settings_from_dict
 
-    settings = asdict(settings_from_dict(M.EvalSettings, settings, "eval"))
+    settings = asdict(settings_from_dict(M.EvalSettings, settings))
     workdir = _path(base, config.get("workdir", "."))
     host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
     out_dir = _path(base, config.get("output", "eval-report"))
