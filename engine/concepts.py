@@ -196,7 +196,7 @@ MAX_TOKEN_CHARS = 64
 
 
 def make_concept(token: str, class_word: str, images: torch.Tensor, masks: torch.Tensor | None = None,
-                 captions: list[str] | None = None, *, node: str = "UnconfusedConcept") -> Concept:
+                 captions: list[str] | None = None) -> Concept:
     """Build and validate one concept from ComfyUI-style inputs."""
     token = validate_token(token)
     class_word = class_word.strip()
@@ -265,7 +265,7 @@ def _read_image(path: Path, what: str) -> Image.Image:
         raise UnconfusedError(f"cannot read {what} {path}: {e}", input="folder") from e
 
 
-def load_concept_set(folder: str | Path, *, node: str = "UnconfusedLoadConceptSet") -> ConceptSet:
+def load_concept_set(folder: str | Path) -> ConceptSet:
     folder = Path(folder)
     manifest = folder / "concept_set.json"
     if not manifest.is_file():
