@@ -129,6 +129,14 @@ def guard_inputs(cls, node_id: str | None = None):
             return spec
 
         cls.INPUT_TYPES = classmethod(with_unique_id)
+        if hasattr(cls, "IS_CHANGED"):  # ComfyUI passes it every input, hidden ones included
+            is_changed = cls.IS_CHANGED  # bound to cls
+
+            def is_changed_without_id(klass, *args, **kwargs):
+                kwargs.pop(uid_name, None)
+                return is_changed(*args, **kwargs)
+
+            cls.IS_CHANGED = classmethod(is_changed_without_id)
 
     @functools.wraps(fn)
     def checked(self, *args, **kwargs):

@@ -68,6 +68,19 @@ def test_every_node_declares_unique_id_and_runs_under_it():
     assert seen == {"id": "12", "name": "UnconfusedCRFRefine"}
 
 
+def test_is_changed_takes_the_added_unique_id(tmp_path):
+    # ComfyUI calls IS_CHANGED with every input, the hidden ones included (a failing IS_CHANGED
+    # silently reruns the node every time)
+    (tmp_path / "concept_set.json").write_text("{}")
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "records.jsonl").write_text("")
+    for key, inputs in (("UnconfusedLoadDataset", {"name": str(tmp_path)}),
+                        ("UnconfusedLoadConceptSet", {"folder": str(tmp_path)})):
+        cls = NODE_CLASS_MAPPINGS[key]
+        assert cls.INPUT_TYPES()["hidden"] == {"unique_id": "UNIQUE_ID"}
+        assert cls.IS_CHANGED(**inputs, unique_id="3") == cls.IS_CHANGED(**inputs), key
+
+
 def test_thread_pool_work_keeps_the_node_name():
     def fail():
         raise UnconfusedError("bad", input="x")
