@@ -104,7 +104,7 @@ def _uint8(img: torch.Tensor) -> np.ndarray:
     return (img.detach().float().cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
 
 
-def concept_cutouts(concept_set: ConceptSet, *, min_area: float, max_side: int, node: str = NODE,
+def concept_cutouts(concept_set: ConceptSet, *, min_area: float, max_side: int,
                     input: str = "concept_set") -> dict[str, list[tuple[int, Image.Image]]]:
     """token -> [(photo index, RGBA cut-out)] for every photo whose mask covers at least
     `min_area` of it. A concept with no masks, or none large enough, is refused with the fix."""
@@ -113,7 +113,7 @@ def concept_cutouts(concept_set: ConceptSet, *, min_area: float, max_side: int, 
         if c.masks is None:
             raise UnconfusedError(f"concept {c.token} has no masks, so it cannot be cut out of its photos; put the "
                                   "Concept Cut-out SAM+CLIP node (Unconfused/masks) after its Concept node, or give "
-                                  "masks on the Concept node", node=node, input=input)
+                                  "masks on the Concept node", input=input)
         found = []
         for i, (img, m) in enumerate(zip(c.images, c.masks)):
             mb = m.detach().float().cpu().numpy() >= 0.5
@@ -126,7 +126,7 @@ def concept_cutouts(concept_set: ConceptSet, *, min_area: float, max_side: int, 
             best = max(float((m >= 0.5).float().mean()) for m in c.masks)
             raise UnconfusedError(f"no mask of {c.token} covers at least {min_area:.0%} of its photo (the largest "
                                   f"covers {best:.1%}): there is no usable cut-out. Check this concept's masks (the "
-                                  "Concept Cut-out SAM+CLIP node's preview), give masks, or lower min_area", node=node, input=input)
+                                  "Concept Cut-out SAM+CLIP node's preview), give masks, or lower min_area", input=input)
         out[c.token] = found
     return out
 
@@ -214,14 +214,13 @@ class Bank:
     demand through a small cache, so the bank's size does not matter for memory."""
 
     def __init__(self, items: list[BankItem], *, kind: str, matte: str = "plain background",
-                 cache_dir: Path | None = None, max_side: int = 512, node: str = NODE, input: str = "bank_folder"):
+                 cache_dir: Path | None = None, max_side: int = 512, input: str = "bank_folder"):
         if matte not in MATTES:
-            raise UnconfusedError(f"unknown matte {matte!r}; use one of {MATTES}", node=node, input="bank_matte")
+            raise UnconfusedError(f"unknown matte {matte!r}; use one of {MATTES}", input="bank_matte")
         self.kind = kind
         self.matte = matte
         self.cache_dir = cache_dir
         self.max_side = max_side
-        self.node = node
         self.input = input
         self.items = list(items)
         self.skipped: list[str] = []
@@ -270,7 +269,7 @@ class Bank:
             with Image.open(item.image) as im:
                 return np.asarray(im.convert("RGB"))
         except Exception as e:  # PIL raises many types for damaged files
-            raise UnconfusedError(f"cannot read the bank image {item.image}: {e}", node=self.node,
+            raise UnconfusedError(f"cannot read the bank image {item.image}: {e}",
                                   input=self.input) from e
 
     def prepare(self) -> None:
@@ -282,7 +281,7 @@ class Bank:
             except UnconfusedError:
                 raise
             except Exception as e:  # PIL raises many types for damaged files
-                raise UnconfusedError(f"cannot read the bank image {it.image} or its mask: {e}", node=self.node,
+                raise UnconfusedError(f"cannot read the bank image {it.image} or its mask: {e}",
                                       input=self.input) from e
 
         bar = host.progress(len(self.items), "cutting out common concepts")
@@ -293,7 +292,7 @@ class Bank:
                 # in windows, so Cancel is seen between them and never waits for the whole bank
                 for start in range(0, len(self.items), 4 * workers):
                     chunk = self.items[start:start + 4 * workers]
-                    for it, ok in zip(chunk, pool.map(usable, chunk)):
+                    for it, ok in zip(chunk, pool.map(host.in_context(usable), chunk)):
                         if ok:
                             kept.append(it)
                         else:
@@ -304,7 +303,7 @@ class Bank:
         if not kept:
             raise UnconfusedError(f"none of the {len(self.items)} common-concept images could be cut out (no plain "
                                   "background found); use images of single things on a plain background, give masks "
-                                  "in a masks/ folder, or set bank_matte to 'whole image'", node=self.node,
+                                  "in a masks/ folder, or set bank_matte to 'whole image'",
                                   input=self.input)
         self.items = kept
 
@@ -317,8 +316,7 @@ class Bank:
         rgb = self._read(it)
         mask = self._mask(it, rgb)
         if mask is None:
-            raise UnconfusedError(f"the bank image {it.image} changed since the bank was prepared; run again",
-                                  node=self.node, input=self.input)
+            raise UnconfusedError(f"the bank image {it.image} changed since the bank was prepared; run again", input=self.input)
         p = Piece(cutout(rgb, mask, self.max_side), it.label, it.phrase, None, f"bank:{it.label}/{it.key}")
         with self._lock:
             self._cache[i] = p
@@ -345,14 +343,14 @@ def _label_from_stem(stem: str) -> str:
     return s or stem
 
 
-def bank_from_folder(folder: str | os.PathLike, *, matte: str = "plain background", max_side: int = 512,
-                     node: str = NODE, input: str = "bank_folder") -> Bank:
+@host.takes_node
+def bank_from_folder(folder: str | os.PathLike, *, matte: str = "plain background", max_side: int = 512, input: str = "bank_folder") -> Bank:
     """A bank read from a folder: either one subfolder per concept (`policeman/001.png`; the
     folder name is the label) or flat files named after the concept (`policeman_01.png`).
     Optional masks: `masks/<stem>.png` beside the images (white = the thing)."""
     root = Path(folder)
     if not root.is_dir():
-        raise UnconfusedError(f"{root} is not a folder; give a folder of common-concept images", node=node,
+        raise UnconfusedError(f"{root} is not a folder; give a folder of common-concept images",
                               input=input)
     items = []
     for path in sorted(root.rglob("*")):
@@ -370,10 +368,10 @@ def bank_from_folder(folder: str | os.PathLike, *, matte: str = "plain backgroun
     if not items:
         raise UnconfusedError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put common-concept "
                               "images there (one subfolder per concept, or files named after the concept), or "
-                              "leave bank_folder empty to generate the bank with the model", node=node, input=input)
+                              "leave bank_folder empty to generate the bank with the model", input=input)
     cache = host.output_dir() / "unconfused" / "banks" / ("folder_" + hashlib.sha1(
         str(root.resolve()).encode()).hexdigest()[:12])
-    return Bank(items, kind=f"folder {root.name}", matte=matte, cache_dir=cache, max_side=max_side, node=node,
+    return Bank(items, kind=f"folder {root.name}", matte=matte, cache_dir=cache, max_side=max_side,
                 input=input)
 
 
@@ -417,9 +415,9 @@ class BankSpec:
         return out
 
 
+@host.takes_node
 def generate_bank(bundle, spec: BankSpec, *, folder: Path | None = None, matte: str = "plain background",
-                  max_side: int = 512, device: torch.device | None = None, batch_size: int | None = None,
-                  node: str = NODE) -> Bank:
+                  max_side: int = 512, device: torch.device | None = None, batch_size: int | None = None) -> Bank:
     """Generate the missing bank images with the base model (one file per image, written as it
     is made, so Cancel keeps what is done) and return the bank. The cache folder is
     `output/unconfused/banks/<model key>/` unless given."""
@@ -427,9 +425,9 @@ def generate_bank(bundle, spec: BankSpec, *, folder: Path | None = None, matte: 
 
     if not spec.phrases:
         raise UnconfusedError("the common-concept list is empty; give at least one (one per line), or use the "
-                              "default list", node=node, input="common_concepts")
+                              "default list", input="common_concepts")
     if spec.size % 8:
-        raise UnconfusedError(f"bank_size must be a multiple of 8, got {spec.size}", node=node, input="bank_size")
+        raise UnconfusedError(f"bank_size must be a multiple of 8, got {spec.size}", input="bank_size")
     folder = Path(folder) if folder else host.output_dir() / "unconfused" / "banks" / model_key(bundle)
     jobs = spec.jobs()
     items, missing = [], []
@@ -470,8 +468,7 @@ def generate_bank(bundle, spec: BankSpec, *, folder: Path | None = None, matte: 
                                              "items": [{"label": it.label, "phrase": it.phrase,
                                                         "image": it.image.relative_to(folder).as_posix()}
                                                        for it in items]})
-    return Bank(items, kind=f"generated by {bundle.name}", matte=matte, cache_dir=folder, max_side=max_side,
-                node=node, input="model")
+    return Bank(items, kind=f"generated by {bundle.name}", matte=matte, cache_dir=folder, max_side=max_side, input="model")
 
 
 # ------------------------------------------------------------------ regions (R-Aug)
@@ -654,9 +651,9 @@ class AugmentSettings:
         counts = self.counts(n_concepts)
         return any(counts[k.name] > 0 and k.uses_regions for k in KINDS.values())
 
-    def check(self, n_concepts: int, node: str = NODE) -> None:
+    def check(self, n_concepts: int) -> None:
         def bad(msg, inp):
-            raise UnconfusedError(msg, node=node, input=inp)
+            raise UnconfusedError(msg, input=inp)
 
         for name in ("global_pairs", "region_pairs", "mix_per_pair", "min_common", "max_common", "region_common"):
             if getattr(self, name) < 0:
@@ -703,13 +700,11 @@ class Builder:
     """Makes any pair from (kind, index). Holds only the concepts' cut-outs and regions."""
 
     def __init__(self, concept_set: ConceptSet, bank: Bank | None, settings: AugmentSettings,
-                 regions: dict[str, RegionSet] | None = None, *, cutouts=None, node: str = NODE):
+                 regions: dict[str, RegionSet] | None = None, *, cutouts=None):
         self.s = settings
         self.bank = bank
-        self.node = node
         self.concepts = list(concept_set.concepts)
-        self.cutouts = cutouts or concept_cutouts(concept_set, min_area=settings.min_area, max_side=settings.canvas,
-                                                  node=node)
+        self.cutouts = cutouts or concept_cutouts(concept_set, min_area=settings.min_area, max_side=settings.canvas)
         self.regions = {t: r for t, r in (regions or {}).items() if r.pieces}
         self.region_tokens = [c.token for c in self.concepts if c.token in self.regions]
         n = len(self.concepts)
@@ -891,25 +886,26 @@ def _accept_larger_counts(folder: Path, seed: int, settings: dict, concepts: lis
     return grown
 
 
+@host.takes_node
 def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: AugmentSettings, *,
                   bank: Bank | None = None, proposer: RegionProposer | None = None,
                   labeller: Labeller | None = None, resume: bool = True, extra_settings: dict | None = None,
-                  workers: int | None = None, node: str = NODE) -> BuildResult:
+                  workers: int | None = None) -> BuildResult:
     """Write (or finish) the augmented dataset in `folder`. On Cancel or an error the manifest
     says `complete: false` and a rerun with the same inputs continues."""
     folder = Path(folder)
     n = len(concept_set.concepts)
-    settings.check(n, node)
+    settings.check(n)
     counts = settings.counts(n)
     needs_bank, needs_regions = settings.needs_bank(n), settings.needs_regions(n)
     if needs_bank and bank is None:
         raise UnconfusedError("G-Aug needs common concepts: connect the model (the bank is generated with it) or "
-                              "give bank_folder", node=node, input="model")
+                              "give bank_folder", input="model")
     if needs_regions and (proposer is None or labeller is None):
         raise UnconfusedError("R-Aug needs a region proposer and a labeller: connect sam_model and clip_model, or "
-                              "set region_pairs to 0", node=node, input="sam_model" if proposer is None else
+                              "set region_pairs to 0", input="sam_model" if proposer is None else
                               "clip_model")
-    cutouts = concept_cutouts(concept_set, min_area=settings.min_area, max_side=settings.canvas, node=node)
+    cutouts = concept_cutouts(concept_set, min_area=settings.min_area, max_side=settings.canvas)
     if needs_bank:
         bank.max_side = settings.canvas
         bank.prepare()
@@ -919,7 +915,7 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
     concepts_meta = concept_manifest(concept_set)
     grown = _accept_larger_counts(folder, settings.seed, recorded, concepts_meta) if resume else None
     writer = DatasetWriter(folder, seed=settings.seed, settings=recorded, concepts=concepts_meta,
-                           resume=resume, node=node)
+                           resume=resume)
     notes: list[str] = cutout_notes(concept_set, cutouts)
     if grown:
         notes.append(f"grown: {grown}")
@@ -939,9 +935,9 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
             notes += [x for rs in regions.values() for x in rs.notes]
             if not any(rs.pieces for rs in regions.values()):
                 raise UnconfusedError("no labelled regions were found in any concept, so there is nothing for R-Aug; "
-                                      "check the masks, add vocabulary words, or set region_pairs to 0", node=node,
+                                      "check the masks, add vocabulary words, or set region_pairs to 0",
                                       input="region_pairs")
-        builder = Builder(concept_set, bank if needs_bank else None, settings, regions, cutouts=cutouts, node=node)
+        builder = Builder(concept_set, bank if needs_bank else None, settings, regions, cutouts=cutouts)
         done = {r.id for r in writer.records}
         todo = [(k, i) for k in KINDS for i in range(counts[k]) if f"{k}_{i:06d}" not in done]
         total = sum(counts.values())
@@ -958,7 +954,7 @@ def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: 
         def submit() -> None:
             job = next(jobs, None)
             if job is not None:
-                window.append((job, pool.submit(builder.make, *job) if pool else None))
+                window.append((job, pool.submit(host.in_context(builder.make), *job) if pool else None))
 
         try:
             bar.set(total - len(todo))

@@ -25,25 +25,25 @@ def caption_concept(node, concept, manual_lines, *, backend, mode, describe_pose
     """Captions for one concept: (concept with captions, captions, checks, PIL photos)."""
     n = len(concept.images)
     if backend not in BACKENDS:
-        raise UnconfusedError(f"unknown backend '{backend}'; use one of {BACKENDS}", node=node, input="backend")
+        raise UnconfusedError(f"unknown backend '{backend}'; use one of {BACKENDS}", input="backend")
     fallback = sid.STYLE_BASELINE_TEMPLATE if mode == "style" and template == sid.BASELINE_TEMPLATE else template
-    sid.template_caption(concept.token, concept.class_word, fallback, node=node)  # check the template early
+    sid.template_caption(concept.token, concept.class_word, fallback)  # check the template early
     text = sid.build_instruction(concept.token, concept.class_word, mode=mode, describe_pose=describe_pose,
-                                 text=instruction, node=node)
+                                 text=instruction)
     pils = [tensor_to_pil(img) for img in concept.images]
     if backend == "template (Case 1 baseline)":
-        raw = [sid.template_caption(concept.token, concept.class_word, fallback, node=node)] * n
+        raw = [sid.template_caption(concept.token, concept.class_word, fallback)] * n
     elif backend == "manual":
         lines = list(manual_lines)
         if not lines:
             if not concept.captions:
                 raise UnconfusedError(f"no captions for {concept.token}: write one caption per photo (one per "
-                                      "line) into manual_captions, or give a concept that has captions", node=node,
+                                      "line) into manual_captions, or give a concept that has captions",
                                       input="manual_captions")
             lines = list(concept.captions)
         if len(lines) != n:
             raise UnconfusedError(f"{len(lines)} caption lines for {n} photos of {concept.token}: write one "
-                                  "caption per photo, one per line, in the photos' order", node=node,
+                                  "caption per photo, one per line, in the photos' order",
                                   input="manual_captions")
         raw = lines
     else:
@@ -53,21 +53,21 @@ def caption_concept(node, concept, manual_lines, *, backend, mode, describe_pose
                 client = vlm.OpenAIBackend(base_url, model, api_key_env, timeout=float(timeout),
                                            retries=int(retries), concurrency=int(concurrency),
                                            max_tokens=int(max_tokens), temperature=float(temperature),
-                                           max_image_side=int(max_image_side), node=node)
+                                           max_image_side=int(max_image_side))
             else:
                 if local_model == NO_LOCAL or not local_model:
                     found = [x for x in local_choices() if x != NO_LOCAL]
                     raise UnconfusedError(("pick one of " + ", ".join(found)) if found else
                                           "no vision-language model folder was found: put a transformers model "
                                           "folder (config.json, weights, processor files) into models/LLM/<name>, "
-                                          "refresh the page (R) and pick it", node=node, input="local_model")
+                                          "refresh the page (R) and pick it", input="local_model")
                 client = vlm.LocalBackend(local_model, device=device, precision=precision,
-                                          max_new_tokens=int(max_tokens), node=node)
+                                          max_new_tokens=int(max_tokens))
             raw = client.caption(pils, [text] * n, on_done=lambda i: bar.update(1))
         finally:
             bar.close()
     checks = sid.check_captions(raw, concept.token, concept.class_word, mode=mode, allow_pose=describe_pose,
                                 require_detail=backend != "template (Case 1 baseline)")  # Case 1 on purpose
     captions = sid.resolve_flagged(checks, concept.token, concept.class_word, on_flagged=on_flagged,
-                                   template=fallback, node=node)
+                                   template=fallback)
     return concept.with_captions(captions), captions, checks, pils

@@ -55,25 +55,23 @@ def _signature_of_sd(sd: dict[str, torch.Tensor]) -> tuple | None:
     return (width, vl, patch, grid * patch, tw, tl, embed)
 
 
-def detect_model_name(sd: dict[str, torch.Tensor], *, name: str = "checkpoint", node: str = NODE_LOADER,
+def detect_model_name(sd: dict[str, torch.Tensor], *, name: str = "checkpoint",
                       input: str = "clip_name") -> str:
     import open_clip
 
     sig = _signature_of_sd(sd)
     if sig is None:
-        raise UnconfusedError(f"'{name}' is not an open_clip ViT checkpoint with a text tower; {HINT} models/{KIND}",
-                              node=node, input=input)
+        raise UnconfusedError(f"'{name}' is not an open_clip ViT checkpoint with a text tower; {HINT} models/{KIND}", input=input)
     names = sorted(open_clip.list_models(), key=lambda n: (n.endswith("-quickgelu"), len(n), n))
     for n in names:
         cfg = open_clip.get_model_config(n)
         if cfg and _signature_of_cfg(cfg) == sig and "-quickgelu" not in n:
             return n
     raise UnconfusedError(f"'{name}' has an architecture open_clip does not list (vision width {sig[0]}, {sig[1]} "
-                          f"layers, patch {sig[2]}, {sig[3]}px; text width {sig[4]}); choose model_name by hand",
-                          node=node, input="model_name")
+                          f"layers, patch {sig[2]}, {sig[3]}px; text width {sig[4]}); choose model_name by hand", input="model_name")
 
 
-def read_state_dict(path: Path, *, node: str = NODE_LOADER, input: str = "clip_name") -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, input: str = "clip_name") -> dict[str, torch.Tensor]:
     try:
         if path.suffix.lower() in (".safetensors", ".sft"):
             from safetensors.torch import load_file
@@ -83,21 +81,19 @@ def read_state_dict(path: Path, *, node: str = NODE_LOADER, input: str = "clip_n
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise UnconfusedError(f"'{path.name}' could not be read ({type(e).__name__}: {str(e)[:160]}); the file may "
-                              "be damaged, or an OpenAI TorchScript .pt (use the .bin/.safetensors conversion)",
-                              node=node, input=input) from None
+                              "be damaged, or an OpenAI TorchScript .pt (use the .bin/.safetensors conversion)", input=input) from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise UnconfusedError(f"'{path.name}' holds no state dict", node=node, input=input)
+        raise UnconfusedError(f"'{path.name}' holds no state dict", input=input)
     sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if any(k.startswith("vision_model.") for k in sd) and not any(k.startswith("text_model.") for k in sd):
         raise UnconfusedError(f"'{path.name}' is a vision-only CLIP (ComfyUI's clip_vision format for IP-Adapter/"
-                              f"unCLIP); zero-shot scoring needs the text tower too: {HINT} models/{KIND}",
-                              node=node, input=input)
+                              f"unCLIP); zero-shot scoring needs the text tower too: {HINT} models/{KIND}", input=input)
     if any(k.startswith("text_model.") for k in sd):
         raise UnconfusedError(f"'{path.name}' is a Hugging Face transformers CLIP; this loader reads open_clip "
-                              f"checkpoints: {HINT} models/{KIND}", node=node, input=input)
+                              f"checkpoints: {HINT} models/{KIND}", input=input)
     return sd
 
 
@@ -197,7 +193,7 @@ class ClipScorer:
         return [(vocab[int(k)], float(probs[i, k])) for i, k in enumerate(best)]
 
 
-def clean_vocabulary(vocabulary, *, node: str = NODE_LABEL, input: str = "vocabulary") -> list[str]:
+def clean_vocabulary(vocabulary, *, input: str = "vocabulary") -> list[str]:
     if isinstance(vocabulary, str):
         import re
 
@@ -209,16 +205,16 @@ def clean_vocabulary(vocabulary, *, node: str = NODE_LABEL, input: str = "vocabu
             words.append(w)
     if not words:
         raise UnconfusedError("the vocabulary is empty: write the words to label regions with, e.g. "
-                              "'hair, hat, necklace, jacket', separated by commas or new lines", node=node, input=input)
+                              "'hair, hat, necklace, jacket', separated by commas or new lines", input=input)
     return words
 
 
 def load_clip(path: str | Path, *, model_name: str = "auto", pretrained_tag: str = "auto", device: str = "auto",
-              precision: str = "auto", node: str = NODE_LOADER, input: str = "clip_name") -> ClipScorer:
+              precision: str = "auto", input: str = "clip_name") -> ClipScorer:
     import open_clip
 
     path = Path(path)
-    sd = read_state_dict(path, node=node, input=input)
+    sd = read_state_dict(path, input=input)
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():  # an open_clip model config beside the weights: a custom architecture
         try:
@@ -226,17 +222,16 @@ def load_clip(path: str | Path, *, model_name: str = "auto", pretrained_tag: str
             assert isinstance(cfg, dict) and "vision_cfg" in cfg and "text_cfg" in cfg
         except Exception:
             raise UnconfusedError(f"'{sidecar.name}' beside the weights is not an open_clip model config (JSON with "
-                                  "embed_dim, vision_cfg, text_cfg); remove or fix it", node=node, input=input) from None
+                                  "embed_dim, vision_cfg, text_cfg); remove or fix it", input=input) from None
         from open_clip import factory
 
         factory._MODEL_CONFIGS[path.stem] = cfg
         if model_name == "auto":
             model_name = path.stem
     if model_name == "auto":
-        model_name = detect_model_name(sd, name=path.name, node=node, input=input)
+        model_name = detect_model_name(sd, name=path.name, input=input)
     elif model_name not in open_clip.list_models():
-        raise UnconfusedError(f"open_clip knows no model '{model_name}'; pick one from the list or 'auto'",
-                              node=node, input="model_name")
+        raise UnconfusedError(f"open_clip knows no model '{model_name}'; pick one from the list or 'auto'", input="model_name")
     tag = pretrained_tag
     if tag == "auto":
         tag = "openai" if "openai" in path.name.lower() else ""
@@ -247,18 +242,17 @@ def load_clip(path: str | Path, *, model_name: str = "auto", pretrained_tag: str
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
         raise UnconfusedError(f"'{path.name}' does not fit open_clip {model_name} ({str(e).splitlines()[-1][:160]}); "
-                              "choose another model_name or 'auto'", node=node, input="model_name") from None
+                              "choose another model_name or 'auto'", input="model_name") from None
     missing = [k for k in missing if not k.endswith(("attn_mask",))]
     if missing:
         raise UnconfusedError(f"'{path.name}' lacks {len(missing)} tensors of open_clip {model_name} (e.g. "
-                              f"{missing[0]}); it is incomplete or another model", node=node, input=input)
+                              f"{missing[0]}); it is incomplete or another model", input=input)
     host.device(device)
     return ClipScorer(model, model_name, tag=tag, mean=cfg.get("mean", OPENAI_MEAN), std=cfg.get("std", OPENAI_STD),
                       device=device, precision=precision, name=path.name)
 
 
 def load_clip_by_name(name: str, **kw) -> ClipScorer:
-    node = kw.get("node", NODE_LOADER)
-    path = host.find_model(KIND, name, node=node, input=kw.get("input", "clip_name"),
+    path = host.find_model(KIND, name, input=kw.get("input", "clip_name"),
                            what="open_clip checkpoint (image + text towers, e.g. open_clip_model.safetensors)")
     return load_clip(path, **kw)

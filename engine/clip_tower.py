@@ -131,18 +131,17 @@ class ImageTower:
         return self
 
 
-def tower_from_scorer(scorer, *, node: str | None = None, input: str = "clip_model") -> ImageTower:
+def tower_from_scorer(scorer, *, input: str = "clip_model") -> ImageTower:
     """The image tower of a loaded CLIP Scorer (`engine.clip_scoring.ClipScorer`)."""
     model = scorer.model
     proj = getattr(model, "text_projection", None)
     if isinstance(proj, torch.nn.Linear):
         if proj.bias is not None and bool(proj.bias.abs().max() > 0):
-            raise UnconfusedError(f"{scorer.name}: a text projection with a bias is not supported; use {HINT}",
-                                  node=node, input=input)
+            raise UnconfusedError(f"{scorer.name}: a text projection with a bias is not supported; use {HINT}", input=input)
         proj = proj.weight.T
     if not isinstance(proj, torch.Tensor) or getattr(model, "visual", None) is None:
         raise UnconfusedError(f"{scorer.name} has no CLIP text projection or image tower (it is not a two-tower "
-                              f"open_clip CLIP); CLIF needs {HINT}", node=node, input=input)
+                              f"open_clip CLIP); CLIF needs {HINT}", input=input)
     ls = getattr(model, "logit_scale", None)
     scale = float(ls.detach().exp().clamp(max=100)) if isinstance(ls, torch.Tensor) else 100.0
     return ImageTower(model.visual, proj, scale, image_size=scorer.image_size, mean=scorer.mean.flatten().tolist(),
@@ -157,8 +156,7 @@ def list_towers() -> list[str]:
     return names
 
 
-def load_image_tower(name: str, *, model_name: str = "auto", pretrained_tag: str = "auto",
-                     node: str | None = None, input: str = "image_tower") -> ImageTower:
+def load_image_tower(name: str, *, model_name: str = "auto", pretrained_tag: str = "auto", input: str = "image_tower") -> ImageTower:
     """An image tower from a file name of models/clip_vision (or models/clip), or a full path."""
     from .clip_scoring import load_clip
 
@@ -167,18 +165,18 @@ def load_image_tower(name: str, *, model_name: str = "auto", pretrained_tag: str
         path = None
         for kind in KINDS:
             with contextlib.suppress(UnconfusedError):
-                path = host.find_model(kind, name, node=node, input=input, what=HINT)
+                path = host.find_model(kind, name, input=input, what=HINT)
                 break
         if path is None:
-            host.find_model(KINDS[0], name, node=node, input=input, what=HINT)  # raises with the fix
+            host.find_model(KINDS[0], name, input=input, what=HINT)  # raises with the fix
     elif not path.is_file():
-        raise UnconfusedError(f"{path} does not exist; put {HINT} into models/clip_vision", node=node, input=input)
-    scorer = load_clip(path, model_name=model_name, pretrained_tag=pretrained_tag, device="cpu", node=node,
+        raise UnconfusedError(f"{path} does not exist; put {HINT} into models/clip_vision", input=input)
+    scorer = load_clip(path, model_name=model_name, pretrained_tag=pretrained_tag, device="cpu",
                        input=input)
-    return tower_from_scorer(scorer, node=node, input=input)
+    return tower_from_scorer(scorer, input=input)
 
 
-def check_pair(tower: ImageTower, text_width: int, family: str, *, node: str | None = None,
+def check_pair(tower: ImageTower, text_width: int, family: str, *,
                input: str = "image_tower") -> None:
     """The tower's text projection must fit the SD text encoder's width (768 SD1, 1024 SD2)."""
     if tower.text_width != text_width:
@@ -186,7 +184,7 @@ def check_pair(tower: ImageTower, text_width: int, family: str, *, node: str | N
                 "sdxl": "OpenAI CLIP ViT-L/14 (text width 768: CLIF trains SDXL's CLIP-L encoder)"}
         raise UnconfusedError(f"{tower.name} ({tower.model_name}) has a text width of {tower.text_width}, but the "
                               f"model's text encoder has {text_width}: they are not the same CLIP. Choose "
-                              f"{want.get(family, 'the CLIP the text encoder comes from')}", node=node, input=input)
+                              f"{want.get(family, 'the CLIP the text encoder comes from')}", input=input)
 
 
 # ---------------------------------------------------------------- the feature cache

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from . import host
 from .errors import UnconfusedError
 from .files import atomic_save_image, atomic_write_json, atomic_write_text, safe_name
 from .tokenizer import in_vocabulary
@@ -89,18 +90,16 @@ class ConceptSet:
 
 
 # ------------------------------------------------------------------ conversions
-def image_batch_to_list(images: torch.Tensor, *, node: str, input: str = "images") -> list[torch.Tensor]:
+def image_batch_to_list(images: torch.Tensor, *, input: str = "images") -> list[torch.Tensor]:
     """Split a ComfyUI IMAGE batch [B, H, W, C] into RGB images [H, W, 3]."""
     if not isinstance(images, torch.Tensor):
-        raise UnconfusedError(f"expected an IMAGE batch, got {type(images).__name__}", node=node, input=input)
+        raise UnconfusedError(f"expected an IMAGE batch, got {type(images).__name__}", input=input)
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise UnconfusedError(f"expected an IMAGE batch [B, H, W, 3], got shape {tuple(images.shape)}",
-                              node=node, input=input)
+        raise UnconfusedError(f"expected an IMAGE batch [B, H, W, 3], got shape {tuple(images.shape)}", input=input)
     if images.shape[0] == 0:
-        raise UnconfusedError("the image batch is empty; connect at least one reference photo",
-                              node=node, input=input)
+        raise UnconfusedError("the image batch is empty; connect at least one reference photo", input=input)
     out = []
     for img in images:
         img = img.detach().float().cpu()
@@ -112,25 +111,23 @@ def image_batch_to_list(images: torch.Tensor, *, node: str, input: str = "images
     return out
 
 
-def mask_batch_to_list(masks: torch.Tensor, images: list[torch.Tensor], *, node: str,
+def mask_batch_to_list(masks: torch.Tensor, images: list[torch.Tensor], *,
                        input: str = "masks") -> list[torch.Tensor]:
     """Split a MASK batch and check it matches the images one to one, pixel for pixel."""
     if not isinstance(masks, torch.Tensor):
-        raise UnconfusedError(f"expected a MASK batch, got {type(masks).__name__}", node=node, input=input)
+        raise UnconfusedError(f"expected a MASK batch, got {type(masks).__name__}", input=input)
     if masks.ndim == 2:
         masks = masks.unsqueeze(0)
     if masks.ndim != 3:
-        raise UnconfusedError(f"expected a MASK batch [B, H, W], got shape {tuple(masks.shape)}", node=node,
+        raise UnconfusedError(f"expected a MASK batch [B, H, W], got shape {tuple(masks.shape)}",
                               input=input)
     if masks.shape[0] != len(images):
-        raise UnconfusedError(f"{masks.shape[0]} masks for {len(images)} images; give one mask per image",
-                              node=node, input=input)
+        raise UnconfusedError(f"{masks.shape[0]} masks for {len(images)} images; give one mask per image", input=input)
     out = []
     for i, (m, img) in enumerate(zip(masks, images)):
         if tuple(m.shape) != tuple(img.shape[:2]):
             raise UnconfusedError(f"mask {i} is {m.shape[1]}x{m.shape[0]} but image {i} is "
-                                  f"{img.shape[1]}x{img.shape[0]}; masks must have their image's size",
-                                  node=node, input=input)
+                                  f"{img.shape[1]}x{img.shape[0]}; masks must have their image's size", input=input)
         out.append(m.detach().float().cpu().clamp(0, 1).contiguous())
     return out
 
@@ -176,22 +173,22 @@ def to_batch(images: list[torch.Tensor], size: tuple[int, int] | None = None) ->
 
 
 # ------------------------------------------------------------------ validation
-def validate_token(token: str, *, node: str, input: str = "token") -> str:
+@host.takes_node
+def validate_token(token: str, *, input: str = "token") -> str:
     token = token.strip()
     if not token:
-        raise UnconfusedError("the token is empty; give a new word such as <alice>", node=node, input=input)
+        raise UnconfusedError("the token is empty; give a new word such as <alice>", input=input)
     if not _TOKEN_RE.match(token):
-        raise UnconfusedError(f"the token {token!r} contains spaces; use one word such as <alice>", node=node,
+        raise UnconfusedError(f"the token {token!r} contains spaces; use one word such as <alice>",
                               input=input)
     if in_vocabulary(token):
         raise UnconfusedError(f"{token!r} is already a word the text encoder knows, so training it would change "
-                              f"that word everywhere; use a new word such as <{token.strip('<>')}-1>",
-                              node=node, input=input)
+                              f"that word everywhere; use a new word such as <{token.strip('<>')}-1>", input=input)
     if token.startswith("embedding:"):
-        raise UnconfusedError("give the token without the 'embedding:' prefix", node=node, input=input)
+        raise UnconfusedError("give the token without the 'embedding:' prefix", input=input)
     if len(token) > MAX_TOKEN_CHARS:  # it names the embedding file: refused before anything is written
         raise UnconfusedError(f"the token is {len(token)} characters long; use at most {MAX_TOKEN_CHARS} "
-                              "(a short new word such as <alice>)", node=node, input=input)
+                              "(a short new word such as <alice>)", input=input)
     return token
 
 
@@ -199,38 +196,38 @@ MAX_TOKEN_CHARS = 64
 
 
 def make_concept(token: str, class_word: str, images: torch.Tensor, masks: torch.Tensor | None = None,
-                 captions: list[str] | None = None, *, node: str = "UnconfusedConcept") -> Concept:
+                 captions: list[str] | None = None) -> Concept:
     """Build and validate one concept from ComfyUI-style inputs."""
-    token = validate_token(token, node=node)
+    token = validate_token(token)
     class_word = class_word.strip()
     if not class_word:
-        raise UnconfusedError("the class word is empty; say what the concept is (woman, dog, teapot)",
-                              node=node, input="class_word")
-    image_list = image_batch_to_list(images, node=node)
-    mask_list = mask_batch_to_list(masks, image_list, node=node) if masks is not None else None
+        raise UnconfusedError("the class word is empty; say what the concept is (woman, dog, teapot)", input="class_word")
+    image_list = image_batch_to_list(images)
+    mask_list = mask_batch_to_list(masks, image_list) if masks is not None else None
     concept = Concept(token=token, class_word=class_word, images=image_list, masks=mask_list)
     if captions:
         concept = concept.with_captions(captions)
     return concept
 
 
-def make_concept_set(concepts: list[Concept], *, node: str = "UnconfusedConceptSet") -> ConceptSet:
+@host.takes_node
+def make_concept_set(concepts: list[Concept]) -> ConceptSet:
     concepts = [c for c in concepts if c is not None]
     if not concepts:
-        raise UnconfusedError("no concepts are connected; connect at least one Concept node", node=node,
+        raise UnconfusedError("no concepts are connected; connect at least one Concept node",
                               input="concept_1")
     seen: dict[str, int] = {}
     folders: dict[str, str] = {}
     for i, c in enumerate(concepts, start=1):
         if not isinstance(c, Concept):
-            raise UnconfusedError(f"input concept_{i} is a {type(c).__name__}, not a concept", node=node,
+            raise UnconfusedError(f"input concept_{i} is a {type(c).__name__}, not a concept",
                                   input=f"concept_{i}")
         if c.token in seen:
             raise UnconfusedError(f"token {c.token!r} is used by concept_{seen[c.token]} and concept_{i}; "
-                                  "every concept needs its own token", node=node, input=f"concept_{i}")
+                                  "every concept needs its own token", input=f"concept_{i}")
         if c.folder_name in folders:
             raise UnconfusedError(f"tokens {folders[c.folder_name]!r} and {c.token!r} give the same file name "
-                                  f"'{c.folder_name}'; make them differ in letters", node=node,
+                                  f"'{c.folder_name}'; make them differ in letters",
                                   input=f"concept_{i}")
         seen[c.token] = i
         folders[c.folder_name] = c.token
@@ -259,28 +256,28 @@ def save_concept_set(cs: ConceptSet, folder: str | Path) -> Path:
     return folder
 
 
-def _read_image(path: Path, what: str, node: str) -> Image.Image:
+def _read_image(path: Path, what: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
         return img
     except Exception as e:  # PIL raises many types for damaged files
-        raise UnconfusedError(f"cannot read {what} {path}: {e}", node=node, input="folder") from e
+        raise UnconfusedError(f"cannot read {what} {path}: {e}", input="folder") from e
 
 
-def load_concept_set(folder: str | Path, *, node: str = "UnconfusedLoadConceptSet") -> ConceptSet:
+def load_concept_set(folder: str | Path) -> ConceptSet:
     folder = Path(folder)
     manifest = folder / "concept_set.json"
     if not manifest.is_file():
         raise UnconfusedError(f"{folder} has no concept_set.json; save a concept set there first "
-                              "(an interrupted save leaves no manifest)", node=node, input="folder")
+                              "(an interrupted save leaves no manifest)", input="folder")
     try:
         meta = json.loads(manifest.read_text("utf-8"))
     except json.JSONDecodeError as e:
-        raise UnconfusedError(f"{manifest} is not valid JSON ({e})", node=node, input="folder") from e
+        raise UnconfusedError(f"{manifest} is not valid JSON ({e})", input="folder") from e
     if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
         raise UnconfusedError(f"{manifest} is not a concept set this version can read "
-                              f"(format {meta.get('format')!r}, version {meta.get('version')})", node=node,
+                              f"(format {meta.get('format')!r}, version {meta.get('version')})",
                               input="folder")
     concepts = []
     for k, entry in enumerate(meta["concepts"] if isinstance(meta.get("concepts"), list) else [None]):
@@ -288,13 +285,13 @@ def load_concept_set(folder: str | Path, *, node: str = "UnconfusedLoadConceptSe
                  if not isinstance(entry, dict) or not isinstance(entry.get(key), kind)]
         if wrong:  # a hand-edited manifest: a sentence, not a KeyError
             raise UnconfusedError(f"concept {k} of {manifest} lacks {', '.join(wrong)} (or has the wrong type); "
-                                  "fix the file or save the concept set again", node=node, input="folder")
-        sub = folder / safe_name(entry["folder"], input="folder", node=node)
+                                  "fix the file or save the concept set again", input="folder")
+        sub = folder / safe_name(entry["folder"], input="folder")
         names = [Path(n).stem for n in entry["images"]]
-        images = [pil_to_tensor(_read_image(sub / n, "image", node)) for n in entry["images"]]
+        images = [pil_to_tensor(_read_image(sub / n, "image")) for n in entry["images"]]
         masks = None
         if entry.get("masks"):
-            masks = [pil_to_mask(_read_image(sub / "masks" / f"{n}.png", "mask", node)) for n in names]
+            masks = [pil_to_mask(_read_image(sub / "masks" / f"{n}.png", "mask")) for n in names]
         captions = None
         if entry.get("captions") or all((sub / f"{n}.txt").is_file() for n in names):
             captions = [read_caption(sub / f"{n}.txt") for n in names]
@@ -310,40 +307,42 @@ def read_caption(path: Path) -> str:
         return ""
 
 
-def load_images_from_folder(folder: str | Path, *, node: str, input: str = "folder"
+def load_images_from_folder(folder: str | Path, *, input: str = "folder"
                             ) -> tuple[list[torch.Tensor], list[str], list[str] | None]:
     """Images of a plain folder (sorted by name) with their kohya caption sidecars if all exist."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UnconfusedError(f"{folder} is not a folder", node=node, input=input)
+        raise UnconfusedError(f"{folder} is not a folder", input=input)
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise UnconfusedError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})", node=node,
+        raise UnconfusedError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
                               input=input)
-    images = [pil_to_tensor(_read_image(p, "image", node)) for p in paths]
+    images = [pil_to_tensor(_read_image(p, "image")) for p in paths]
     caps = [p.with_suffix(".txt") for p in paths]
     captions = [read_caption(c) for c in caps] if all(c.is_file() for c in caps) else None
     return images, [p.stem for p in paths], captions
 
 
-def concept_from_folder(folder: str | Path, token: str, class_word: str, *, node: str, input: str | None = None
+@host.takes_node
+def concept_from_folder(folder: str | Path, token: str, class_word: str, *, input: str | None = None
                         ) -> Concept:
     """A concept from a plain folder of photos (with kohya .txt sidecars if every photo has one).
     `input` names the one input all three came from (a CLI's --concept); by default each its own."""
-    token = validate_token(token, node=node, input=input or "token")
+    token = validate_token(token, input=input or "token")
     if not (class_word or "").strip():
-        raise UnconfusedError("the class word is empty; give the kind of thing, e.g. dog or woman", node=node,
+        raise UnconfusedError("the class word is empty; give the kind of thing, e.g. dog or woman",
                               input=input or "class_word")
-    images, names, captions = load_images_from_folder(folder, node=node, input=input or "folder")
+    images, names, captions = load_images_from_folder(folder, input=input or "folder")
     return Concept(token=token, class_word=class_word.strip(), images=images, captions=captions, names=names)
 
 
-def parse_concept_spec(text: str, *, node: str, input: str = "concepts") -> tuple[Path, str, str]:
+@host.takes_node
+def parse_concept_spec(text: str, *, input: str = "concepts") -> tuple[Path, str, str]:
     """`FOLDER:TOKEN:CLASS` (the command line's and job files' short form) -> (folder, token, class word).
     The last two colons split, so a Windows drive letter (C:/photos) stays in the folder."""
     parts = str(text).rsplit(":", 2)
     if len(parts) != 3 or not all(p.strip() for p in parts):
-        raise UnconfusedError(f"'{text}' is not FOLDER:TOKEN:CLASS, e.g. photos/alice:<alice>:woman", node=node,
+        raise UnconfusedError(f"'{text}' is not FOLDER:TOKEN:CLASS, e.g. photos/alice:<alice>:woman",
                               input=input)
     return Path(parts[0].strip()), parts[1].strip(), parts[2].strip()
 

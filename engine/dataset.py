@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from .concepts import pil_to_mask, pil_to_tensor
+from . import host
 from .errors import UnconfusedError
 from .files import atomic_save_image, atomic_write_json
 
@@ -64,9 +65,8 @@ class DatasetWriter:
     """Appends pairs to a dataset folder; `resume=True` continues a cut-off run."""
 
     def __init__(self, folder: str | Path, *, seed: int, settings: dict, concepts: list[dict],
-                 resume: bool = True, node: str | None = None):
+                 resume: bool = True):
         self.folder = Path(folder)
-        self.node = node
         self.manifest = {"format": FORMAT, "complete": False, "seed": seed, "settings": settings,
                          "concepts": concepts, "counts": {}}
         old = self.folder / "manifest.json"
@@ -77,7 +77,7 @@ class DatasetWriter:
                 {k: self.manifest[k] for k in ("seed", "settings", "concepts")}
             if not same:
                 raise UnconfusedError(f"{self.folder.name} holds a dataset made with other settings; choose another "
-                                      "name or set resume to 'restart'", node=node, input="name")
+                                      "name or set resume to 'restart'", input="name")
             self.records = list(read_records(self.folder, repair=True))
         elif old.is_file() or (self.folder / "records.jsonl").exists():
             for name in ("manifest.json", "records.jsonl"):
@@ -109,7 +109,7 @@ class DatasetWriter:
             self._jsonl.flush()
         except OSError as e:  # a full disk: what is written stays usable and the run resumes later
             raise UnconfusedError(f"could not write to {self.folder} ({e.strerror or e}); free some space and run "
-                                  "again - the dataset resumes where it stopped", node=self.node, input="name") from e
+                                  "again - the dataset resumes where it stopped", input="name") from e
         self.records.append(rec)
         return rec
 
@@ -155,19 +155,19 @@ def read_records(folder: Path, *, repair: bool = False) -> Iterator[Record]:
 class Dataset:
     """A dataset folder opened for reading (a ComfyUI socket value: UNCONFUSED_DATASET)."""
 
-    def __init__(self, folder: str | Path, *, node: str | None = None, input: str = "dataset"):
+    @host.takes_node
+    def __init__(self, folder: str | Path, *, input: str = "dataset"):
         self.folder = Path(folder)
         manifest = self.folder / "manifest.json"
         if not manifest.is_file():
             raise UnconfusedError(f"{self.folder} is not an Unconfused dataset (no manifest.json); build one with "
-                                  "the augmentation builder", node=node, input=input)
+                                  "the augmentation builder", input=input)
         self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
         if self.manifest.get("format") != FORMAT:
-            raise UnconfusedError(f"{self.folder.name} has format {self.manifest.get('format')!r}, expected {FORMAT}",
-                                  node=node, input=input)
+            raise UnconfusedError(f"{self.folder.name} has format {self.manifest.get('format')!r}, expected {FORMAT}", input=input)
         self.records = list(read_records(self.folder))
         if not self.records:
-            raise UnconfusedError(f"the dataset {self.folder.name} has no pairs", node=node, input=input)
+            raise UnconfusedError(f"the dataset {self.folder.name} has no pairs", input=input)
 
     @property
     def complete(self) -> bool:

@@ -68,32 +68,31 @@ class DinoModel:
         return torch.cat(out)
 
 
-def load_dino(folder: str | Path, *, device: str = "auto", node: str = NODE_LOADER, input: str = "dino_name") -> DinoModel:
+def load_dino(folder: str | Path, *, device: str = "auto", input: str = "dino_name") -> DinoModel:
     from transformers import AutoConfig, AutoModel
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise UnconfusedError(f"{folder} has no config.json: put {HINT} models/{KIND}/", node=node, input=input)
+        raise UnconfusedError(f"{folder} has no config.json: put {HINT} models/{KIND}/", input=input)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:
-        raise UnconfusedError(f"{folder.name}/config.json could not be read ({type(e).__name__}: {str(e)[:160]})",
-                              node=node, input=input) from None
+        raise UnconfusedError(f"{folder.name}/config.json could not be read ({type(e).__name__}: {str(e)[:160]})", input=input) from None
     if config.model_type not in ("vit", "dinov2", "dinov3_vit"):
         raise UnconfusedError(f"{folder.name} is a '{config.model_type}' model, not DINO (a ViT / DINOv2); put "
-                              f"{HINT} models/{KIND}/", node=node, input=input)
+                              f"{HINT} models/{KIND}/", input=input)
     try:
         kwargs = {"add_pooling_layer": False} if config.model_type == "vit" else {}
         model = AutoModel.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as e:
         raise UnconfusedError(f"{folder.name} could not be loaded ({type(e).__name__}: {str(e)[:200]}); the weights "
-                              "may be missing or damaged", node=node, input=input) from None
+                              "may be missing or damaged", input=input) from None
     host.device(device)
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     return DinoModel(model, folder.name, size, device=device)
 
 
 def load_dino_by_name(name: str, **kw) -> DinoModel:
-    path = host.find_model(KIND, name, node=kw.get("node", NODE_LOADER), input=kw.get("input", "dino_name"),
+    path = host.find_model(KIND, name, input=kw.get("input", "dino_name"),
                            what="DINO model folder (config.json + model.safetensors, e.g. facebook/dino-vits16)")
     return load_dino(path, **kw)

@@ -107,5 +107,5 @@ def save_text_encoder(path: str | Path, text_encoder, *, metadata: dict) -> Path
     return atomic_save_safetensors(path, state, clean_metadata(metadata))
 
 
-def export_name(name: str, *, node: str | None = None) -> str:
-    return safe_name(name, input="name", node=node)
+def export_name(name: str) -> str:
+    return safe_name(name, input="name")

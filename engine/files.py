@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import host
 from .errors import UnconfusedError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\- ]+")
@@ -160,23 +161,22 @@ def atomic_save_image(path: str | os.PathLike, image, **save_kwargs) -> Path:
     return final
 
 
-def safe_name(name: str, *, input: str = "name", node: str | None = None) -> str:
+@host.takes_node
+def safe_name(name: str, *, input: str = "name") -> str:
     """A file or folder name that cannot leave its parent folder ('../x', '/etc', 'a/b')."""
     cleaned = _UNSAFE.sub("_", name.strip()).strip(" .")
     if not cleaned or cleaned in {".", ".."}:
-        raise UnconfusedError(f"'{name}' is not usable as a file name; use letters, digits, '-', '_'",
-                              node=node, input=input)
+        raise UnconfusedError(f"'{name}' is not usable as a file name; use letters, digits, '-', '_'", input=input)
     if len(cleaned) > MAX_NAME_CHARS:  # with a suffix and a token it must still fit a file name (255 bytes)
         raise UnconfusedError(f"'{cleaned[:40]}...' is {len(cleaned)} characters long; use at most "
-                              f"{MAX_NAME_CHARS}", node=node, input=input)
+                              f"{MAX_NAME_CHARS}", input=input)
     return cleaned
 
 
-def inside(base: str | os.PathLike, relative: str, *, input: str = "path", node: str | None = None) -> Path:
+def inside(base: str | os.PathLike, relative: str, *, input: str = "path") -> Path:
     """`base/relative`, refusing anything that would resolve outside `base`."""
     base_p = Path(base).resolve()
     target = (base_p / relative).resolve()
     if target != base_p and base_p not in target.parents:
-        raise UnconfusedError(f"'{relative}' points outside {base_p}; give a name inside that folder",
-                              node=node, input=input)
+        raise UnconfusedError(f"'{relative}' points outside {base_p}; give a name inside that folder", input=input)
     return target

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import sys
@@ -362,27 +363,53 @@ def add_listener(fn: Callable[[str, dict], None]) -> None:
 
 _running_node: contextvars.ContextVar[str | None] = contextvars.ContextVar("unconfused_running_node",
                                                                          default=None)
+_running_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("unconfused_running_name",
+                                                                         default=None)
 
 
 @contextlib.contextmanager
-def running_node(unique_id: Any) -> Iterator[None]:
-    """Tell the engine which graph node is running (ComfyUI's hidden input UNIQUE_ID), so every
-    message sent inside the block carries `node_id` and the browser can find the node:
-
-        def train(self, ..., unique_id=None):
-            with host.running_node(unique_id):
-                ...
-    """
+def running_node(unique_id: Any = None, name: str | None = None) -> Iterator[None]:
+    """Tell the engine which node is running: `unique_id` (ComfyUI's hidden input UNIQUE_ID) makes
+    every message sent inside the block carry `node_id` so the browser can find the node; `name`
+    (the node's id such as UnconfusedTrainLoRA, or a job section in the CLI) names the node in every
+    UnconfusedError raised inside the block that names none itself. A name of None keeps the
+    enclosing block's. The pack's registration (nodes/common.py) runs every node in one."""
     token = _running_node.set(None if unique_id is None else str(unique_id))
+    name_token = _running_name.set(_running_name.get() if name is None else str(name))
     try:
         yield
     finally:
+        _running_name.reset(name_token)
         _running_node.reset(token)
 
 
 def current_node() -> str | None:
     """The graph node id set by `running_node`, or None (CLI, tests, a node that set none)."""
     return _running_node.get()
+
+
+def current_node_name() -> str | None:
+    """The node name set by `running_node` (the running node, a CLI job's section), or None."""
+    return _running_name.get()
+
+
+def takes_node(fn: Callable) -> Callable:
+    """For callers not yet moved to the running-node context: `fn(..., node=NAME)` runs `fn`
+    inside `running_node(name=NAME)`, so everything it raises names NAME as before."""
+    @functools.wraps(fn)
+    def run(*args, node: str | None = None, **kwargs):
+        if node is None:
+            return fn(*args, **kwargs)
+        with running_node(current_node(), name=node):
+            return fn(*args, **kwargs)
+    return run
+
+
+def in_context(fn: Callable) -> Callable:
+    """`fn` bound to the caller's running node, for work handed to a thread pool (a thread does not
+    inherit it), so errors raised there still name the node."""
+    ctx = contextvars.copy_context()
+    return lambda *args, **kwargs: ctx.copy().run(fn, *args, **kwargs)  # a copy per call: runs may overlap
 
 
 def _prompt_server():

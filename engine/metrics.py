@@ -52,7 +52,7 @@ def eval_prompt(prompt: str, class_words: dict[str, str], mode: str = "class") -
     """The prompt CLIP-T scores: "<alice> woman" or a lone "<alice>" becomes "woman" (mode class),
     or the token is dropped (mode remove). A token followed by its class word is not doubled."""
     if mode not in TEXT_MODES:
-        raise UnconfusedError(f"unknown text mode {mode!r}; use one of {sorted(TEXT_MODES)}", node=NODE,
+        raise UnconfusedError(f"unknown text mode {mode!r}; use one of {sorted(TEXT_MODES)}",
                               input="text_mode")
     out = prompt
     for token, word in class_words.items():
@@ -93,12 +93,11 @@ def _check_masks(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] |
     if masks is None:
         return
     if len(masks) != len(images):
-        raise UnconfusedError(f"{len(masks)} masks for {len(images)} images of {what}; give one mask per image",
-                              node=NODE, input=input)
+        raise UnconfusedError(f"{len(masks)} masks for {len(images)} images of {what}; give one mask per image", input=input)
     for i, (m, img) in enumerate(zip(masks, images)):
         if tuple(m.shape[-2:]) != tuple(img.shape[:2]):
             raise UnconfusedError(f"mask {i} of {what} is {m.shape[-1]}x{m.shape[-2]} but its image is "
-                                  f"{img.shape[1]}x{img.shape[0]}; masks must have their image's size", node=NODE,
+                                  f"{img.shape[1]}x{img.shape[0]}; masks must have their image's size",
                                   input=input)
 
 
@@ -113,7 +112,7 @@ def pairwise_mean(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def text_alignment(image_feats: torch.Tensor, text_feats: torch.Tensor, convention: str = "cosine") -> torch.Tensor:
     """Per image: its cosine with its own prompt (rows paired), in the chosen convention."""
     if convention not in CONVENTIONS:
-        raise UnconfusedError(f"unknown convention {convention!r}; use one of {sorted(CONVENTIONS)}", node=NODE,
+        raise UnconfusedError(f"unknown convention {convention!r}; use one of {sorted(CONVENTIONS)}",
                               input="convention")
     cos = (image_feats * text_feats).sum(dim=-1)
     return 2.5 * cos.clamp(min=0) if convention == "clipscore" else cos
@@ -130,18 +129,17 @@ def diversity(feats: torch.Tensor) -> float | None:
 
 
 def mask_iou(a: Sequence[torch.Tensor] | torch.Tensor, b: Sequence[torch.Tensor] | torch.Tensor,
-             threshold: float = 0.5, *, node: str = NODE_IOU) -> list[float]:
+             threshold: float = 0.5) -> list[float]:
     """IoU of each pair of masks (binarised at `threshold`). A batch of one is compared with every
     mask of the other; a different size with the same aspect ratio is resized (nearest) to the
     first's; two empty masks count as IoU 1 (they agree)."""
     a = [m for m in a] if not isinstance(a, torch.Tensor) or a.ndim == 3 else [a]
     b = [m for m in b] if not isinstance(b, torch.Tensor) or b.ndim == 3 else [b]
     if not a or not b:
-        raise UnconfusedError("a mask batch is empty; connect masks to both inputs", node=node,
+        raise UnconfusedError("a mask batch is empty; connect masks to both inputs",
                               input="masks_a" if not a else "masks_b")
     if len(a) != len(b) and 1 not in (len(a), len(b)):
-        raise UnconfusedError(f"{len(a)} masks against {len(b)}: give batches of the same length (or one mask)",
-                              node=node, input="masks_b")
+        raise UnconfusedError(f"{len(a)} masks against {len(b)}: give batches of the same length (or one mask)", input="masks_b")
     n = max(len(a), len(b))
     out = []
     for i in range(n):
@@ -151,7 +149,7 @@ def mask_iou(a: Sequence[torch.Tensor] | torch.Tensor, b: Sequence[torch.Tensor]
             if abs(ra - rb) > 0.01 * ra:
                 raise UnconfusedError(f"mask {i}: {x.shape[1]}x{x.shape[0]} against {y.shape[1]}x{y.shape[0]} - "
                                       "different aspect ratios cannot be compared; resize or crop one batch to the "
-                                      "other's size", node=node, input="masks_b")
+                                      "other's size", input="masks_b")
             y = F.interpolate(y[None, None], size=tuple(x.shape), mode="nearest")[0, 0]
         out.append(iou(x, y, threshold))
     return out
@@ -519,51 +517,49 @@ def _confusion(x: EvalInputs, report: EvalReport) -> None:
                note="regions whose best-matching references are their own concept's")
 
 
-def _check_inputs(x: EvalInputs, node: str) -> None:
+def _check_inputs(x: EvalInputs) -> None:
     s = x.s
     if s.convention not in CONVENTIONS:
-        raise UnconfusedError(f"unknown convention {s.convention!r}; use one of {sorted(CONVENTIONS)}", node=node,
+        raise UnconfusedError(f"unknown convention {s.convention!r}; use one of {sorted(CONVENTIONS)}",
                               input="convention")
     if s.text_mode not in TEXT_MODES:
-        raise UnconfusedError(f"unknown text mode {s.text_mode!r}; use one of {sorted(TEXT_MODES)}", node=node,
+        raise UnconfusedError(f"unknown text mode {s.text_mode!r}; use one of {sorted(TEXT_MODES)}",
                               input="text_mode")
     if not x.images:
-        raise UnconfusedError("no generated images to evaluate; connect the sampler's images", node=node,
+        raise UnconfusedError("no generated images to evaluate; connect the sampler's images",
                               input="images")
     if len(x.prompts) != len(x.images):
         raise UnconfusedError(f"{len(x.prompts)} prompts for {len(x.images)} images; give one prompt for all or one "
-                              "per image (one per line)", node=node, input="prompts")
+                              "per image (one per line)", input="prompts")
     empty = [i for i, p in enumerate(x.prompts) if not str(p).strip()]
     if empty:
-        raise UnconfusedError(f"image {empty[0]} has no prompt; CLIP-T needs the prompt each image was made from",
-                              node=node, input="prompts")
+        raise UnconfusedError(f"image {empty[0]} has no prompt; CLIP-T needs the prompt each image was made from", input="prompts")
     for r in x.references:
         if not r.images:
-            raise UnconfusedError(f"concept {r.token} has no reference images", node=node, input="concepts")
+            raise UnconfusedError(f"concept {r.token} has no reference images", input="concepts")
         _check_masks(r.images, r.masks, r.token, "concepts")
     if x.region_masks is None:
         return
     if len(x.region_masks) != len(x.images):
-        raise UnconfusedError(f"region masks for {len(x.region_masks)} images but {len(x.images)} images",
-                              node=node, input="region_masks")
+        raise UnconfusedError(f"region masks for {len(x.region_masks)} images but {len(x.images)} images", input="region_masks")
     for i, (img, masks) in enumerate(zip(x.images, x.region_masks)):
         if len(masks) != len(x.tokens):
-            raise UnconfusedError(f"image {i} has {len(masks)} region masks for {len(x.tokens)} concepts",
-                                  node=node, input="region_masks")
+            raise UnconfusedError(f"image {i} has {len(masks)} region masks for {len(x.tokens)} concepts", input="region_masks")
         for k, m in enumerate(masks):  # (a mask for a concept the prompt does not name is never read)
             if m is not None and x.tokens[k] in x.present[i] and tuple(m.shape) != tuple(img.shape[:2]):
                 raise UnconfusedError(f"region mask {k} of image {i} is {m.shape[-1]}x{m.shape[-2]} but the "
-                                      f"image is {img.shape[1]}x{img.shape[0]}", node=node, input="region_masks")
+                                      f"image is {img.shape[1]}x{img.shape[0]}", input="region_masks")
 
 
+@host.takes_node
 def evaluate(images: Sequence[torch.Tensor], prompts: Sequence[str], references: Sequence[Reference], clip, *,
              dino=None, region_masks: Sequence[Sequence[torch.Tensor | None]] | None = None,
-             settings: EvalSettings | None = None, node: str = NODE) -> EvalReport:
+             settings: EvalSettings | None = None) -> EvalReport:
     """Every registered metric the inputs allow. `prompts` has one prompt per image; `region_masks[i][k]`
     is where concept k should be in image i (None: not there)."""
     s = settings or EvalSettings()
     x = EvalInputs(list(images), list(prompts), list(references), clip, dino, region_masks, s)
-    _check_inputs(x, node)
+    _check_inputs(x)
     report = EvalReport(tokens=x.tokens)
     report.settings = {"convention": s.convention, "convention_text": CONVENTIONS[s.convention],
                        "text_mode": s.text_mode, "text_mode_text": TEXT_MODES[s.text_mode],
@@ -603,26 +599,26 @@ def metrics_page() -> str:
     return "\n".join(out)
 
 
-def prompts_for(text: str | Sequence[str], n: int, *, node: str = NODE, input: str = "prompts") -> list[str]:
+def prompts_for(text: str | Sequence[str], n: int, *, input: str = "prompts") -> list[str]:
     """One prompt for every image (one line), or one per image (one line each)."""
     lines = [ln.strip() for ln in (text.splitlines() if isinstance(text, str) else text) if str(ln).strip()]
     if not lines:
         raise UnconfusedError("no prompt: write the prompt the images were generated from (one line for all, or one "
-                              "line per image)", node=node, input=input)
+                              "line per image)", input=input)
     if len(lines) == 1:
         return lines * n
     if len(lines) != n:
         raise UnconfusedError(f"{len(lines)} prompt lines for {n} images; give one line for all images or exactly one "
-                              "per image", node=node, input=input)
+                              "per image", input=input)
     return lines
 
 
-def report_folder(base: str | Path, name: str, *, node: str = NODE) -> Path:
+def report_folder(base: str | Path, name: str) -> Path:
     """`<base>/<name>_00001`, the next free number, so no earlier report is overwritten."""
     from .files import safe_name
 
     base = Path(base)
-    stem = safe_name(name or "eval", input="name", node=node)
+    stem = safe_name(name or "eval", input="name")
     used = [int(p.name.rsplit("_", 1)[1]) for p in base.glob(f"{stem}_*")
             if p.name.rsplit("_", 1)[1].isdigit()] if base.is_dir() else []
     return base / f"{stem}_{max(used, default=0) + 1:05d}"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import host
 from . import model_configs as cfg
 from .errors import UnconfusedError
 from .tokenizer import clip_tokenizer
@@ -188,12 +189,12 @@ def weights_sha256(bundle: "ModelBundle") -> str:
 
 
 # ---------------------------------------------------------------- reading files safely
-def read_state_dict(path: Path, *, node: str | None = None, input: str = "ckpt_name") -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, input: str = "ckpt_name") -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or .ckpt/.pt file. Pickles are read with weights_only=True:
     a file that needs arbitrary code to unpickle is refused, never executed."""
     path = Path(path)
     if not path.is_file():
-        raise UnconfusedError(f"{path} does not exist", node=node, input=input)
+        raise UnconfusedError(f"{path} does not exist", input=input)
     suffix = path.suffix.lower()
     if suffix in (".safetensors", ".sft"):
         from safetensors import SafetensorError
@@ -202,37 +203,36 @@ def read_state_dict(path: Path, *, node: str | None = None, input: str = "ckpt_n
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise UnconfusedError(f"{path.name} is damaged or truncated (safetensors: {e}); download it again",
-                                  node=node, input=input) from e
+            raise UnconfusedError(f"{path.name} is damaged or truncated (safetensors: {e}); download it again", input=input) from e
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except __import__("pickle").UnpicklingError as e:
             raise UnconfusedError(f"{path.name} contains pickled Python objects besides weights; loading it would "
                                   "run code from the file, so it is refused. Use a .safetensors version of this "
-                                  "model", node=node, input=input) from e
+                                  "model", input=input) from e
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-            raise UnconfusedError(f"{path.name} is damaged or truncated ({e}); download it again", node=node,
+            raise UnconfusedError(f"{path.name} is damaged or truncated ({e}); download it again",
                                   input=input) from e
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()
                                                 if not isinstance(v, (int, float, str))):
-            raise UnconfusedError(f"{path.name} does not hold a state dict of tensors", node=node, input=input)
+            raise UnconfusedError(f"{path.name} does not hold a state dict of tensors", input=input)
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    raise UnconfusedError(f"{path.name}: unknown file type '{suffix}'; {SUPPORTED} are supported", node=node,
+    raise UnconfusedError(f"{path.name}: unknown file type '{suffix}'; {SUPPORTED} are supported",
                           input=input)
 
 
 # ---------------------------------------------------------------- recognising the family
-def detect_family(sd: dict[str, torch.Tensor], name: str, *, node: str | None = None,
+def detect_family(sd: dict[str, torch.Tensor], name: str, *,
                   input: str = "ckpt_name") -> str:
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in sd)
 
     other = None
     if has("conditioner.embedders.") or has(UNET_PREFIX + "label_emb."):
-        return detect_sdxl(sd, name, node=node, input=input)
+        return detect_sdxl(sd, name, input=input)
     if has("double_blocks.") or has(UNET_PREFIX + "double_blocks."):
         other = "Flux"
     elif has(UNET_PREFIX + "joint_blocks."):
@@ -240,36 +240,35 @@ def detect_family(sd: dict[str, torch.Tensor], name: str, *, node: str | None = 
     elif has("model.diffusion_model.blocks.") or has("model.diffusion_model.transformer_blocks."):
         other = "a transformer (DiT) model"
     if other:
-        raise UnconfusedError(f"{name} is a {other} checkpoint; Unconfused supports {SUPPORTED}", node=node,
+        raise UnconfusedError(f"{name} is a {other} checkpoint; Unconfused supports {SUPPORTED}",
                               input=input)
     key = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     if key not in sd:
         if has("input_blocks.") or has("down_blocks."):
-            raise UnconfusedError(f"{name} holds only a UNet; choose a full checkpoint (UNet + VAE + text encoder)",
-                                  node=node, input=input)
+            raise UnconfusedError(f"{name} holds only a UNet; choose a full checkpoint (UNet + VAE + text encoder)", input=input)
         raise UnconfusedError(f"{name} is not a Stable Diffusion checkpoint (or it is damaged); Unconfused supports "
-                              f"{SUPPORTED}", node=node, input=input)
+                              f"{SUPPORTED}", input=input)
     context_dim = sd[key].shape[1]
     family = {768: "sd1", 1024: "sd2"}.get(int(context_dim))
     if family is None:
         raise UnconfusedError(f"{name} has a UNet with text width {context_dim}, which is neither SD 1.x (768) nor "
-                              f"SD 2.x (1024); Unconfused supports {SUPPORTED}", node=node, input=input)
+                              f"SD 2.x (1024); Unconfused supports {SUPPORTED}", input=input)
     in_ch = sd[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
     if in_ch != 4:
         raise UnconfusedError(f"{name} is an inpainting or other {in_ch}-channel model; choose the base model of "
-                              "its family", node=node, input=input)
+                              "its family", input=input)
     missing = [p for p in ("first_stage_model.", "cond_stage_model.") if not has(p)]
     if missing:
         part = " and ".join({"first_stage_model.": "the VAE", "cond_stage_model.": "the text encoder"}[p]
                             for p in missing)
-        raise UnconfusedError(f"{name} has no {part}; choose a full checkpoint", node=node, input=input)
+        raise UnconfusedError(f"{name} has no {part}; choose a full checkpoint", input=input)
     return family
 
 
 SDXL_ATTN_KEY = UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
 
 
-def detect_sdxl(sd: dict[str, torch.Tensor], name: str, *, node: str | None = None,
+def detect_sdxl(sd: dict[str, torch.Tensor], name: str, *,
                 input: str = "ckpt_name") -> str:
     """"sdxl" for an SDXL base-shaped checkpoint (SDXL 1.0 and its fine-tunes: Pony, Illustrious,
     NoobAI...); the refiner, inpainting and EDM (Playground 2.5) variants are refused."""
@@ -278,29 +277,27 @@ def detect_sdxl(sd: dict[str, torch.Tensor], name: str, *, node: str | None = No
 
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         raise UnconfusedError(f"{name} is an SDXL refiner checkpoint (one OpenCLIP text encoder, meant to refine "
-                              "another model's latents); choose an SDXL base model or one of its fine-tunes",
-                              node=node, input=input)
+                              "another model's latents); choose an SDXL base model or one of its fine-tunes", input=input)
     if "edm_mean" in sd or "edm_vpred.sigma_max" in sd:
         raise UnconfusedError(f"{name} is an SDXL-shaped EDM model (Playground 2.5 style), whose noise schedule "
-                              "Unconfused does not train; choose an epsilon or v-prediction SDXL model",
-                              node=node, input=input)
+                              "Unconfused does not train; choose an epsilon or v-prediction SDXL model", input=input)
     conv_in = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         raise UnconfusedError(f"{name} is an SDXL inpainting or other {conv_in.shape[1]}-channel model; choose the "
-                              "SDXL base model (or a fine-tune) it was made from", node=node, input=input)
+                              "SDXL base model (or a fine-tune) it was made from", input=input)
     if conv_in is None or SDXL_ATTN_KEY not in sd:
         raise UnconfusedError(f"{name} holds no SDXL UNet; choose a full SDXL checkpoint (UNet + VAE + both text "
-                              "encoders)", node=node, input=input)
+                              "encoders)", input=input)
     missing = [part for prefix, part in (("first_stage_model.", "the VAE"),
                                          ("conditioner.embedders.0.transformer.", "the CLIP-L text encoder"),
                                          ("conditioner.embedders.1.model.", "the OpenCLIP-bigG text encoder"))
                if not has(prefix)]
     if missing:
-        raise UnconfusedError(f"{name} has no {' and '.join(missing)}; choose a full SDXL checkpoint", node=node,
+        raise UnconfusedError(f"{name} has no {' and '.join(missing)}; choose a full SDXL checkpoint",
                               input=input)
     if sdxl_variant(sd) is None:
         raise UnconfusedError(f"{name} is SDXL-shaped but of unknown width (UNet {conv_in.shape[0]} channels, text "
-                              f"{sd[SDXL_ATTN_KEY].shape[1]} wide); Unconfused supports {SUPPORTED}", node=node,
+                              f"{sd[SDXL_ATTN_KEY].shape[1]} wide); Unconfused supports {SUPPORTED}",
                               input=input)
     return "sdxl"
 
@@ -331,19 +328,17 @@ def _empty(cls, config):
         return cls(**config) if isinstance(config, dict) else cls(config)
 
 
-def _assign(model: torch.nn.Module, state: dict, part: str, name: str, dtype: torch.dtype,
-            node: str | None) -> torch.nn.Module:
+def _assign(model: torch.nn.Module, state: dict, part: str, name: str, dtype: torch.dtype) -> torch.nn.Module:
     state = {k: v.to(dtype) for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         msg = str(e).split("\n")
         raise UnconfusedError(f"{name}: the {part} does not match its family's architecture ({msg[0]} "
-                              f"{' '.join(msg[1:3])[:300]}); the file is damaged or of an unsupported variant",
-                              node=node, input="ckpt_name") from e
+                              f"{' '.join(msg[1:3])[:300]}); the file is damaged or of an unsupported variant", input="ckpt_name") from e
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if meta:
-        raise UnconfusedError(f"{name}: the {part} is missing tensors {meta[:3]}", node=node, input="ckpt_name")
+        raise UnconfusedError(f"{name}: the {part} is missing tensors {meta[:3]}", input="ckpt_name")
     return model
 
 
@@ -380,38 +375,38 @@ def build_text_encoder(family: str, state: dict | None = None, dtype=torch.float
     return model.to(dtype).eval()
 
 
-def load_single_file(path: str | os.PathLike, *, prediction: str = "auto", dtype: torch.dtype = torch.float32,
-                     node: str | None = None) -> ModelBundle:
+def load_single_file(path: str | os.PathLike, *, prediction: str = "auto", dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Load an original (LDM key) SD 1.x / 2.x checkpoint into diffusers models, offline."""
     path = Path(path)
-    sd = read_state_dict(path, node=node)
-    return bundle_from_ldm_state_dict(sd, path.name, prediction=prediction, dtype=dtype, node=node, source=path)
+    sd = read_state_dict(path)
+    return bundle_from_ldm_state_dict(sd, path.name, prediction=prediction, dtype=dtype, source=path)
 
 
+@host.takes_node
 def bundle_from_ldm_state_dict(sd: dict[str, torch.Tensor], name: str, *, prediction: str = "auto",
-                               dtype: torch.dtype = torch.float32, node: str | None = None,
+                               dtype: torch.dtype = torch.float32,
                                source: Path | None = None) -> ModelBundle:
     """A bundle from a whole-checkpoint state dict in LDM keys (a file's, or ComfyUI's models'
     as a checkpoint saver would write them). `sd` is consumed."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    family = detect_family(sd, name, node=node)
+    family = detect_family(sd, name)
     detected = detect_prediction(sd, family)
     pred = detected if prediction == "auto" else prediction
     if pred not in ("epsilon", "v_prediction"):
-        raise UnconfusedError(f"unknown prediction type {prediction!r}; use {PREDICTION_CHOICES}", node=node,
+        raise UnconfusedError(f"unknown prediction type {prediction!r}; use {PREDICTION_CHOICES}",
                               input="prediction")
 
     if family == "sdxl":
-        return _sdxl_bundle(sd, name, pred, detected, prediction, dtype, node, source)
+        return _sdxl_bundle(sd, name, pred, detected, prediction, dtype, source)
     unet_cfg = dict(cfg.UNET[family])
     if family == "sd2" and pred == "v_prediction":
         unet_cfg.update(sample_size=96, upcast_attention=True)  # SD 2.x 768-v
     unet = _assign(_empty(UNet2DConditionModel, unet_cfg), sfu.convert_ldm_unet_checkpoint(sd, unet_cfg),
-                   "UNet", name, dtype, node)
+                   "UNet", name, dtype)
     vae = _assign(_empty(AutoencoderKL, cfg.VAE), sfu.convert_ldm_vae_checkpoint(sd, cfg.VAE), "VAE", name,
-                  torch.float32 if dtype == torch.float16 else dtype, node)  # fp16 VAEs overflow to NaN
+                  torch.float32 if dtype == torch.float16 else dtype)  # fp16 VAEs overflow to NaN
 
     if family == "sd1":
         te_state = sfu.convert_ldm_clip_checkpoint(sd)
@@ -432,7 +427,7 @@ def bundle_from_ldm_state_dict(sd: dict[str, torch.Tensor], name: str, *, predic
     return bundle
 
 
-def _sdxl_bundle(sd, name, pred, detected, prediction, dtype, node, source) -> ModelBundle:
+def _sdxl_bundle(sd, name, pred, detected, prediction, dtype, source) -> ModelBundle:
     """SDXL from LDM keys: UNet (`label_emb` -> `add_embedding`) and VAE by diffusers' converters,
     CLIP-L from `conditioner.embedders.0.transformer.` (Hugging Face keys already), bigG from
     `conditioner.embedders.1.model.` (OpenCLIP keys, fused qkv split, `text_projection` transposed)."""
@@ -442,17 +437,17 @@ def _sdxl_bundle(sd, name, pred, detected, prediction, dtype, node, source) -> M
 
     variant = sdxl_variant(sd)
     unet = _assign(_empty(UNet2DConditionModel, variant["unet"]),
-                   sfu.convert_ldm_unet_checkpoint(sd, variant["unet"]), "UNet", name, dtype, node)
+                   sfu.convert_ldm_unet_checkpoint(sd, variant["unet"]), "UNet", name, dtype)
     vae = _assign(_empty(AutoencoderKL, variant["vae"]), sfu.convert_ldm_vae_checkpoint(sd, variant["vae"]), "VAE",
-                  name, torch.float32 if dtype == torch.float16 else dtype, node)  # SDXL's VAE overflows in fp16
+                  name, torch.float32 if dtype == torch.float16 else dtype)  # SDXL's VAE overflows in fp16
     te1 = _empty(CLIPTextModel, CLIPTextConfig(**variant["te"]))
     te1_state = sfu.convert_ldm_clip_checkpoint({k: v for k, v in sd.items()
                                                  if k.startswith("conditioner.embedders.0.transformer.")})
-    te1 = _assign(te1, text_state_for(te1, _no_position_ids(te1_state)), "CLIP-L text encoder", name, dtype, node)
+    te1 = _assign(te1, text_state_for(te1, _no_position_ids(te1_state)), "CLIP-L text encoder", name, dtype)
     te2 = _empty(CLIPTextModelWithProjection, CLIPTextConfig(**variant["te2"]))
     te2_state = sfu.convert_open_clip_checkpoint(te2, sd, prefix="conditioner.embedders.1.model.")
     te2 = _assign(te2, text_state_for(te2, _no_position_ids(te2_state)), "OpenCLIP-bigG text encoder", name,
-                  dtype, node)
+                  dtype)
     del sd
     bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=te1.eval(),
                          tokenizer=clip_tokenizer(pad=cfg.TOKENIZER_PAD["sdxl"]), family="sdxl",
@@ -470,7 +465,7 @@ def _no_position_ids(state: dict) -> dict:
 
 
 def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto",
-                          dtype: torch.dtype = torch.float32, node: str | None = None) -> ModelBundle:
+                          dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Load a diffusers-format model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -479,11 +474,10 @@ def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto"
     unet_json = folder / "unet" / "config.json"
     if (folder / "text_encoder_2" / "config.json").is_file() or (
             unet_json.is_file() and json.loads(unet_json.read_text()).get("addition_embed_type") == "text_time"):
-        return _load_sdxl_folder(folder, prediction=prediction, dtype=dtype, node=node)
+        return _load_sdxl_folder(folder, prediction=prediction, dtype=dtype)
     for sub in ("unet", "vae", "text_encoder"):
         if not (folder / sub / "config.json").is_file():
-            raise UnconfusedError(f"{folder.name} is not a diffusers SD folder: {sub}/config.json is missing",
-                                  node=node, input="ckpt_name")
+            raise UnconfusedError(f"{folder.name} is not a diffusers SD folder: {sub}/config.json is missing", input="ckpt_name")
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True,
@@ -491,15 +485,14 @@ def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto"
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True,
                                                      torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
-        raise UnconfusedError(f"{folder.name}: cannot load the diffusers folder ({e})", node=node,
+        raise UnconfusedError(f"{folder.name}: cannot load the diffusers folder ({e})",
                               input="ckpt_name") from e
     width = unet.config.cross_attention_dim
     # SD1/SD2 by text width; a narrower SD-shaped model (the demo model) counts as SD1-like
     family = "sd2" if width == 1024 else "sd1"
     if width != text_encoder.config.hidden_size or unet.config.in_channels != 4:
         raise UnconfusedError(f"{folder.name} is not an SD 1.x/2.x base model (text width {width}, "
-                              f"{unet.config.in_channels} input channels); Unconfused supports {SUPPORTED}",
-                              node=node, input="ckpt_name")
+                              f"{unet.config.in_channels} input channels); Unconfused supports {SUPPORTED}", input="ckpt_name")
     scheduler_config, detected = _folder_scheduler(folder)
     if (folder / "tokenizer" / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
@@ -512,7 +505,7 @@ def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto"
     return bundle
 
 
-def _load_sdxl_folder(folder: Path, *, prediction: str, dtype: torch.dtype, node: str | None) -> ModelBundle:
+def _load_sdxl_folder(folder: Path, *, prediction: str, dtype: torch.dtype) -> ModelBundle:
     """An SDXL diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer(_2)/, scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -520,7 +513,7 @@ def _load_sdxl_folder(folder: Path, *, prediction: str, dtype: torch.dtype, node
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if not (folder / sub / "config.json").is_file():
             raise UnconfusedError(f"{folder.name} is not a diffusers SDXL folder: {sub}/config.json is missing "
-                                  "(an SDXL refiner has no text_encoder; choose an SDXL base model)", node=node,
+                                  "(an SDXL refiner has no text_encoder; choose an SDXL base model)",
                                   input="ckpt_name")
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
@@ -530,15 +523,15 @@ def _load_sdxl_folder(folder: Path, *, prediction: str, dtype: torch.dtype, node
         te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True,
                                                           torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
-        raise UnconfusedError(f"{folder.name}: cannot load the diffusers SDXL folder ({e})", node=node,
+        raise UnconfusedError(f"{folder.name}: cannot load the diffusers SDXL folder ({e})",
                               input="ckpt_name") from e
     if unet.config.in_channels != 4:
         raise UnconfusedError(f"{folder.name} is an SDXL inpainting or other {unet.config.in_channels}-channel "
-                              "model; choose the SDXL base model (or a fine-tune)", node=node, input="ckpt_name")
+                              "model; choose the SDXL base model (or a fine-tune)", input="ckpt_name")
     width = te1.config.hidden_size + te2.config.hidden_size
     if unet.config.cross_attention_dim != width:
         raise UnconfusedError(f"{folder.name}: the UNet's text width ({unet.config.cross_attention_dim}) is not the "
-                              f"two text encoders' ({width}); the folder mixes models", node=node, input="ckpt_name")
+                              f"two text encoders' ({width}); the folder mixes models", input="ckpt_name")
     scheduler_config, detected = _folder_scheduler(folder)
     toks = []
     for sub, pad in (("tokenizer", cfg.TOKENIZER_PAD["sdxl"]), ("tokenizer_2", cfg.TOKENIZER_2_PAD)):

@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import host
 from .errors import UnconfusedError
 
 CUSTOM = "custom"
@@ -236,7 +237,7 @@ def check_table(settings_cls, kind: str | None = None) -> None:
                 raise ValueError(f"preset '{name}' of the {kind} trainer gives '{key}' no source")
 
 
-def preset_values(settings_cls, preset: str, *, node: str | None = None) -> dict[str, Any]:
+def preset_values(settings_cls, preset: str) -> dict[str, Any]:
     """The values a preset sets (custom: none). An unknown preset is refused with the choices."""
     kind = kind_of(settings_cls)
     if kind is None:
@@ -245,12 +246,12 @@ def preset_values(settings_cls, preset: str, *, node: str | None = None) -> dict
         return {}
     if preset not in PRESETS[kind]:
         raise UnconfusedError(f"'{preset}' is not a preset of the {kind} trainer; choose one of "
-                              f"{', '.join(choices(kind))}", node=node or kind, input="preset")
+                              f"{', '.join(choices(kind))}", node=host.current_node_name() or kind, input="preset")
     check_table(settings_cls, kind)
     return {k: v.value for k, v in PRESETS[kind][preset].items()}
 
 
-def with_preset(settings_cls, data: dict, *, node: str | None = None) -> dict:
+def with_preset(settings_cls, data: dict) -> dict:
     """A settings table (job file, --set, node widgets) with its `preset` expanded: the preset's values
     under the table's own. Applying it twice gives the same table. Classes without presets pass through."""
     if kind_of(settings_cls) is None or not isinstance(data, dict):
@@ -258,24 +259,25 @@ def with_preset(settings_cls, data: dict, *, node: str | None = None) -> dict:
     preset = data.get("preset", CUSTOM)
     if not isinstance(preset, str):
         raise UnconfusedError(f"the preset must be a name ({', '.join(choices(kind_of(settings_cls)))}), not "
-                              f"{preset!r}", node=node or kind_of(settings_cls), input="preset")
-    return {**preset_values(settings_cls, preset, node=node), **data, "preset": preset}
+                              f"{preset!r}", node=host.current_node_name() or kind_of(settings_cls), input="preset")
+    return {**preset_values(settings_cls, preset), **data, "preset": preset}
 
 
-def apply_preset(settings_cls, preset: str, overrides: dict | None = None, *, node: str | None = None):
+@host.takes_node
+def apply_preset(settings_cls, preset: str, overrides: dict | None = None):
     """Settings from a preset plus the user's explicit values (which win); validated by the class's own
     `from_dict` (unknown settings are named there)."""
     data = {**(overrides or {}), "preset": preset}
-    data = with_preset(settings_cls, data, node=node)
-    return settings_cls.from_dict(data, **({"node": node} if node else {}))
+    data = with_preset(settings_cls, data)
+    return settings_cls.from_dict(data)
 
 
-def from_widgets(settings_cls, preset: str, widgets: dict, *, node: str) -> Any:
+def from_widgets(settings_cls, preset: str, widgets: dict) -> Any:
     """Settings from a node: the node sends every widget's value, so a widget still at its default is
     not an explicit choice - the preset sets it; a widget the user changed wins over the preset."""
     base = defaults(settings_cls)
     overrides = {k: v for k, v in widgets.items() if k not in base or v != base[k]}
-    return apply_preset(settings_cls, preset or CUSTOM, overrides, node=node)
+    return apply_preset(settings_cls, preset or CUSTOM, overrides)
 
 
 def effective(settings) -> dict[str, dict[str, Any]]:

@@ -91,7 +91,7 @@ def box_of(mask: torch.Tensor | np.ndarray) -> tuple[int, int, int, int]:
 
 
 # ------------------------------------------------------------------ loading
-def _state_dict_from_file(path: Path, *, node: str, input: str) -> dict[str, torch.Tensor]:
+def _state_dict_from_file(path: Path, *, input: str) -> dict[str, torch.Tensor]:
     try:
         if path.suffix.lower() in (".safetensors", ".sft"):
             from safetensors.torch import load_file
@@ -102,11 +102,11 @@ def _state_dict_from_file(path: Path, *, node: str, input: str) -> dict[str, tor
     except Exception as e:  # damaged, truncated, not a checkpoint, pickled code
         raise UnconfusedError(f"'{path.name}' could not be read as a SAM checkpoint ({type(e).__name__}: "
                               f"{str(e)[:160]}); the file may be damaged or incomplete - download it again "
-                              f"(official: {', '.join(OFFICIAL_FILES.values())})", node=node, input=input) from None
+                              f"(official: {', '.join(OFFICIAL_FILES.values())})", input=input) from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or not sd:
-        raise UnconfusedError(f"'{path.name}' holds no tensors; it is not a SAM checkpoint", node=node, input=input)
+        raise UnconfusedError(f"'{path.name}' holds no tensors; it is not a SAM checkpoint", input=input)
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -126,7 +126,7 @@ class SamConfig:
     variant: str = "custom"
 
 
-def config_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "checkpoint", node: str = NODE_LOADER,
+def config_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "checkpoint",
                            input: str = "sam_name", allow_custom: bool = False) -> SamConfig:
     """Read the architecture from tensor shapes; an official variant unless `allow_custom`."""
     key = "image_encoder.patch_embed.proj.weight"
@@ -139,8 +139,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "checkpoi
         elif any(k.startswith(("sam2", "memory_attention", "image_encoder.trunk")) for k in sd):
             hint = " (it looks like SAM 2, which is a different model)"
         raise UnconfusedError(f"'{name}' is not an original SAM checkpoint{hint}: tensor {missing[0]} is missing. "
-                              f"Use sam_vit_b, sam_vit_l or sam_vit_h ({', '.join(OFFICIAL_FILES.values())})",
-                              node=node, input=input)
+                              f"Use sam_vit_b, sam_vit_l or sam_vit_h ({', '.join(OFFICIAL_FILES.values())})", input=input)
     embed, _, patch, _ = sd[key].shape
     grid = sd["image_encoder.pos_embed"].shape[1]
     depth = len({int(m.group(1)) for k in sd if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
@@ -165,7 +164,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "checkpoi
     if variant == "custom" and not allow_custom:
         raise UnconfusedError(f"'{name}' is a SAM of an unknown variant (width {embed}, {depth} blocks, "
                               f"{grid * patch}px input); supported are vit_b (768/12), vit_l (1024/24) and vit_h "
-                              f"(1280/32): use one of {', '.join(OFFICIAL_FILES.values())}", node=node, input=input)
+                              f"(1280/32): use one of {', '.join(OFFICIAL_FILES.values())}", input=input)
     heads = VARIANTS[variant][2] if variant != "custom" else max(1, embed // head_dim)
     return SamConfig(embed, depth, heads, tuple(global_attn), grid * patch, patch, window, prompt_dim,
                      mlp.shape[0] if mlp is not None else 2048, dec_depth or 2, 8, variant)
@@ -229,31 +228,31 @@ class SamModel:
         return out
 
 
-def load_sam(path: str | Path, *, device: str = "auto", precision: str = "auto", node: str = NODE_LOADER,
+def load_sam(path: str | Path, *, device: str = "auto", precision: str = "auto",
              input: str = "sam_name", allow_custom: bool | None = None) -> SamModel:
     """Load a SAM checkpoint. Only vit_b/l/h unless `allow_custom` (or UNCONFUSED_SAM_ALLOW_CUSTOM=1, for
     tests and experiments with other sizes of the same architecture)."""
     path = Path(path)
     if allow_custom is None:
         allow_custom = os.environ.get("UNCONFUSED_SAM_ALLOW_CUSTOM") == "1"
-    sd = _state_dict_from_file(path, node=node, input=input)
-    cfg = config_from_state_dict(sd, name=path.name, node=node, input=input, allow_custom=allow_custom)
+    sd = _state_dict_from_file(path, input=input)
+    cfg = config_from_state_dict(sd, name=path.name, input=input, allow_custom=allow_custom)
     sam = build_sam(cfg)
     try:
         sam.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise UnconfusedError(f"'{path.name}' looks like SAM {cfg.variant} but its tensors do not fit "
                               f"({str(e).splitlines()[1][:160] if len(str(e).splitlines()) > 1 else e}); the file "
-                              "is damaged or a modified SAM - use an official checkpoint", node=node, input=input) from None
+                              "is damaged or a modified SAM - use an official checkpoint", input=input) from None
     host.device(device)  # validates the choice now, not at first use
     return SamModel(sam, cfg, device=device, precision=precision, name=path.name)
 
 
-def load_sam_by_name(name: str, *, device: str = "auto", precision: str = "auto", node: str = NODE_LOADER,
+def load_sam_by_name(name: str, *, device: str = "auto", precision: str = "auto",
                      input: str = "sam_name") -> SamModel:
-    path = host.find_model("sams", name, node=node, input=input,
+    path = host.find_model("sams", name, input=input,
                            what=f"SAM checkpoint (e.g. {OFFICIAL_FILES['vit_b']})")
-    return load_sam(path, device=device, precision=precision, node=node, input=input)
+    return load_sam(path, device=device, precision=precision, input=input)
 
 
 # ------------------------------------------------------------------ running
@@ -303,7 +302,7 @@ def automatic_regions(model: SamModel, images: Sequence[torch.Tensor], *, points
     return Regions(regions, sizes)
 
 
-def parse_points(text: str, *, node: str = NODE_SEGMENT, input: str = "points") -> list[tuple[float, float, int]]:
+def parse_points(text: str, *, input: str = "points") -> list[tuple[float, float, int]]:
     """'x,y' (foreground) or 'x,y,0' (background) per line or separated by ';'. Pixels, or 0..1 fractions."""
     out = []
     for part in re.split(r"[;\n]+", text or ""):
@@ -317,12 +316,12 @@ def parse_points(text: str, *, node: str = NODE_SEGMENT, input: str = "points") 
             vals = []
         if len(vals) not in (2, 3) or (len(vals) == 3 and vals[2] not in (0, 1)):
             raise UnconfusedError(f"cannot read point '{part}': write x,y (or x,y,0 for a background point), one "
-                                  "per line", node=node, input=input)
+                                  "per line", input=input)
         out.append((vals[0], vals[1], int(vals[2]) if len(vals) == 3 else 1))
     return out
 
 
-def parse_boxes(text: str, *, node: str = NODE_SEGMENT, input: str = "boxes") -> list[tuple[float, ...]]:
+def parse_boxes(text: str, *, input: str = "boxes") -> list[tuple[float, ...]]:
     """'x0,y0,x1,y1' per line. Pixels, or 0..1 fractions."""
     out = []
     for part in re.split(r"[;\n]+", text or ""):
@@ -335,7 +334,7 @@ def parse_boxes(text: str, *, node: str = NODE_SEGMENT, input: str = "boxes") ->
             vals = []
         if len(vals) != 4 or vals[2] <= vals[0] or vals[3] <= vals[1]:
             raise UnconfusedError(f"cannot read box '{part}': write x0,y0,x1,y1 with x1 > x0 and y1 > y0, one per "
-                                  "line", node=node, input=input)
+                                  "line", input=input)
         out.append(tuple(vals))
     return out
 
@@ -348,7 +347,7 @@ def _scale(vals, w, h):
 
 
 def prompted_regions(model: SamModel, images: Sequence[torch.Tensor], points: list[tuple[float, float, int]],
-                     boxes: list[tuple[float, ...]], *, multimask: bool = True, node: str = NODE_SEGMENT,
+                     boxes: list[tuple[float, ...]], *, multimask: bool = True,
                      progress: bool = True) -> Regions:
     """One region per box (the points help every box), or one from the points alone. The same prompts
     are used for every image; pixel prompts outside an image are an error."""
@@ -356,7 +355,7 @@ def prompted_regions(model: SamModel, images: Sequence[torch.Tensor], points: li
 
     if not points and not boxes:
         raise UnconfusedError("prompted mode needs points or boxes: write e.g. '256,200' into points or "
-                              "'100,80,400,460' into boxes", node=node, input="points")
+                              "'100,80,400,460' into boxes", input="points")
     predictor = SamPredictor(model.sam)
     regions, sizes = [], []
     bar = host.progress(len(images), "SAM prompted") if progress else None
@@ -369,12 +368,11 @@ def prompted_regions(model: SamModel, images: Sequence[torch.Tensor], points: li
                 bxs = [_scale(b, w, h) for b in boxes]
                 for x, y, _ in pts:
                     if not (0 <= x <= w and 0 <= y <= h):
-                        raise UnconfusedError(f"point ({x:g}, {y:g}) is outside image {i} ({w}x{h})", node=node,
+                        raise UnconfusedError(f"point ({x:g}, {y:g}) is outside image {i} ({w}x{h})",
                                               input="points")
                 for b in bxs:
                     if b[0] >= w or b[1] >= h or b[2] <= 0 or b[3] <= 0:
-                        raise UnconfusedError(f"box {tuple(round(v) for v in b)} is outside image {i} ({w}x{h})",
-                                              node=node, input="boxes")
+                        raise UnconfusedError(f"box {tuple(round(v) for v in b)} is outside image {i} ({w}x{h})", input="boxes")
                 predictor.set_image(_to_uint8(img))
                 pc = np.array([p[:2] for p in pts], dtype=np.float32) if pts else None
                 pl = np.array([p[2] for p in pts], dtype=np.int64) if pts else None
@@ -433,10 +431,10 @@ def pick_concept_segments(regions: list[Region], scores: Sequence[float], image_
     return sorted(chosen), dropped
 
 
+@host.takes_node
 def concept_cutout(model: SamModel | None, images: Sequence[torch.Tensor], class_word: str, scorer: Scorer, *,
                    regions: Regions | None = None, min_fraction: float = 0.10, keep: int = 1,
-                   merge_within: float = 0.0, prompt: str = CUTOUT_PROMPT, negatives: Sequence[str] = (),
-                   node: str = NODE_SEGMENT, **auto_settings) -> tuple[list[CutoutChoice], Regions]:
+                   merge_within: float = 0.0, prompt: str = CUTOUT_PROMPT, negatives: Sequence[str] = (), **auto_settings) -> tuple[list[CutoutChoice], Regions]:
     """For each photo: SAM automatic segments (or the given `regions`), drop those under `min_fraction` of
     the image, let the scorer pick the segment that is "a photo of a <class word>".
 
@@ -444,11 +442,11 @@ def concept_cutout(model: SamModel | None, images: Sequence[torch.Tensor], class
     concept score is its softmax probability of the first text over those texts (with no negatives, over
     the segments: which segment looks most like the class)."""
     if not (class_word or "").strip():
-        raise UnconfusedError("the class word is empty; write what the concept is (dog, teapot, woman)", node=node,
+        raise UnconfusedError("the class word is empty; write what the concept is (dog, teapot, woman)",
                               input="class_word")
     if regions is None:
         if model is None:
-            raise UnconfusedError("concept cut-out needs the SAM model", node=node, input="sam_model")
+            raise UnconfusedError("concept cut-out needs the SAM model", input="sam_model")
         regions = automatic_regions(model, images, **auto_settings)
     texts = [prompt.format(class_word.strip())] + [prompt.format(n) for n in negatives]
     choices, out_regions, notes = [], [], list(regions.notes)

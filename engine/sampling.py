@@ -30,13 +30,13 @@ def make_scheduler(name: str, config: dict, prediction_type: str):
     return cls.from_config(dict(config, prediction_type=prediction_type))
 
 
-def check_prompt(bundle, prompt: str, *, node: str | None = None, input: str = "prompt") -> list[str]:
+def check_prompt(bundle, prompt: str, *, input: str = "prompt") -> list[str]:
     """Refuse unknown concept tokens; return warnings (e.g. what a too-long prompt loses)."""
     unknown = unknown_tokens(bundle, prompt)
     if unknown:
         known = ", ".join(bundle.added_tokens) or "none - connect a trained model"
         raise UnconfusedError(f"the prompt uses {', '.join(unknown)}, which this model does not know (it knows: "
-                              f"{known})", node=node, input=input)
+                              f"{known})", input=input)
     from .tokens import expand_prompt
 
     ids = bundle.tokenizer(expand_prompt(bundle, prompt), add_special_tokens=True).input_ids
@@ -166,16 +166,16 @@ class SampleResult:
                     cell=max(256, self.images.shape[2]), columns=4, caption_lines=2)
 
 
+@host.takes_node
 def sample(bundle, prompt: str, *, negative: str = PAPER_NEGATIVE, scheduler: str = "ddpm", steps: int = 50,
            cfg: float = 7.5, width: int = 512, height: int = 512, seed: int = 0, batch_size: int = 1,
-           lora_strength: float = 1.0, debug_attention: bool = False, device: str = "auto",
-           node: str | None = None) -> SampleResult:
+           lora_strength: float = 1.0, debug_attention: bool = False, device: str = "auto") -> SampleResult:
     """The multi-concept sampler: `batch_size` images with seeds seed, seed+1, ...; optionally
     each concept token's cross-attention map (the confusion debugger)."""
-    warnings = check_prompt(bundle, prompt, node=node, input="prompt")
-    warnings += check_prompt(bundle, negative, node=node, input="negative")
+    warnings = check_prompt(bundle, prompt, input="prompt")
+    warnings += check_prompt(bundle, negative, input="negative")
     if batch_size < 1:
-        raise UnconfusedError("must be at least 1", node=node, input="batch_size")
+        raise UnconfusedError("must be at least 1", input="batch_size")
     # every concept the model knows gets a map: one the prompt does not name shows as empty
     tokens = list(bundle.added_tokens) if debug_attention else []
     if debug_attention and not tokens:
@@ -188,7 +188,7 @@ def sample(bundle, prompt: str, *, negative: str = PAPER_NEGATIVE, scheduler: st
     try:
         images, latents, maps = generate(
             bundle, [prompt] * batch_size, negative=negative, steps=steps, cfg=cfg, width=width, height=height,
-            seeds=[seed + i for i in range(batch_size)], scheduler=scheduler, device=dev, desc=node or "sampling",
+            seeds=[seed + i for i in range(batch_size)], scheduler=scheduler, device=dev, desc=host.current_node_name() or "sampling",
             lora_strength=lora_strength, attention_tokens=tokens or None, return_latents=True)
     finally:
         bundle.to(*original)

@@ -73,7 +73,7 @@ def node_inputs(cls, names: list[str]) -> dict[str, tuple]:
     return {n: node_input(cls, n) for n in names}
 
 
-def check_declared(settings, node: str | None) -> None:
+def check_declared(settings) -> None:
     """Every declared bound and choice, with a sentence that names the input and what fits."""
     for f in dataclasses.fields(settings):
         d = f.metadata.get(_KEY)
@@ -81,14 +81,13 @@ def check_declared(settings, node: str | None) -> None:
             continue
         value = getattr(settings, f.name)
         if d["choices"] is not None and value not in d["choices"]:
-            raise UnconfusedError(f"'{value}' is not one of {list(d['choices'])}", node=node, input=f.name)
+            raise UnconfusedError(f"'{value}' is not one of {list(d['choices'])}", input=f.name)
         lo, hi = d["min"], d["max"]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 span = (f"between {lo} and {hi}" if lo is not None and hi is not None else
                         f"at least {lo}" if lo is not None else f"at most {hi}")
-                raise UnconfusedError(f"must be {span}, got {value}" + (f" ({d['tip']})" if d["tip"] else ""),
-                                      node=node, input=f.name)
+                raise UnconfusedError(f"must be {span}, got {value}" + (f" ({d['tip']})" if d["tip"] else ""), input=f.name)
 
 
 def reference_rows(cls) -> list[dict]:

@@ -66,7 +66,7 @@ def default_instruction(mode: str = "subject") -> str:
 
 
 def build_instruction(token: str, class_word: str, *, mode: str = "subject", describe_pose: bool = False,
-                      text: str | None = None, node: str | None = None) -> str:
+                      text: str | None = None) -> str:
     """The instruction for one concept. `text` is the user's (editable) instruction with the
     placeholders {subject} and {class_word}; empty = the built-in one for `mode`. In style mode
     the built-in subject instruction is swapped for the style one (the node shows the subject one)."""
@@ -79,15 +79,13 @@ def build_instruction(token: str, class_word: str, *, mode: str = "subject", des
         return template.replace("{subject}", subject_phrase(token, class_word)).replace(
             "{class_word}", class_word.strip())
     except Exception as e:  # pragma: no cover - str.replace does not fail
-        raise UnconfusedError(f"the instruction could not be filled in: {e}", node=node, input="instruction")
+        raise UnconfusedError(f"the instruction could not be filled in: {e}", input="instruction")
 
 
-def template_caption(token: str, class_word: str, template: str = BASELINE_TEMPLATE, *,
-                     node: str | None = None) -> str:
+def template_caption(token: str, class_word: str, template: str = BASELINE_TEMPLATE) -> str:
     """The baseline caption (paper Case 1): placeholders {subject}, {token}, {class_word}."""
     if "{subject}" not in template and "{token}" not in template:
-        raise UnconfusedError("the template must contain {subject} (or {token}), e.g. 'a photo of {subject}'",
-                              node=node, input="template")
+        raise UnconfusedError("the template must contain {subject} (or {token}), e.g. 'a photo of {subject}'", input="template")
     return (template.replace("{subject}", subject_phrase(token, class_word))
             .replace("{token}", token.strip()).replace("{class_word}", class_word.strip()))
 
@@ -635,26 +633,26 @@ def check_captions(captions: list[str], token: str, class_word: str, *, mode: st
 
 
 def resolve_flagged(checks: list[CaptionCheck], token: str, class_word: str, *, on_flagged: str,
-                    template: str = BASELINE_TEMPLATE, node: str | None = None) -> list[str]:
+                    template: str = BASELINE_TEMPLATE) -> list[str]:
     """The captions to train on. Flagged ones become the template caption (reported), stay as
     written (reported), or stop the run with the list of problems. An uninformative caption is
     kept rather than replaced: the template (Case 1) is no more informative than it."""
     if on_flagged not in ON_FLAGGED:
-        raise UnconfusedError(f"unknown choice '{on_flagged}'; use one of {ON_FLAGGED}", node=node,
+        raise UnconfusedError(f"unknown choice '{on_flagged}'; use one of {ON_FLAGGED}",
                               input="on_flagged")
     flagged = [c for c in checks if c.flagged]
     if flagged and on_flagged == "stop with an error":
         detail = "; ".join(f"#{c.index}: {', '.join(c.problems)}" for c in flagged[:5])
         raise UnconfusedError(f"{len(flagged)} of {len(checks)} captions of {token} cannot be used as SID "
                               f"captions ({detail}). Edit them (backend 'manual'), caption again, or set "
-                              "on_flagged to 'use template caption'", node=node, input="on_flagged")
+                              "on_flagged to 'use template caption'", input="on_flagged")
     out = []
     for c in checks:
         if c.flagged and on_flagged == "use template caption" and c.uninformative:
             out.append(c.caption)
             c.warnings.append("kept as written: the template caption would be no more informative")
         elif c.flagged and on_flagged == "use template caption":
-            out.append(template_caption(token, class_word, template, node=node))
+            out.append(template_caption(token, class_word, template))
             c.warnings.append(f"trained with the template caption {out[-1]!r} instead")
         else:
             out.append(c.caption)

@@ -80,13 +80,13 @@ def vector_names(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
 
 
-def add_concept_tokens(bundle, specs: list[tuple[str, str]], vectors: int = 1, *, node: str | None = None,
+def add_concept_tokens(bundle, specs: list[tuple[str, str]], vectors: int = 1, *,
                        input: str = "concept_set") -> dict[str, list[int]]:
     """Add tokens (token, class word) to the bundle's tokenizer and text encoder, each row
     initialised from the class word's embedding (its tokens averaged). Tokens the bundle
     already has (e.g. from a CLIF text encoder upstream) are kept as they are."""
     if vectors < 1:
-        raise UnconfusedError("vectors per token must be at least 1", node=node, input="vectors_per_token")
+        raise UnconfusedError("vectors per token must be at least 1", input="vectors_per_token")
     from .families import family_of
 
     tok = bundle.tokenizer
@@ -98,19 +98,18 @@ def add_concept_tokens(bundle, specs: list[tuple[str, str]], vectors: int = 1, *
             continue
         names = vector_names(token, vectors)
         if any(tok.convert_tokens_to_ids(n) != tok.unk_token_id for n in names if n in tok.get_vocab()):
-            raise UnconfusedError(f"{token!r} is already in the tokenizer", node=node, input=input)
+            raise UnconfusedError(f"{token!r} is already in the tokenizer", input=input)
         class_ids = tok(class_word, add_special_tokens=False).input_ids
         if not class_ids:
-            raise UnconfusedError(f"the class word {class_word!r} has no tokens", node=node, input=input)
+            raise UnconfusedError(f"the class word {class_word!r} has no tokens", input=input)
         with torch.no_grad():
             inits = [e.base.weight[class_ids].float().mean(0, keepdim=True) for e in embs]
         added = tok.add_tokens(names)
         if added != len(names):
-            raise UnconfusedError(f"could not add {token!r} to the tokenizer", node=node, input=input)
+            raise UnconfusedError(f"could not add {token!r} to the tokenizer", input=input)
         ids = tok.convert_tokens_to_ids(names)
         if ids[0] != emb.num_embeddings:
-            raise UnconfusedError(f"token ids out of step for {token!r} ({ids[0]} != {emb.num_embeddings})",
-                                  node=node, input=input)
+            raise UnconfusedError(f"token ids out of step for {token!r} ({ids[0]} != {emb.num_embeddings})", input=input)
         for e, init in zip(embs, inits):
             e.append(init.repeat(len(names), 1))
         bundle.added_tokens[token] = list(ids)

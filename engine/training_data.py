@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .buckets import bucket_sizes, fit_to_bucket, nearest_bucket
 from .concepts import ConceptSet
+from . import host
 from .errors import UnconfusedError
 
 DEFAULT_TEMPLATE = "a photo of {token} {class_word}"
@@ -24,8 +25,8 @@ class Example:
     tokens: list[str]
 
 
-def examples_from_concept_set(cs: ConceptSet, captions: str = "auto", template: str = DEFAULT_TEMPLATE, *,
-                              node: str | None = None) -> list[Example]:
+@host.takes_node
+def examples_from_concept_set(cs: ConceptSet, captions: str = "auto", template: str = DEFAULT_TEMPLATE) -> list[Example]:
     """One example per reference photo. captions: 'auto' uses the concept's own captions
     (e.g. SID) where present and the template elsewhere; 'template' always the template."""
     out = []
@@ -35,10 +36,10 @@ def examples_from_concept_set(cs: ConceptSet, captions: str = "auto", template: 
                 token=c.token, class_word=c.class_word)
             if c.token not in cap:
                 raise UnconfusedError(f"caption {i} of {c.token} does not contain the token: {cap!r}; fix the "
-                                      "caption or use template captions", node=node, input="captions")
+                                      "caption or use template captions", input="captions")
             out.append(Example(img, cap, c.masks[i] if c.masks is not None else None, [c.token]))
     if not out:
-        raise UnconfusedError("the concept set has no images", node=node, input="concept_set")
+        raise UnconfusedError("the concept set has no images", input="concept_set")
     return out
 
 

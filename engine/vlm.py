@@ -44,7 +44,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _KEYISH = re.compile(r"^(sk-|sk_|pk-|gsk_|hf_|xai-|AIza|Bearer\s)|^(?=.*[a-z])(?=.*[0-9])[A-Za-z0-9_\-]{24,}$")
 
 
-def api_key_from_env(name: str, *, node: str | None = None) -> str | None:
+def api_key_from_env(name: str) -> str | None:
     """The key held by environment variable `name`, or None when `name` is empty or unset.
 
     A value that looks like a key rather than a variable name is refused without echoing it."""
@@ -54,8 +54,7 @@ def api_key_from_env(name: str, *, node: str | None = None) -> str | None:
     if _KEYISH.search(name) or not _ENV_NAME.match(name):
         raise UnconfusedError("this must be the NAME of an environment variable that holds the key (e.g. "
                               "OPENAI_API_KEY), not the key itself: a key typed here would be saved in the "
-                              "workflow. Set the variable before starting ComfyUI and write its name here",
-                              node=node, input="api_key_env")
+                              "workflow. Set the variable before starting ComfyUI and write its name here", input="api_key_env")
     value = os.environ.get(name, "").strip()
     return value or None
 
@@ -71,15 +70,15 @@ def image_data_url(image: Image.Image, max_side: int = 1024) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def chat_url(base_url: str, *, node: str | None = None) -> str:
+def chat_url(base_url: str) -> str:
     url = (base_url or "").strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
         raise UnconfusedError(f"'{base_url}' is not an http(s) URL; give the server's OpenAI-compatible base URL, "
                               "e.g. http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:1234/v1 (LM Studio), "
-                              "https://api.openai.com/v1", node=node, input="base_url")
+                              "https://api.openai.com/v1", input="base_url")
     if "@" in url.split("//", 1)[1].split("/", 1)[0]:
         raise UnconfusedError("the URL contains user:password@ - put credentials into the api_key_env variable, "
-                              "not into the URL (it is saved in the workflow)", node=node, input="base_url")
+                              "not into the URL (it is saved in the workflow)", input="base_url")
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
@@ -101,17 +100,15 @@ class OpenAIBackend:
     temperature: float = 0.2
     max_image_side: int = 1024
     backoff: float = 1.0  # first wait; doubles each retry (plus jitter), capped at 60 s
-    node: str | None = None
 
     def __post_init__(self) -> None:
-        self.url = chat_url(self.base_url, node=self.node)
+        self.url = chat_url(self.base_url)
         if not (self.model or "").strip():
-            raise UnconfusedError("give the model name the server knows (e.g. gpt-4o, llava, qwen2.5vl)",
-                                  node=self.node, input="model")
+            raise UnconfusedError("give the model name the server knows (e.g. gpt-4o, llava, qwen2.5vl)", input="model")
         if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0:
-            raise UnconfusedError("concurrency must be >= 1, retries >= 0 and timeout > 0", node=self.node,
+            raise UnconfusedError("concurrency must be >= 1, retries >= 0 and timeout > 0",
                                   input="concurrency")
-        api_key_from_env(self.api_key_env, node=self.node)  # checks the name now, reads the key per request
+        api_key_from_env(self.api_key_env)  # checks the name now, reads the key per request
 
     def request_body(self, image: Image.Image, instruction: str) -> dict:
         return {
@@ -151,14 +148,14 @@ class OpenAIBackend:
     def caption_one(self, image: Image.Image, instruction: str) -> str:
         """One caption; retries 429/5xx/timeouts with exponential backoff, raises UnconfusedError."""
         body = json.dumps(self.request_body(image, instruction)).encode()
-        key = api_key_from_env(self.api_key_env, node=self.node)
+        key = api_key_from_env(self.api_key_env)
         if key:
             parts = urllib.parse.urlsplit(self.url)
             loopback = (parts.hostname or "") in ("localhost", "::1") or (parts.hostname or "").startswith("127.")
             if parts.scheme != "https" and not loopback:
                 raise UnconfusedError(f"refusing to send the key from {self.api_key_env.strip()} over plain http to "
                                       f"{parts.hostname}: use an https:// base_url, or clear api_key_env for a "
-                                      "server that needs no key", node=self.node, input="base_url")
+                                      "server that needs no key", input="base_url")
         last = ""
         for attempt in range(self.retries + 1):
             host.check_cancel()
@@ -199,8 +196,7 @@ class OpenAIBackend:
             hint = " - raise timeout, lower concurrency, or use a smaller model"
         else:
             hint = " - the server is overloaded or failing; try again later, or lower concurrency"
-        raise UnconfusedError(f"{self.url} gave up after {self.retries + 1} attempts: {last}{hint}",
-                              node=self.node, input="base_url")
+        raise UnconfusedError(f"{self.url} gave up after {self.retries + 1} attempts: {last}{hint}", input="base_url")
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -216,21 +212,18 @@ class OpenAIBackend:
             where = (f"the key from the environment variable {self.api_key_env.strip()}" if key else
                      "no key (api_key_env is empty or its variable is not set)")
             return UnconfusedError(f"the server refused the request (HTTP {status}) with {where}: set the right "
-                                   f"key in that variable before starting ComfyUI. Server said: {snippet[:200]}",
-                                   node=self.node, input="api_key_env")
+                                   f"key in that variable before starting ComfyUI. Server said: {snippet[:200]}", input="api_key_env")
         if status == 404:
             return UnconfusedError(f"HTTP 404 from {self.url}: check base_url (it usually ends in /v1) and that "
-                                   f"the model '{self.model}' exists on the server. Server said: {snippet[:200]}",
-                                   node=self.node, input="model")
+                                   f"the model '{self.model}' exists on the server. Server said: {snippet[:200]}", input="model")
         return UnconfusedError(f"HTTP {status} from {self.url}: {snippet[:300]} - check model '{self.model}' "
-                               "supports image input and the settings", node=self.node, input="model")
+                               "supports image input and the settings", input="model")
 
     def _parse(self, data: bytes, key: str | None) -> str:
         def garbage(why: str) -> UnconfusedError:
             shown = _scrub(data[:200].decode("utf-8", "replace"), key)
             return UnconfusedError(f"the server at {self.url} answered something that is not a chat-completions "
-                                   f"reply ({why}): {shown!r} - is base_url an OpenAI-compatible endpoint?",
-                                   node=self.node, input="base_url")
+                                   f"reply ({why}): {shown!r} - is base_url an OpenAI-compatible endpoint?", input="base_url")
         try:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError):
@@ -240,7 +233,7 @@ class OpenAIBackend:
         if "error" in obj and not obj.get("choices"):
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else err
-            raise UnconfusedError(f"the server reported an error: {_scrub(str(msg), key)[:300]}", node=self.node,
+            raise UnconfusedError(f"the server reported an error: {_scrub(str(msg), key)[:300]}",
                                   input="model")
         try:
             content = obj["choices"][0]["message"]["content"]
@@ -261,7 +254,7 @@ class OpenAIBackend:
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(images) or 1)),
                                   thread_name_prefix="unconfused-vlm")
         try:
-            futures = {pool.submit(self.caption_one, img, ins): i
+            futures = {pool.submit(host.in_context(self.caption_one), img, ins): i
                        for i, (img, ins) in enumerate(zip(images, instructions))}
             pending = set(futures)
             while pending:
@@ -290,14 +283,13 @@ class LocalBackend:
     device: str = "auto"
     precision: str = "auto"
     max_new_tokens: int = 120
-    node: str | None = None
 
     def _folder(self) -> Path:
-        path = host.find_model("LLM", self.name, node=self.node, input="local_model",
+        path = host.find_model("LLM", self.name, input="local_model",
                                what="vision-language model folder (config.json, weights, processor files)")
         if not (path / "config.json").is_file():
             raise UnconfusedError(f"'{self.name}' has no config.json: put a whole transformers model folder into "
-                                  "models/LLM/<name>", node=self.node, input="local_model")
+                                  "models/LLM/<name>", input="local_model")
         return path
 
     def load(self):
@@ -312,15 +304,14 @@ class LocalBackend:
         except Exception as e:
             raise UnconfusedError(f"'{self.name}' is not a model transformers can read offline without running "
                                   f"code from the folder ({e.__class__.__name__}: {str(e)[:200]}); use a model "
-                                  "transformers supports natively (LLaVA, Qwen2-VL, Idefics, SmolVLM, Gemma 3, ...)",
-                                  node=self.node, input="local_model") from None
+                                  "transformers supports natively (LLaVA, Qwen2-VL, Idefics, SmolVLM, Gemma 3, ...)", input="local_model") from None
         try:
             processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, trust_remote_code=False,
                                                                 dtype=dtype)
         except (ValueError, KeyError, OSError) as e:
             raise UnconfusedError(f"'{self.name}' ({cfg.model_type}) cannot be loaded as an image-text-to-text model "
-                                  f"with its processor: {str(e)[:300]}", node=self.node,
+                                  f"with its processor: {str(e)[:300]}",
                                   input="local_model") from None
         model.to(dev).eval()
         return processor, model, dev, torch

@@ -11,7 +11,7 @@ _MODULES.append(handoff)
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 for _m in _MODULES:
-    for _cls in _m.NODE_CLASS_MAPPINGS.values():
-        guard_inputs(_cls)  # wrong socket data -> a message naming node and input
+    for _key, _cls in _m.NODE_CLASS_MAPPINGS.items():
+        guard_inputs(_cls, _key)  # runs as the named node; wrong socket data -> a message naming node and input
     NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)

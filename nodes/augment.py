@@ -23,14 +23,14 @@ _B = A.BankSpec()
 
 
 
-def dataset_folder(name: str, *, node: str, input: str = "name") -> Path:
+def dataset_folder(name: str, *, input: str = "name") -> Path:
     """A dataset's folder: a bare name is under output/unconfused/datasets; an absolute path is used as is."""
     if not (name or "").strip():
-        raise UnconfusedError("give the dataset a name", node=node, input=input)
+        raise UnconfusedError("give the dataset a name", input=input)
     path = Path(name.strip()).expanduser()
     if path.is_absolute():
         return path
-    return host.output_dir() / DATASETS_SUBFOLDER / safe_name(name, input=input, node=node)
+    return host.output_dir() / DATASETS_SUBFOLDER / safe_name(name, input=input)
 
 
 class UnconfusedAugmentBuilder:
@@ -111,40 +111,38 @@ class UnconfusedAugmentBuilder:
               bank_steps=_B.steps, bank_cfg=_B.cfg, bank_size=_B.size, bank_matte=A.MATTES[0], sam_model=None,
               clip_model=None, vocabulary="", use_default_vocabulary=True, templates=None, preview_count=8,
               device="auto", **kw):
-        node = self.NODE_ID
         words = (list(REGION_VOCABULARY) if use_default_vocabulary else []) + parse_list(vocabulary)
         words = list(dict.fromkeys(words))
         temps = [t.strip() for t in (templates.splitlines() if templates is not None else A.DEFAULT_TEMPLATES)
                  if t.strip()]
         settings = A.AugmentSettings(seed=seed, canvas=canvas, global_pairs=global_pairs, region_pairs=region_pairs,
                                      mix_per_pair=mix_per_pair, templates=temps, vocabulary=words, **kw)
-        settings.check(len(concept_set.concepts), node)
+        settings.check(len(concept_set.concepts))
         bank = None
         if settings.needs_bank(len(concept_set.concepts)):
             if (bank_folder or "").strip():
                 path = Path(bank_folder.strip()).expanduser()
                 bank = A.bank_from_folder(path if path.is_absolute() else host.input_dir() / path, matte=bank_matte,
-                                          max_side=canvas, node=node)
+                                          max_side=canvas)
             elif model is not None:
                 phrases = parse_list(common_concepts if common_concepts is not None else default_common_text())
                 spec = A.BankSpec(phrases=phrases, per_concept=images_per_common, seed=seed, steps=bank_steps,
                                   cfg=bank_cfg, size=bank_size)
-                bank = A.generate_bank(model, spec, matte=bank_matte, max_side=canvas, device=host.device(device),
-                                       node=node)
+                bank = A.generate_bank(model, spec, matte=bank_matte, max_side=canvas, device=host.device(device))
             else:
                 raise UnconfusedError("G-Aug needs common concepts: connect the model (the bank is generated with "
-                                      "it) or give bank_folder; or set global_pairs to 0", node=node, input="model")
+                                      "it) or give bank_folder; or set global_pairs to 0", input="model")
         proposer = labeller = None
         if settings.needs_regions(len(concept_set.concepts)):
             if sam_model is None or clip_model is None:
                 missing = "sam_model" if sam_model is None else "clip_model"
                 raise UnconfusedError(f"R-Aug needs {missing}: connect SAM Loader and CLIP Scorer Loader "
-                                      "(Unconfused/masks), or set region_pairs to 0", node=node, input=missing)
-            proposer, labeller = region_tools(sam_model, clip_model, node=node)
-        folder = dataset_folder(name, node=node)
+                                      "(Unconfused/masks), or set region_pairs to 0", input=missing)
+            proposer, labeller = region_tools(sam_model, clip_model)
+        folder = dataset_folder(name)
         result = A.build_dataset(concept_set, folder, settings, bank=bank, proposer=proposer, labeller=labeller,
-                                 resume=(resume == "auto"), node=node)
-        ds = Dataset(folder, node=node)
+                                 resume=(resume == "auto"))
+        ds = Dataset(folder)
         info = result.info() + ("\nbank: " + bank.describe() if bank is not None else "")
         images = []
         if preview_count > 0:
@@ -186,21 +184,20 @@ class UnconfusedLoadDataset:
     @classmethod
     def IS_CHANGED(cls, name, allow_incomplete=False):
         try:
-            folder = dataset_folder(name, node=cls.NODE_ID)
+            folder = dataset_folder(name)
             return f"{(folder / 'manifest.json').stat().st_mtime_ns}:{(folder / 'records.jsonl').stat().st_size}"
         except (OSError, UnconfusedError):
             return float("nan")
 
     def load(self, name, allow_incomplete=False):
-        node = self.NODE_ID
-        folder = dataset_folder(name, node=node)
+        folder = dataset_folder(name)
         if not (folder / "manifest.json").is_file():
             raise UnconfusedError(f"there is no dataset {folder}; build one with the CLIF Augmentation Builder "
-                                  "(or give the folder's full path)", node=node, input="name")
-        ds = Dataset(folder, node=node, input="name")
+                                  "(or give the folder's full path)", input="name")
+        ds = Dataset(folder, input="name")
         if not ds.complete and not allow_incomplete:
             raise UnconfusedError(f"{ds.describe()}: run the builder again with the same settings to finish it, or "
-                                  "turn on allow_incomplete", node=node, input="name")
+                                  "turn on allow_incomplete", input="name")
         return (ds, ds.describe())
 
 
@@ -230,7 +227,7 @@ class UnconfusedDatasetPreview:
         try:
             sheet = A.preview(dataset, count=count, kinds=kinds, seed=seed, masks=show_masks)
         except UnconfusedError as e:
-            raise UnconfusedError(str(e).split(": ", 1)[-1], node=self.NODE_ID, input="kind") from e
+            raise UnconfusedError(str(e).split(": ", 1)[-1], input="kind") from e
         out = with_preview((pil_to_tensor(sheet)[None],), [sheet], "unconfused_dataset")
         out["ui"]["text"] = [dataset.describe()]
         return out

@@ -135,7 +135,7 @@ class UnconfusedSIDCaptionSet(UnconfusedSIDCaptioner):
         total = sum(len(c.images) for c in concept_set.concepts)
         if lines and len(lines) != total:
             raise UnconfusedError(f"{len(lines)} caption lines for {total} photos in the set: write one caption "
-                                  "per photo, one per line, concept after concept", node=self.NODE_ID,
+                                  "per photo, one per line, concept after concept",
                                   input="manual_captions")
         concepts, all_caps, reports, flagged, pils_all, checks_all, tokens = [], [], [], 0, [], [], []
         for c in concept_set.concepts:

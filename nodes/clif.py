@@ -58,14 +58,13 @@ class UnconfusedTrainCLIF:
     def train(self, model, dataset, image_tower: str = "", clip_model=None, concept_set=None, unique_id=None, **kw):
         with host.running_node(unique_id):
             if model is None or not hasattr(model, "text_encoder"):
-                raise UnconfusedError("connect a model (Load Checkpoint (Unconfused))", node=self.NODE_ID,
+                raise UnconfusedError("connect a model (Load Checkpoint (Unconfused))",
                                       input="model")
-            settings = presets.from_widgets(T.ClifSettings, kw.pop("preset", presets.CUSTOM), kw,
-                                            node=self.NODE_ID)
+            settings = presets.from_widgets(T.ClifSettings, kw.pop("preset", presets.CUSTOM), kw)
             from ..trainers.memory_plan import check_fits
 
-            check_fits("clif", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would not fit
-            tower = T.resolve_tower(image_tower, clip_model, node=self.NODE_ID)
+            check_fits("clif", model, settings)  # on a CUDA GPU: refuse what would not fit
+            tower = T.resolve_tower(image_tower, clip_model)
             class_words = {c.token: c.class_word for c in concept_set.concepts} if concept_set is not None else {}
             result = T.train_clif(model, dataset, tower, settings, class_words=class_words)
             curve = pil_to_tensor(result.loss_curve)[None]

@@ -94,35 +94,67 @@ def _input_types(cls) -> dict[str, str]:
     return out
 
 
-def guard_inputs(cls):
-    """Wrap a node's function so data of the wrong kind on a socket (a hand-edited or old
-    workflow, a custom node sending something else) is named, with the node, the input and
-    what belongs there - instead of an AttributeError deep in the engine. Empty IMAGE and
-    MASK batches are refused the same way."""
+def _unique_id_input(cls) -> str | None:
+    """The name under which the node declares ComfyUI's hidden UNIQUE_ID itself, if it does."""
+    hidden = cls.INPUT_TYPES().get("hidden") or {}
+    return next((name for name, kind in hidden.items() if kind == "UNIQUE_ID"), None)
+
+
+def guard_inputs(cls, node_id: str | None = None):
+    """Wrap a node's function so that (1) it runs inside `host.running_node` with the node's id
+    and its graph node's UNIQUE_ID: every UnconfusedError raised below names the node and every
+    message to the browser finds it, without the node passing its name down; and (2) data of the
+    wrong kind on a socket (a hand-edited or old workflow, a custom node sending something else)
+    is named, with the input and what belongs there - instead of an AttributeError deep in the
+    engine. Empty IMAGE and MASK batches are refused the same way.
+
+    A node that does not declare the hidden UNIQUE_ID gets it declared (V1 API: old and new
+    ComfyUI pass declared hidden inputs as keyword arguments); the wrapper takes it off again
+    before calling the node's function. A node that declares it keeps receiving it."""
     import functools
 
     fn_name = cls.FUNCTION
     fn = getattr(cls, fn_name)
     if getattr(fn, "_unconfused_guarded", False):
         return cls
-    node_id = getattr(cls, "NODE_ID", cls.__name__)
+    node_id = getattr(cls, "NODE_ID", None) or node_id or cls.__name__  # the node's own name wins
+    declared = _unique_id_input(cls)
+    uid_name = declared or "unique_id"
+    if declared is None:
+        input_types = cls.INPUT_TYPES  # bound to cls
+
+        def with_unique_id(klass):
+            spec = dict(input_types())
+            spec["hidden"] = {**(spec.get("hidden") or {}), uid_name: "UNIQUE_ID"}
+            return spec
+
+        cls.INPUT_TYPES = classmethod(with_unique_id)
+        if hasattr(cls, "IS_CHANGED"):  # ComfyUI passes it every input, hidden ones included
+            is_changed = cls.IS_CHANGED  # bound to cls
+
+            def is_changed_without_id(klass, *args, **kwargs):
+                kwargs.pop(uid_name, None)
+                return is_changed(*args, **kwargs)
+
+            cls.IS_CHANGED = classmethod(is_changed_without_id)
 
     @functools.wraps(fn)
     def checked(self, *args, **kwargs):
-        checks = _socket_checks()
-        for name, value in kwargs.items():
-            kind = _input_types(cls).get(name)
-            if value is None or kind not in checks:
-                continue
-            what, ok = checks[kind]
-            if not ok(value):
-                got = type(value).__name__ + (f" of shape {list(value.shape)}" if hasattr(value, "shape") else "")
-                raise UnconfusedError(f"expected {what}, got {got}; connect the right output to it", node=node_id,
-                                      input=name)
-            if kind in ("IMAGE", "MASK") and value.ndim >= 3 and value.shape[0] == 0:
-                raise UnconfusedError(f"the {kind} batch is empty; connect one with at least one picture",
-                                      node=node_id, input=name)
-        return fn(self, *args, **kwargs)
+        unique_id = kwargs.get(uid_name) if declared else kwargs.pop(uid_name, None)
+        with host.running_node(unique_id, name=node_id):
+            checks = _socket_checks()
+            for name, value in kwargs.items():
+                kind = _input_types(cls).get(name)
+                if value is None or kind not in checks:
+                    continue
+                what, ok = checks[kind]
+                if not ok(value):
+                    got = type(value).__name__ + (f" of shape {list(value.shape)}" if hasattr(value, "shape") else "")
+                    raise UnconfusedError(f"expected {what}, got {got}; connect the right output to it", input=name)
+                if kind in ("IMAGE", "MASK") and value.ndim >= 3 and value.shape[0] == 0:
+                    raise UnconfusedError(f"the {kind} batch is empty; connect one with at least one picture",
+                                          input=name)
+            return fn(self, *args, **kwargs)
 
     checked._unconfused_guarded = True
     setattr(cls, fn_name, checked)

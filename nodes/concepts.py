@@ -58,12 +58,12 @@ class UnconfusedConcept:
     CATEGORY = f"{CATEGORY}/concepts"
 
     def make(self, token, class_word, images, masks=None, captions=""):
-        concept = C.make_concept(token, class_word, images, masks, node=self.NODE_ID)
+        concept = C.make_concept(token, class_word, images, masks)
         caps = split_captions(captions)
         if caps is not None:
             if len(caps) != len(concept.images):
                 raise UnconfusedError(f"{len(caps)} caption lines for {len(concept.images)} images; write one "
-                                      "caption per line, one per photo", node=self.NODE_ID, input="captions")
+                                      "caption per line, one per photo", input="captions")
             concept = concept.with_captions(caps)
         return with_preview((concept,), [concept_preview([concept])], "concept")
 
@@ -90,10 +90,10 @@ class UnconfusedConceptFromFolder:
     def make(self, folder, token, class_word):
         path = Path(folder).expanduser()
         if not folder.strip():
-            raise UnconfusedError("give the folder that holds the photos", node=self.NODE_ID, input="folder")
+            raise UnconfusedError("give the folder that holds the photos", input="folder")
         if not path.is_absolute():
             path = host.input_dir() / folder
-        concept = C.concept_from_folder(path, token, class_word, node=self.NODE_ID)
+        concept = C.concept_from_folder(path, token, class_word)
         return with_preview((concept,), [concept_preview([concept])], "concept")
 
 
@@ -114,7 +114,7 @@ class UnconfusedConceptSet:
 
     def gather(self, **concepts):
         ordered = [concepts.get(f"concept_{i}") for i in range(1, MAX_CONCEPTS + 1)]
-        cs = C.make_concept_set([c for c in ordered if c is not None], node=self.NODE_ID)
+        cs = C.make_concept_set([c for c in ordered if c is not None])
         return with_preview((cs,), [concept_preview(cs.concepts)], "concept_set")
 
 
@@ -136,7 +136,7 @@ class UnconfusedSaveConceptSet:
 
     def save(self, concept_set, name):
         base = host.output_dir() / SETS_SUBFOLDER
-        folder = inside(base, safe_name(name, input="name", node=self.NODE_ID), input="name", node=self.NODE_ID)
+        folder = inside(base, safe_name(name, input="name"), input="name")
         C.save_concept_set(concept_set, folder)
         return {"ui": {"text": [str(folder)]}, "result": (str(folder),)}
 
@@ -168,7 +168,7 @@ class UnconfusedLoadConceptSet:
         return path if path.is_absolute() else host.output_dir() / SETS_SUBFOLDER / folder
 
     def load(self, folder):
-        cs = C.load_concept_set(self._resolve(folder), node=self.NODE_ID)
+        cs = C.load_concept_set(self._resolve(folder))
         return with_preview((cs,), [concept_preview(cs.concepts)], "concept_set")
 
 

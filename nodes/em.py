@@ -63,20 +63,19 @@ class UnconfusedTrainMaskEM:
 
     def _train(self, model, images, concepts, ground_truth, validation_prompts, **kw):
         with host.training_mode():
-            imgs = [host.detach_clone(i) for i in image_batch_to_list(images, node=self.NODE_ID)]
+            imgs = [host.detach_clone(i) for i in image_batch_to_list(images)]
             gt = None
             if ground_truth is not None:
                 if not isinstance(ground_truth, torch.Tensor) or ground_truth.ndim not in (2, 3):
-                    raise UnconfusedError("expected a MASK batch [N, H, W]", node=self.NODE_ID, input="ground_truth")
+                    raise UnconfusedError("expected a MASK batch [N, H, W]", input="ground_truth")
                 gt = list(host.detach_clone(ground_truth.reshape(-1, *ground_truth.shape[-2:])))
-        scenes = E.make_scenes(imgs, concepts, gt, node=self.NODE_ID)
+        scenes = E.make_scenes(imgs, concepts, gt)
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
         preset = kw.pop("preset", presets.CUSTOM)
-        settings = presets.from_widgets(E.EMSettings, preset, dict(kw, validation_prompts=prompts),
-                                        node=self.NODE_ID)
+        settings = presets.from_widgets(E.EMSettings, preset, dict(kw, validation_prompts=prompts))
         from ..trainers.memory_plan import check_fits
 
-        check_fits("em", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would not fit
+        check_fits("em", model, settings)  # on a CUDA GPU: refuse what would not fit
         result = E.train_em(model, scenes, settings)
         masks = result.mask_batch() if len({tuple(m.shape[-2:]) for m in result.masks}) == 1 else \
             torch.cat([torch.nn.functional.interpolate(m[None], size=result.masks[0].shape[-2:], mode="nearest")[0]

@@ -35,12 +35,11 @@ class UnconfusedDINOLoader:
     CATEGORY = CAT
 
     def load(self, dino_name, device="auto"):
-        model = D.load_dino_by_name("" if dino_name == "(none found)" else dino_name, device=device,
-                                    node=self.NODE_ID)
+        model = D.load_dino_by_name("" if dino_name == "(none found)" else dino_name, device=device)
         return {"ui": {"text": [f"{model.name}: DINO, {model.image_size}px"]}, "result": (model,)}
 
 
-def _region_masks(masks: torch.Tensor, n_images: int, order: list[str], tokens: list[str], node: str):
+def _region_masks(masks: torch.Tensor, n_images: int, order: list[str], tokens: list[str]):
     """The sampler's attention masks (image-major: image 0's maps in `order`, then image 1's...) ->
     per image, one mask per concept of `tokens` (None for a concept the maps do not cover)."""
     if masks.ndim == 2:
@@ -49,7 +48,7 @@ def _region_masks(masks: torch.Tensor, n_images: int, order: list[str], tokens: 
     if per == 0 or masks.shape[0] != n_images * per:
         raise UnconfusedError(f"{masks.shape[0]} region masks for {n_images} images and {per} concept tokens "
                               f"({', '.join(order) or 'none'}); connect the sampler's attention_masks (made with "
-                              "debug_attention on) and, if the model knows other tokens too, its model", node=node,
+                              "debug_attention on) and, if the model knows other tokens too, its model",
                               input="region_masks")
     out = []
     for i in range(n_images):
@@ -104,19 +103,19 @@ class UnconfusedEvaluate:
 
     def evaluate(self, images, prompts, concepts, clip_model, convention="cosine", text_mode="class", name="eval",
                  dino_model=None, region_masks=None, model=None, region_threshold=0.5, save=True):
-        imgs = image_batch_to_list(images, node=self.NODE_ID)
-        texts = M.prompts_for(prompts, len(imgs), node=self.NODE_ID)
+        imgs = image_batch_to_list(images)
+        texts = M.prompts_for(prompts, len(imgs))
         refs = [M.Reference(c.token, c.class_word, c.images, c.masks) for c in concepts.concepts]
         tokens = [r.token for r in refs]
         regions = None
         if region_masks is not None:
             order = list(model.added_tokens) if model is not None else tokens
-            regions = _region_masks(region_masks, len(imgs), order, tokens, self.NODE_ID)
+            regions = _region_masks(region_masks, len(imgs), order, tokens)
         report = M.evaluate(imgs, texts, refs, clip_model, dino=dino_model, region_masks=regions,
-                            settings=M.EvalSettings(convention, text_mode, region_threshold), node=self.NODE_ID)
+                            settings=M.EvalSettings(convention, text_mode, region_threshold))
         table = report.table()
         if save:
-            folder = M.report_folder(host.output_dir() / "unconfused" / "eval", name, node=self.NODE_ID)
+            folder = M.report_folder(host.output_dir() / "unconfused" / "eval", name)
             report.write(folder)
             table += f"\nsaved: {folder}"
         pics = report.pictures()
@@ -148,7 +147,7 @@ class UnconfusedMaskIoU:
     OUTPUT_NODE = True
 
     def measure(self, masks_a, masks_b, threshold=0.5):
-        ious = M.mask_iou(masks_a, masks_b, threshold, node=self.NODE_ID)
+        ious = M.mask_iou(masks_a, masks_b, threshold)
         mean = sum(ious) / len(ious)
         text = "\n".join([f"mean IoU {mean:.4f} over {len(ious)} mask(s)"] +
                          [f"mask {i}: {v:.4f}" for i, v in enumerate(ious)])

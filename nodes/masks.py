@@ -82,7 +82,7 @@ class UnconfusedSAMLoader:
 
     def load(self, sam_name, device="auto", precision="auto"):
         name = "" if sam_name == "(none found)" else sam_name
-        model = S.load_sam_by_name(name, device=device, precision=precision, node=self.NODE_ID)
+        model = S.load_sam_by_name(name, device=device, precision=precision)
         return {"ui": {"text": [f"{model.name}: SAM {model.variant}"]}, "result": (model,)}
 
 
@@ -127,27 +127,26 @@ class UnconfusedSAMSegment:
     def segment(self, sam_model, images, mode="automatic", points_per_side=32, pred_iou_thresh=0.88,
                 stability_thresh=0.95, min_region_area=0.0, max_regions=0, points="", boxes="", clip_model=None,
                 class_word="dog", min_fraction=0.10, keep=1):
-        node = self.NODE_ID
-        imgs = C.image_batch_to_list(images, node=node)
+        imgs = C.image_batch_to_list(images)
         auto = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                     stability_thresh=stability_thresh, min_area=min_region_area)
         if mode == "automatic":
             regions = S.automatic_regions(sam_model, imgs, max_regions=max_regions, **auto)
             preview = regions_preview(imgs, regions)
         elif mode == "prompted":
-            regions = S.prompted_regions(sam_model, imgs, S.parse_points(points, node=node),
-                                         S.parse_boxes(boxes, node=node), node=node)
+            regions = S.prompted_regions(sam_model, imgs, S.parse_points(points),
+                                         S.parse_boxes(boxes))
             preview = regions_preview(imgs, regions)
         elif mode == "concept cut-out":
             if clip_model is None:
                 raise UnconfusedError("concept cut-out needs clip_model: connect the CLIP Scorer Loader "
-                                      "(Unconfused/masks)", node=node, input="clip_model")
+                                      "(Unconfused/masks)", input="clip_model")
             choices, regions = S.concept_cutout(sam_model, imgs, class_word, clip_model, min_fraction=min_fraction,
-                                                keep=keep, node=node, **auto)
+                                                keep=keep, **auto)
             preview = cutout_preview(imgs, choices, class_word)
             cut_info = S.describe_cutout(choices, class_word)
         else:
-            raise UnconfusedError(f"unknown mode '{mode}'; use one of {MODES}", node=node, input="mode")
+            raise UnconfusedError(f"unknown mode '{mode}'; use one of {MODES}", input="mode")
         masks = S.regions_to_masks(regions)
         h, w = imgs[0].shape[:2]
         region_masks = torch.stack([r.mask.float() for r in regions.regions]) if len(regions) else torch.zeros(1, h, w)
@@ -182,7 +181,7 @@ class UnconfusedConceptCutout:
     def cut(self, concept, sam_model, clip_model, points_per_side=32, pred_iou_thresh=0.88, stability_thresh=0.95,
             min_fraction=0.10, keep=1):
         choices, regions = S.concept_cutout(sam_model, concept.images, concept.class_word, clip_model,
-                                            min_fraction=min_fraction, keep=keep, node=self.NODE_ID,
+                                            min_fraction=min_fraction, keep=keep,
                                             points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                                             stability_thresh=stability_thresh)
         out = concept.with_masks([ch.mask for ch in choices])
@@ -223,7 +222,7 @@ class UnconfusedCLIPScorerLoader:
     def load(self, clip_name, model_name="auto", pretrained_tag="auto", device="auto", precision="auto"):
         name = "" if clip_name == "(none found)" else clip_name
         model = CL.load_clip_by_name(name, model_name=model_name, pretrained_tag=pretrained_tag, device=device,
-                                     precision=precision, node=self.NODE_ID)
+                                     precision=precision)
         return {"ui": {"text": [f"{model.name}: open_clip {model.model_name}"]}, "result": (model,)}
 
 
@@ -249,8 +248,8 @@ class UnconfusedCLIPRegionLabeller:
 
     def label(self, clip_model, images, regions, vocabulary="", use_default_vocabulary=False):
         words = parse_list(vocabulary) + (list(REGION_VOCABULARY) if use_default_vocabulary else [])
-        imgs = C.image_batch_to_list(images, node=self.NODE_ID)
-        out = label_regions(clip_model, imgs, regions, words, node=self.NODE_ID)
+        imgs = C.image_batch_to_list(images)
+        out = label_regions(clip_model, imgs, regions, words)
         preview = regions_preview(imgs, out)
         text = "\n".join(f"image {r.image_index} region {k}: {r.label} ({r.label_score:.3f})"
                          for k, r in enumerate(out.regions))
@@ -258,20 +257,19 @@ class UnconfusedCLIPRegionLabeller:
 
 
 # ------------------------------------------------------------------ DenseCRF
-def _masks_for(masks: torch.Tensor, n: int, *, node: str, input: str) -> torch.Tensor:
+def _masks_for(masks: torch.Tensor, n: int, *, input: str) -> torch.Tensor:
     if not isinstance(masks, torch.Tensor):
-        raise UnconfusedError(f"expected a MASK, got {type(masks).__name__}", node=node, input=input)
+        raise UnconfusedError(f"expected a MASK, got {type(masks).__name__}", input=input)
     if masks.ndim == 2:
         masks = masks[None]
     if masks.ndim == 4 and masks.shape[-1] in (1, 3):  # an IMAGE plugged in as a mask
         masks = masks[..., 0]
     if masks.ndim != 3:
-        raise UnconfusedError(f"expected a MASK batch [B, H, W], got shape {tuple(masks.shape)}", node=node, input=input)
+        raise UnconfusedError(f"expected a MASK batch [B, H, W], got shape {tuple(masks.shape)}", input=input)
     if masks.shape[0] == 1 and n > 1:
         masks = masks.expand(n, -1, -1)
     if masks.shape[0] != n:
-        raise UnconfusedError(f"{masks.shape[0]} masks for {n} images; give one mask per image (or one for all)",
-                              node=node, input=input)
+        raise UnconfusedError(f"{masks.shape[0]} masks for {n} images; give one mask per image (or one for all)", input=input)
     return masks.detach().float().cpu()
 
 
@@ -310,24 +308,23 @@ class UnconfusedCRFRefine:
 
     def refine(self, images, mask_1, iterations=10, gaussian_sxy=3.0, gaussian_compat=7.0, bilateral_sxy=50.0,
                bilateral_srgb=5.0, bilateral_compat=10.0, unary_scale=1.0, output="binary", work_at="image", **more):
-        node = self.NODE_ID
         settings = CRF.CRFSettings(iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,
-                                   bilateral_compat, unary_scale, output).validate(node)
+                                   bilateral_compat, unary_scale, output).validate()
         if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
-            raise UnconfusedError(f"the image has {images.shape[-1]} channels; connect an RGB IMAGE", node=node,
+            raise UnconfusedError(f"the image has {images.shape[-1]} channels; connect an RGB IMAGE",
                                   input="images")
-        imgs = C.image_batch_to_list(images, node=node)
+        imgs = C.image_batch_to_list(images)
         given = [("mask_1", mask_1)] + [(f"mask_{k}", more[f"mask_{k}"]) for k in range(2, MAX_LABELS + 1)
                                         if more.get(f"mask_{k}") is not None]
-        label_masks = [_masks_for(m, len(imgs), node=node, input=name) for name, m in given]
+        label_masks = [_masks_for(m, len(imgs), input=name) for name, m in given]
         shapes = {tuple(m.shape[1:]) for m in label_masks}
         if len(shapes) > 1:
             label_masks = [F.interpolate(m[None], size=label_masks[0].shape[1:], mode="bilinear")[0] for m in label_masks]
         for (name, _), lm in zip(given, label_masks):  # name the input of a flat mask
             for i, m in enumerate(lm):
-                CRF.check_masks(m[None], node=node, input=name, index=i if len(imgs) > 1 else None)
+                CRF.check_masks(m[None], input=name, index=i if len(imgs) > 1 else None)
         per_image = [torch.stack([lm[i] for lm in label_masks]) for i in range(len(imgs))]
-        refined = CRF.refine_batch(imgs, per_image, settings, work_at=work_at, node=node, image_input="images",
+        refined = CRF.refine_batch(imgs, per_image, settings, work_at=work_at, image_input="images",
                                    mask_input="mask_1")
         h, w = refined[0].shape[1:]
         outs = []

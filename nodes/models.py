@@ -44,18 +44,17 @@ class UnconfusedLoadCheckpoint:
     OUTPUT_NODE = True
 
     def load(self, ckpt_name: str, prediction: str, precision: str):
-        node = self.NODE_ID
         if ckpt_name == NO_FILE:
             ckpt_name = ""
         if ckpt_name.startswith(DIFFUSERS_PREFIX):
-            path = host.find_model("diffusers", ckpt_name[len(DIFFUSERS_PREFIX):], node=node, input="ckpt_name",
+            path = host.find_model("diffusers", ckpt_name[len(DIFFUSERS_PREFIX):], input="ckpt_name",
                                    what="diffusers model folder")
         else:
-            path = host.find_model("checkpoints", ckpt_name, node=node, input="ckpt_name",
+            path = host.find_model("checkpoints", ckpt_name, input="ckpt_name",
                                    what="Stable Diffusion 1.x/2.x/SDXL checkpoint (e.g. sd_xl_base_1.0.safetensors)")
         dtype = host.default_dtype(host.device("auto"), precision)
         with host.training_mode():  # normal tensors, not inference tensors: trainers backprop through them
-            bundle = load_model(path, prediction=prediction, dtype=dtype, node=node)
+            bundle = load_model(path, prediction=prediction, dtype=dtype)
         info = bundle.describe()
         return {"ui": {"text": [info]}, "result": (bundle, info)}
 

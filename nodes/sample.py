@@ -51,7 +51,7 @@ class UnconfusedSample:
 
         r = S.sample(model, prompt, negative=negative, scheduler=scheduler, steps=steps, cfg=cfg, width=width,
                      height=height, seed=seed, batch_size=batch_size, lora_strength=lora_strength,
-                     debug_attention=debug_attention, device=device, node=self.NODE_ID)
+                     debug_attention=debug_attention, device=device)
         # ComfyUI's LATENT holds the VAE's raw latents; its model scales them itself
         latent = {"samples": r.latents / model.vae.config.scaling_factor}
         if r.maps is not None:

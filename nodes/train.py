@@ -59,15 +59,14 @@ class UnconfusedTrainLoRA:
     def _train(self, model, concept_set, dataset, validation_prompts: str, **kw):
         prompts = [p.strip() for p in (validation_prompts or "").splitlines() if p.strip()]
         preset = kw.pop("preset", presets.CUSTOM)
-        settings = presets.from_widgets(T.LoraSettings, preset, dict(kw, validation_prompts=prompts),
-                                        node=self.NODE_ID)
+        settings = presets.from_widgets(T.LoraSettings, preset, dict(kw, validation_prompts=prompts))
         from ..trainers.memory_plan import check_fits
 
-        check_fits("lora", model, settings, node=self.NODE_ID)  # on a CUDA GPU: refuse what would run out of memory
+        check_fits("lora", model, settings)  # on a CUDA GPU: refuse what would run out of memory
         if dataset is not None:  # CLIF stage 2: the concept photos plus the dataset's Mix pairs
             from ..engine.training_data import examples_from_concept_set
 
-            data = examples_from_concept_set(concept_set, settings.captions, settings.template, node=self.NODE_ID)
+            data = examples_from_concept_set(concept_set, settings.captions, settings.template)
             data += list(dataset.examples(("mix",)))
         else:
             data = concept_set

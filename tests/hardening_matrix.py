@@ -19,7 +19,8 @@ MATRIX = {
         "test_handoff.py::test_apply_refuses_an_untrained_model_and_another_family",
         "test_buckets_train.py::test_unknown_aspect_is_refused_with_the_choices",
         "test_demo.py::test_bad_demo_settings_are_refused_with_sentences",
-        "test_demo.py::test_bad_flags_and_job_files_give_sentences"],
+        "test_demo.py::test_bad_flags_and_job_files_give_sentences",
+        "test_node_context.py::test_an_error_deep_in_the_engine_names_the_running_node"],
     "missing, damaged, wrong-family or pickled model files": [
         "test_models.py::test_other_families_and_parts_are_named",
         "test_models.py::test_ckpt_with_pickled_code_is_refused_not_run",

@@ -250,7 +250,7 @@ def test_bad_inputs_are_named(tmp_path, dataset, scorer):
     node = "UnconfusedTrainCLIF"
 
     def err(fn, input):
-        with pytest.raises(UnconfusedError) as e:
+        with pytest.raises(UnconfusedError) as e, host.running_node(name=node):  # as the node runs it
             fn()
         assert f"[{node}] input '{input}'" in str(e.value), str(e.value)
         return str(e.value)
@@ -264,7 +264,7 @@ def test_bad_inputs_are_named(tmp_path, dataset, scorer):
     err(lambda: ClifTrainer(tiny_bundle(), dataset, scorer, settings(batch_size=500)), "batch_size")
     err(lambda: ClifTrainer(tiny_bundle(), dataset, scorer, settings(kinds="region")), "kinds")
     err(lambda: ClifTrainer(tiny_bundle(), dataset, object(), settings()), "image_tower")
-    msg = err(lambda: load_image_tower("missing.safetensors", node=node), "image_tower")
+    msg = err(lambda: load_image_tower("missing.safetensors"), "image_tower")
     assert "clip_vision" in msg and "ViT-H/14" in msg
     # a dataset whose manifest does not name the class words, and no concept set
     bare = DatasetWriter(tmp_path / "bare", seed=0, settings={}, concepts=[])

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from comfy_harness import EXAMPLES, WORKFLOWS, ComfyServer, api_to_ui, demo_home, ui_to_api
+from comfy_harness import EXAMPLES, WORKFLOWS, ComfyError, ComfyServer, api_to_ui, demo_home, ui_to_api
 from unconfused import NODE_CLASS_MAPPINGS
 
 EXAMPLE = EXAMPLES / "two_concepts"
@@ -158,3 +158,16 @@ def test_sid_captions_to_lora_example_trains_and_exports(comfy):
     run_dir = comfy.home / "output" / "unconfused" / "runs" / "pets-test"
     assert (run_dir / "loss.png").is_file() and (run_dir / "step_000003.pt").is_file()
     _shutil.rmtree(run_dir)
+
+
+def test_an_engine_error_names_its_node_in_comfyui(comfy):
+    """In the real ComfyUI the registration's wrapper (hidden UNIQUE_ID added, the node's id as the
+    running node's name) runs the node: the engine's check of the token, which is given no node
+    name, reads as the Concept node's message."""
+    api = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+           "2": {"class_type": "UnconfusedConcept", "inputs": {"token": " ", "class_word": "dog", "images": ["1", 0]}},
+           "3": {"class_type": "UnconfusedConceptSet", "inputs": {"concept_1": ["2", 0]}},
+           "4": {"class_type": "UnconfusedSaveConceptSet", "inputs": {"concept_set": ["3", 0], "name": "x"}}}
+    with pytest.raises(ComfyError) as e:
+        comfy.run(api)
+    assert "[UnconfusedConcept] input 'token': the token is empty" in str(e.value), str(e.value)

@@ -54,8 +54,8 @@ def test_concept_node_rejects_bad_input(kwargs, input_name, needle):
 
 
 def test_grayscale_and_rgba_batches_become_rgb():
-    gray = C.image_batch_to_list(torch.rand(1, 8, 8, 1), node="n")
-    rgba = C.image_batch_to_list(torch.rand(1, 8, 8, 4), node="n")
+    gray = C.image_batch_to_list(torch.rand(1, 8, 8, 1))
+    rgba = C.image_batch_to_list(torch.rand(1, 8, 8, 4))
     assert gray[0].shape == (8, 8, 3) and torch.equal(gray[0][..., 0], gray[0][..., 2])
     assert rgba[0].shape == (8, 8, 3)
 

@@ -110,7 +110,8 @@ def test_concept_lines_and_their_messages():
     for text, msg in [("", "no concepts"), ("dog dog", "angle brackets"), ("<a> dog\n<a> cat", "listed twice"),
                       ("3: <a> dog", "there are 2 image"), ("1: <a> dog", "image 2 has no concept"),
                       ("<a>", "cannot read")]:
-        with pytest.raises(UnconfusedError, match=rf"\[UnconfusedTrainMaskEM\] input 'concepts'.*{msg}"):
+        with pytest.raises(UnconfusedError, match=rf"\[UnconfusedTrainMaskEM\] input 'concepts'.*{msg}"), \
+                host.running_node(name="UnconfusedTrainMaskEM"):  # as the node runs it
             E.parse_concept_lines(text, 2)
     img = torch.zeros(8, 8, 3)
     with pytest.raises(UnconfusedError, match="input 'ground_truth'.*1 ground-truth masks.*2 concepts"):

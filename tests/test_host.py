@@ -46,7 +46,8 @@ def test_device_choice():
 
 def test_find_model_says_which_file_goes_where(tmp_path):
     with pytest.raises(UnconfusedError) as e:
-        host.find_model("checkpoints", "", node="N", input="ckpt_name", what="SD checkpoint")
+        with host.running_node(name="N"):
+            host.find_model("checkpoints", "", input="ckpt_name", what="SD checkpoint")
     assert "[N] input 'ckpt_name'" in str(e.value) and str(tmp_path / "models" / "checkpoints") in str(e.value)
     (tmp_path / "models" / "sams").mkdir(parents=True)
     (tmp_path / "models" / "sams" / "sam_vit_b.pth").write_bytes(b"x")

@@ -213,7 +213,8 @@ def test_exports_are_kohya_lora_and_clip_l_embeddings():
     ("name", "..", "not usable as a file name"),
 ])
 def test_bad_settings_name_the_input(field, value, message):
-    with pytest.raises(UnconfusedError, match=rf"\[UnconfusedTrainLoRA\] input '{field}'.*{message}"):
+    with pytest.raises(UnconfusedError, match=rf"\[UnconfusedTrainLoRA\] input '{field}'.*{message}"), \
+            host.running_node(name="UnconfusedTrainLoRA"):  # as the node validates them
         LoraSettings(**{field: value}).validated()
 
 

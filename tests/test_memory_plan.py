@@ -7,6 +7,7 @@ does not fit the free GPU memory is refused with a sentence naming the settings 
 
 from __future__ import annotations
 
+from unconfused.engine import host
 import pytest
 import torch
 
@@ -121,12 +122,14 @@ def test_check_fits_refuses_with_a_sentence_naming_the_settings(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: ((need + fixed) // 2, 8 * GIB))
     with pytest.raises(UnconfusedError, match=r"\[N\] input 'settings': this run needs about .* GB of GPU memory but "
                                               r".* GB is free .*; set gradient_checkpointing=true$"):
-        MP.check_fits("lora", bundle, s, "cuda", node="N")
+        with host.running_node(name="N"):
+            MP.check_fits("lora", bundle, s, "cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (need + 1, 8 * GIB))
     assert MP.check_fits("lora", bundle, s, "cuda").need == need
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (GIB // 4, 8 * GIB))  # below the CUDA context
     with pytest.raises(UnconfusedError, match="free GPU memory .* or use a larger GPU"):
-        MP.check_fits("lora", bundle, s, "cuda", node="N")
+        with host.running_node(name="N"):
+            MP.check_fits("lora", bundle, s, "cuda")
 
 
 def test_sdxl_plans_its_full_size_architecture_and_checkpointing_saves_memory():

@@ -1,5 +1,6 @@
 """The checkpoint loader: families, damaged files, safe unpickling, diffusers folders, the node."""
 
+from unconfused.engine import host
 import pickle
 
 import pytest
@@ -38,7 +39,8 @@ def sd_like(context_dim=768, in_ch=4, vae=True, text=True):
 ])
 def test_other_families_and_parts_are_named(sd, needle):
     with pytest.raises(UnconfusedError) as e:
-        detect_family(sd, "model.safetensors", node="UnconfusedLoadCheckpoint")
+        with host.running_node(name="UnconfusedLoadCheckpoint"):
+            detect_family(sd, "model.safetensors")
     msg = str(e.value)
     assert needle.replace("no the ", "no ") in msg.replace("no the ", "no ") and "model.safetensors" in msg
     assert "[UnconfusedLoadCheckpoint] input 'ckpt_name'" in msg

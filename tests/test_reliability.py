@@ -382,7 +382,7 @@ def test_16_bit_grayscale_and_gif_photos_load_as_they_look(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "a_16bit.png")
     frames = [Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 200, 30))]
     frames[0].save(tmp_path / "b_anim.gif", save_all=True, append_images=frames[1:])
-    images, names, _ = load_images_from_folder(tmp_path, node="t")
+    images, names, _ = load_images_from_folder(tmp_path)
     assert names == ["a_16bit", "b_anim"]
     gray = images[0]
     assert gray.shape == (64, 64, 3) and abs(float(gray.mean()) - 0.5) < 0.01  # a ramp, not pure white

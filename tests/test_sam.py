@@ -77,13 +77,14 @@ def test_checkpoint_files_pth_and_safetensors(tmp_path):
         m = S.load_sam(tmp_path / name, allow_custom=True)
         assert m.variant == "custom" and m.cfg.window == 4 and m.cfg.global_attn == (1,)
         assert torch.equal(m.sam.state_dict()["mask_decoder.iou_token.weight"], sd["mask_decoder.iou_token.weight"])
-    with pytest.raises(UnconfusedError, match=r"\[UnconfusedSAMLoader\] input 'sam_name'.*unknown variant.*vit_b"):
+    with pytest.raises(UnconfusedError, match=r"\[UnconfusedSAMLoader\] input 'sam_name'.*unknown variant.*vit_b"), \
+            host.running_node(name="UnconfusedSAMLoader"):  # as the loader node runs it
         S.load_sam(tmp_path / "a.pth")
 
 
 def test_missing_damaged_and_wrong_files(tmp_path, clip_sd):
     host.configure(models_dir=tmp_path / "models")
-    with pytest.raises(UnconfusedError) as e:
+    with pytest.raises(UnconfusedError) as e, host.running_node(name="UnconfusedSAMLoader"):
         S.load_sam_by_name("sam_vit_b_01ec64.pth")
     msg = str(e.value)
     assert "[UnconfusedSAMLoader] input 'sam_name'" in msg and str(tmp_path / "models" / "sams") in msg

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from unconfused.engine import host
 from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.settings import check_declared, declaration, node_input, reference_rows, setting
 from unconfused.nodes.clif import UnconfusedTrainCLIF
@@ -39,10 +40,10 @@ def test_one_declaration_gives_the_input_the_check_and_the_docs_row():
     assert node_input(Toy, "mode") == (["a", "b"], {"default": "a", "tooltip": "which"})
     assert node_input(Toy, "prompts")[1]["default"] == "x\ny" and node_input(Toy, "prompts")[1]["multiline"]
     assert Toy().prompts == ["x", "y"] and Toy().prompts is not Toy().prompts  # a fresh list per instance
-    check_declared(Toy(steps=100000), "Node")  # ui_max is the widget's end only, not a bound
+    check_declared(Toy(steps=100000))  # ui_max is the widget's end only, not a bound
     for bad, input in ((dict(steps=0), "steps"), (dict(rate=1.5), "rate"), (dict(mode="c"), "mode")):
-        with pytest.raises(UnconfusedError) as e:
-            check_declared(Toy(**bad), "Node")
+        with pytest.raises(UnconfusedError) as e, host.running_node(name="Node"):
+            check_declared(Toy(**bad))
         assert e.value.input == input and "Node" in str(e.value)
     rows = {r["name"]: r for r in reference_rows(Toy)}
     assert rows["rate"]["max"] == 1.0 and rows["mode"]["choices"] == ["a", "b"] and rows["steps"]["tip"] == "how many"

@@ -1,5 +1,6 @@
 """SID captions: instruction text, validation and repair on a table of realistic captions, storage."""
 
+from unconfused.engine import host
 import pytest
 import torch
 
@@ -210,7 +211,8 @@ def test_template_and_flagged_policy():
     kept = sid.resolve_flagged(checks, "<sks>", "dog", on_flagged="keep as written")
     assert kept[1].startswith("I'm sorry")
     with pytest.raises(UnconfusedError) as e:
-        sid.resolve_flagged(checks, "<sks>", "dog", on_flagged="stop with an error", node="N")
+        with host.running_node(name="N"):
+            sid.resolve_flagged(checks, "<sks>", "dog", on_flagged="stop with an error")
     assert "on_flagged" in str(e.value) and "#1" in str(e.value)
     text = sid.report(checks, "<sks>")
     assert "1 ok, 0 repaired, 1 flagged" in text and "FLAGGED" in text

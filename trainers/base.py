@@ -40,11 +40,11 @@ PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
 RESUME = ["auto", "restart"]
 
 
-def check_common(settings, node: str, learning_rates: tuple[str, ...]):
+def check_common(settings, learning_rates: tuple[str, ...]):
     """The checks every trainer's settings share beyond their declared bounds and choices
     (engine/settings.py: `check_declared` runs after these)."""
     def bad(input: str, msg: str):
-        raise UnconfusedError(msg, node=node, input=input)
+        raise UnconfusedError(msg, input=input)
 
     if settings.steps < 1:
         bad("steps", "must be at least 1")
@@ -53,16 +53,16 @@ def check_common(settings, node: str, learning_rates: tuple[str, ...]):
     for name in learning_rates:
         if not 0 <= getattr(settings, name) < 1:
             bad(name, "must be between 0 and 1 (e.g. 1e-4)")
-    safe_name(settings.name, input="name", node=node)
+    safe_name(settings.name, input="name")
 
 
-def make_optimizer(groups: list[dict], name: str, weight_decay: float = 1e-2, node: str | None = None):
+def make_optimizer(groups: list[dict], name: str, weight_decay: float = 1e-2):
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb  # optional: only on CUDA machines that have it
         except ImportError as e:
             raise UnconfusedError("adamw8bit needs the bitsandbytes package (pip install bitsandbytes) on a CUDA "
-                                  "GPU; choose adamw", node=node, input="optimizer") from e
+                                  "GPU; choose adamw", input="optimizer") from e
         return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
@@ -119,10 +119,10 @@ class Precision:
         return self.scaler.get_scale() >= scale
 
 
-def first_folder(kind: str, node: str | None) -> Path:
+def first_folder(kind: str) -> Path:
     folders = host.model_folders(kind)
     if not folders:
-        raise UnconfusedError(f"no models/{kind} folder is configured; set UNCONFUSED_MODELS_DIR", node=node,
+        raise UnconfusedError(f"no models/{kind} folder is configured; set UNCONFUSED_MODELS_DIR",
                               input="export")
     folders[0].mkdir(parents=True, exist_ok=True)
     return folders[0]
@@ -133,17 +133,16 @@ class TrainerCore:
     `self.class_words`, calls `configure_optimizer` and `make_loop`, and fills in the hooks."""
 
     kind = ""  # "lora" | "clif" | "em": metadata `unconfused_trainer`
+    node = ""  # the trainer's node id: its progress messages, charts and stage names
 
-    def __init__(self, settings, *, node: str, run_root: Path | None = None):
-        self.settings = settings.validated(node)
-        self.node = node
+    def __init__(self, settings, *, run_root: Path | None = None):
+        self.settings = settings.validated()
         s = self.settings
         self.world = world()
         self.device = device_for(self.world, host.device(s.device))
         self.precision = Precision(self.device, s.precision)
         self.weight_dtype = self.precision.dtype
-        self.run_dir = Path(run_root or host.output_dir() / "unconfused" / "runs") / safe_name(s.name, input="name",
-                                                                                                node=node)
+        self.run_dir = Path(run_root or host.output_dir() / "unconfused" / "runs") / safe_name(s.name, input="name")
 
     # ------------------------------------------------------------ what trains
     def configure_optimizer(self, trainable: dict[str, torch.nn.Parameter], groups: list[dict], *,
@@ -155,7 +154,7 @@ class TrainerCore:
         s = self.settings
         self.trainable = trainable
         Precision.upcast(trainable.values())
-        self.optimizer = make_optimizer([g for g in groups if g["params"]], s.optimizer, weight_decay, self.node)
+        self.optimizer = make_optimizer([g for g in groups if g["params"]], s.optimizer, weight_decay)
         self.lr_scheduler = get_scheduler(s.lr_scheduler, self.optimizer, num_warmup_steps=warmup_steps,
                                           num_training_steps=s.steps)
 
@@ -175,8 +174,7 @@ class TrainerCore:
     def set_trainables(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.trainable) - set(state)
         if missing:
-            raise UnconfusedError(f"the checkpoint lacks {len(missing)} trained tensors; set resume to 'restart'",
-                                  node=self.node, input="resume")
+            raise UnconfusedError(f"the checkpoint lacks {len(missing)} trained tensors; set resume to 'restart'", input="resume")
         with torch.no_grad():
             for k, p in self.trainable.items():
                 p.copy_(state[k].to(p.device, p.dtype))
@@ -249,10 +247,10 @@ class TrainerCore:
     def export_embeddings(self, name: str) -> dict[str, Path]:
         """Each token -> models/embeddings/<name>_<token>.safetensors, with the family's keys."""
         out: dict[str, Path] = {}
-        folder = first_folder("embeddings", self.node)
+        folder = first_folder("embeddings")
         family = self.bundle.spec
         for token in self.tokens:
-            stem = f"{name}_{safe_name(token.strip('<>'), input='token', node=self.node)}"
+            stem = f"{name}_{safe_name(token.strip('<>'), input='token')}"
             meta = dict(self.metadata(), ss_tokens=[token], unconfused_class_word=self.class_words.get(token, ""))
             out[f"embedding:{token}"] = save_embedding(folder / f"{stem}.safetensors",
                                                        family.embedding_state(self.bundle, token), self.bundle.family,

@@ -40,12 +40,12 @@ def add_parser(subparsers) -> None:
     c.set_defaults(func=run)
 
 
-def _sidecars(folder: Path, ext: str, node: str) -> list[tuple[str, str | None]]:
+def _sidecars(folder: Path, ext: str) -> list[tuple[str, str | None]]:
     from ..engine.errors import UnconfusedError
 
     if not folder.is_dir():
         raise UnconfusedError(f"{folder} is not a folder; give the folder that holds the images and their "
-                              f"{ext} captions", node=node, input="--folder")
+                              f"{ext} captions", input="--folder")
     ext = ext if ext.startswith(".") else "." + ext
     out = []
     for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
@@ -53,22 +53,26 @@ def _sidecars(folder: Path, ext: str, node: str) -> list[tuple[str, str | None]]
         out.append((str(img), side.read_text(encoding="utf-8", errors="replace").strip() if side.is_file()
                     else None))
     if not out:
-        raise UnconfusedError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
-                              node=node, input="--folder")
+        raise UnconfusedError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})", input="--folder")
     return out
 
 
 def run(args) -> int:
+    from ..engine import host
+
+    with host.running_node(name="captions check"):  # the command names itself in every message
+        return _run(args)
+
+
+def _run(args) -> int:
     from ..engine import sid
     from ..engine.errors import UnconfusedError
 
-    node = "captions check"
     items: list[tuple[str, str | None]] = [(f"argument {i + 1}", c) for i, c in enumerate(args.captions)]
     for folder in args.folder:
-        items += _sidecars(Path(folder), args.caption_extension, node)
+        items += _sidecars(Path(folder), args.caption_extension)
     if not items:
-        raise UnconfusedError("no captions: give captions as arguments or --folder DIR with caption sidecars",
-                              node=node, input="captions")
+        raise UnconfusedError("no captions: give captions as arguments or --folder DIR with caption sidecars", input="captions")
     counts = {"ok": 0, "repaired": 0, "flagged": 0}
     failed = 0
     for i, (source, text) in enumerate(items):

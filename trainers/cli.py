@@ -22,7 +22,7 @@ def _concept_spec(text: str):
     from .smoke import ConceptSpec
 
     try:
-        return ConceptSpec(*parse_concept_spec(text, node="cli", input="--concept"))
+        return ConceptSpec(*parse_concept_spec(text, input="--concept"))
     except UnconfusedError:
         raise argparse.ArgumentTypeError("use FOLDER:TOKEN:CLASS, e.g. photos/alice:<alice>:woman") from None
 
@@ -50,11 +50,13 @@ def _count(least: int):
 
 
 def _smoke(args) -> int:
+    from ..engine import host
     from . import smoke
 
     specs = args.concept or [smoke.ConceptSpec(None, "<red-thing>", "ball"),
                              smoke.ConceptSpec(None, "<blue-thing>", "box")]
-    report = smoke.run(Path(args.workdir), Path(args.ckpt) if args.ckpt else None, specs, args.resolution)
+    with host.running_node(name="smoke"):  # errors deep in the engine name the command
+        report = smoke.run(Path(args.workdir), Path(args.ckpt) if args.ckpt else None, specs, args.resolution)
     print(smoke.format_report(report))
     print(f"report written to {Path(args.workdir) / 'report.json'}")
     return 0
@@ -75,6 +77,7 @@ def _job(runner_name: str):
 
 
 def _demo(args) -> int:
+    from ..engine import host
     from . import flow
     from .jobs import demo_settings
 
@@ -84,7 +87,8 @@ def _demo(args) -> int:
              "clif_steps": args.clif_steps, "lora_steps": args.lora_steps, "sample_steps": args.sample_steps,
              "prompt": args.prompt, "name": args.name, "resume": args.resume, "seed": args.seed}
     s = demo_settings(args.config, args.set, flags)
-    report = flow.run(s)
+    with host.running_node(name=flow.NODE):  # errors deep in the engine name the command
+        report = flow.run(s)
     print(flow.format_report(report))
     print(f"report written to {Path(s.workdir) / 'report.json'}")
     return 0

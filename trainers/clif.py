@@ -110,14 +110,14 @@ class ClifSettings:
     device: str = setting("auto", choices=host.DEVICE_CHOICES, tip='auto: the GPU ComfyUI uses (cuda or mps), else the CPU')
 
     @classmethod
-    def from_dict(cls, data: dict, *, node: str = NODE) -> "ClifSettings":
-        return settings_from_dict(cls, data, node)
+    def from_dict(cls, data: dict) -> "ClifSettings":
+        return settings_from_dict(cls, data)
 
-    def validated(self, node: str = NODE) -> "ClifSettings":
+    def validated(self) -> "ClifSettings":
         def bad(input: str, msg: str):
-            raise UnconfusedError(msg, node=node, input=input)
+            raise UnconfusedError(msg, input=input)
 
-        check_common(self, node, ("learning_rate", "token_lr"))
+        check_common(self, ("learning_rate", "token_lr"))
         if self.batch_size < 1:
             bad("batch_size", "must be at least 1 (the contrastive batch is batch_size x processes, at least 2)")
         if self.gradient_accumulation < 1:
@@ -131,7 +131,7 @@ class ClifSettings:
             bad("kinds", f"{unknown or 'nothing'} - name pair kinds from {record_kinds()}, comma separated")
         if "{token}" not in self.probe_template:
             bad("probe_template", "must contain {token} (e.g. 'a photo of {token}')")
-        check_declared(self, node)
+        check_declared(self)
         return self
 
     def kind_list(self) -> list[str]:
@@ -253,24 +253,25 @@ class _StockTextEncoder:
 # ---------------------------------------------------------------- the trainer
 class ClifTrainer(TrainerCore):
     """Set up once, then `run()`. Usable from Python, the CLI and the node."""
+    node = NODE
 
     kind = "clif"
 
     def __init__(self, bundle, dataset: Dataset | str | Path, tower: ImageTower | object, settings: ClifSettings,
-                 *, class_words: dict[str, str] | None = None, run_root: Path | None = None, node: str = NODE):
-        super().__init__(settings, node=node, run_root=run_root)
+                 *, class_words: dict[str, str] | None = None, run_root: Path | None = None):
+        super().__init__(settings, run_root=run_root)
         if isinstance(dataset, (str, Path)):
-            dataset = Dataset(dataset, node=node)
+            dataset = Dataset(dataset)
         if not isinstance(dataset, Dataset):
             raise UnconfusedError("connect an augmented dataset (CLIF Augmentation Builder or Load Augmented "
-                                  "Dataset)", node=node, input="dataset")
+                                  "Dataset)", input="dataset")
         self.dataset = dataset
         if not isinstance(tower, ImageTower):
             if hasattr(tower, "model") and hasattr(tower, "image_size"):  # a CLIP Scorer (UNCONFUSED_CLIP)
-                tower = tower_from_scorer(tower, node=node, input="clip_model")
+                tower = tower_from_scorer(tower, input="clip_model")
             else:
                 raise UnconfusedError("no CLIP image tower: choose image_tower (a file of models/clip_vision) or "
-                                      "connect a CLIP Scorer Loader", node=node, input="image_tower")
+                                      "connect a CLIP Scorer Loader", input="image_tower")
         self.tower = tower
         self.class_words = {c.get("token"): c.get("class_word", "") for c in dataset.concepts if c.get("token")}
         self.class_words.update({k: v for k, v in (class_words or {}).items() if v})
@@ -284,41 +285,40 @@ class ClifTrainer(TrainerCore):
         records = self.dataset.of_kind(*s.kind_list())
         if not records:
             raise UnconfusedError(f"the dataset {self.dataset.folder.name} has no pairs of kinds {s.kind_list()} "
-                                  f"(it has {self.dataset.manifest.get('counts')}); change kinds", node=self.node,
+                                  f"(it has {self.dataset.manifest.get('counts')}); change kinds",
                                   input="kinds")
         held = [r for r in records if is_held_out(r.id, s.holdout)]
         train = [r for r in records if not is_held_out(r.id, s.holdout)]
         if len(train) < 2:
             raise UnconfusedError(f"only {len(train)} training pair(s) after holding out {len(held)}; a contrastive "
-                                  "batch needs at least 2 - build more pairs or lower holdout", node=self.node,
+                                  "batch needs at least 2 - build more pairs or lower holdout",
                                   input="holdout")
         if s.batch_size * self.world.size < 2:
             raise UnconfusedError("a contrastive batch needs at least 2 pairs (the others are the negatives); raise "
-                                  "batch_size", node=self.node, input="batch_size")
+                                  "batch_size", input="batch_size")
         if s.batch_size * self.world.size > len(train):
             raise UnconfusedError(f"the contrastive batch ({s.batch_size} x {self.world.size} processes) is larger "
-                                  f"than the {len(train)} training pairs; lower batch_size", node=self.node,
+                                  f"than the {len(train)} training pairs; lower batch_size",
                                   input="batch_size")
         tokens = list(dict.fromkeys(t for r in records for t in r.tokens))
         if not tokens:
             raise UnconfusedError("the dataset's pairs name no concept tokens; build it with the CLIF Augmentation "
-                                  "Builder", node=self.node, input="dataset")
+                                  "Builder", input="dataset")
         missing = [t for t in tokens if not self.class_words.get(t) and t not in bundle.added_tokens]
         if missing:
             raise UnconfusedError(f"no class word for {missing}: the dataset's manifest does not name it and the "
                                   "model does not know the token; connect the concept set the dataset was built "
-                                  "from", node=self.node, input="concept_set")
+                                  "from", input="concept_set")
         self.train_records, self.held_records, self.tokens = train, held, tokens
 
         bundle = bundle.clone()  # the input bundle stays as it was
         if s.train == "tokens+full":  # every text-encoder weight trains: a private copy, nothing shared
             with torch.inference_mode(False):
                 bundle.text_encoder = copy.deepcopy(bundle.text_encoder)
-        add_concept_tokens(bundle, [(t, self.class_words.get(t, "")) for t in tokens], s.vectors_per_token,
-                           node=self.node, input="dataset")
+        add_concept_tokens(bundle, [(t, self.class_words.get(t, "")) for t in tokens], s.vectors_per_token, input="dataset")
         te = bundle.text_encoder
         width = te.config.hidden_size
-        check_pair(self.tower, width, bundle.family, node=self.node,
+        check_pair(self.tower, width, bundle.family,
                    input="image_tower")
         self.family = bundle.spec
         # frozen weights in the run's precision (tokens+full trains them all: fp32); what trains is
@@ -507,15 +507,15 @@ class ClifTrainer(TrainerCore):
         trained encoder also the text encoder (HF `text_model.*`, models/text_encoders or clip)
         and, for tokens+lora, the text-encoder LoRA in kohya form (models/loras/<name>_te)."""
         s = self.settings
-        name = export_name(s.name, node=self.node)
+        name = export_name(s.name)
         out = self.export_embeddings(name)
         te = self.bundle.text_encoder
         if s.train == "tokens+lora":
-            out["lora"] = save_lora(first_folder("loras", self.node) / f"{name}_te.safetensors", None, te,
+            out["lora"] = save_lora(first_folder("loras") / f"{name}_te.safetensors", None, te,
                                     alpha=s.alpha, metadata=self.metadata(), family=self.bundle.family)
             te = merged_text_encoder(te)
         if s.train != "tokens":
-            out["text_encoder"] = save_text_encoder(first_folder(host.text_encoder_folder_kind(), self.node) /
+            out["text_encoder"] = save_text_encoder(first_folder(host.text_encoder_folder_kind()) /
                                                     f"{name}.safetensors", _StockTextEncoder(te),
                                                     metadata=self.metadata())
         return out
@@ -536,8 +536,7 @@ def content_keys(folder: Path, rel_paths: list[str], index_root: Path) -> list[s
         try:
             st = p.stat()
         except OSError as e:
-            raise UnconfusedError(f"the dataset image {rel} is missing ({e.strerror}); build the dataset again",
-                                  node=NODE, input="dataset") from e
+            raise UnconfusedError(f"the dataset image {rel} is missing ({e.strerror}); build the dataset again", input="dataset") from e
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
         hit = index.get(rel)
         if hit and hit[0] == stamp:
@@ -553,10 +552,10 @@ def content_keys(folder: Path, rel_paths: list[str], index_root: Path) -> list[s
     return out
 
 
-def resolve_tower(image_tower: str | None, clip_model=None, *, node: str = NODE) -> ImageTower:
+def resolve_tower(image_tower: str | None, clip_model=None) -> ImageTower:
     if clip_model is not None:
-        return tower_from_scorer(clip_model, node=node, input="clip_model")
-    return load_image_tower(image_tower or "", node=node, input="image_tower")
+        return tower_from_scorer(clip_model, input="clip_model")
+    return load_image_tower(image_tower or "", input="image_tower")
 
 
 def train_clif(bundle, dataset, tower, settings: ClifSettings | dict | None = None, **kwargs) -> ClifResult:

@@ -113,9 +113,9 @@ class EMSettings(LoraSettings):
     attention_layers: str = setting("", tip='comma separated attn2 module names; empty = the 1/4-resolution down/up '
                                             'layers')
 
-    def validated(self, node: str = NODE) -> "EMSettings":
+    def validated(self) -> "EMSettings":
         def bad(input: str, msg: str):
-            raise UnconfusedError(msg, node=node, input=input)
+            raise UnconfusedError(msg, input=input)
 
         if "{token}" not in self.template:
             bad("template", "must contain {token} (the sampled tokens, e.g. 'a photo of {token}')")
@@ -133,8 +133,8 @@ class EMSettings(LoraSettings):
             bad("attention_weight", "must be 0 or more (1e-2 is Break-a-Scene's)")
         if not self.masked_loss:
             bad("masked_loss", "the mask EM trains under its masks; use the LoRA trainer for unmasked training")
-        self.crf_settings().validate(node)
-        return super().validated(node)
+        self.crf_settings().validate()
+        return super().validated()
 
     def crf_settings(self, scale: float = 1.0) -> CRFSettings:
         return CRFSettings(iterations=self.crf_iterations, gaussian_sxy=max(self.crf_gaussian_sxy * scale, 0.5),
@@ -143,8 +143,8 @@ class EMSettings(LoraSettings):
                            bilateral_srgb=self.crf_bilateral_srgb, bilateral_compat=self.crf_bilateral_compat)
 
     @classmethod
-    def from_dict(cls, data: dict, *, node: str = NODE) -> "EMSettings":
-        return super().from_dict(data, node=node)
+    def from_dict(cls, data: dict) -> "EMSettings":
+        return super().from_dict(data)
 
 
 # ---------------------------------------------------------------- scenes: images with several concepts
@@ -165,7 +165,7 @@ class Scene:
 _LINE = re.compile(r"^\s*(?:(\d+(?:\s*,\s*\d+)*)\s*:)?\s*(\S+)\s+(.+?)\s*$")
 
 
-def parse_concept_lines(text: str, n_images: int, *, node: str = NODE, input: str = "concepts"
+def parse_concept_lines(text: str, n_images: int, *, input: str = "concepts"
                         ) -> list[list[tuple[str, str]]]:
     """`<token> class word` per line: the concept is in every image. `2: <token> class` (or `1,3:`):
     only in those images (1-based). Returns per image its (token, class word) list, in line order."""
@@ -174,47 +174,48 @@ def parse_concept_lines(text: str, n_images: int, *, node: str = NODE, input: st
     lines = [ln for ln in (text or "").splitlines() if ln.strip() and not ln.strip().startswith("#")]
     if not lines:
         raise UnconfusedError("no concepts: write one line per concept, '<token> class word' (e.g. '<alice> woman'"
-                              "), at least two for the mask EM to separate", node=node, input=input)
+                              "), at least two for the mask EM to separate", input=input)
     for ln in lines:
         m = _LINE.match(ln)
         if not m:
             raise UnconfusedError(f"cannot read the line {ln.strip()!r}: write '<token> class word', e.g. "
-                                  "'<alice> woman', or '2: <bob> man' for a concept only in image 2", node=node,
+                                  "'<alice> woman', or '2: <bob> man' for a concept only in image 2",
                                   input=input)
         where, token, class_word = m.groups()
         if not (token.startswith("<") and token.endswith(">")):
             raise UnconfusedError(f"line {ln.strip()!r}: the token comes first and is written in angle brackets, "
-                                  f"e.g. '<{token.strip('<>')}> {class_word}'", node=node, input=input)
-        token = validate_token(token, node=node, input=input)
+                                  f"e.g. '<{token.strip('<>')}> {class_word}'", input=input)
+        token = validate_token(token, input=input)
         if token in seen:
             raise UnconfusedError(f"{token} is listed twice; one line per concept (use '1,2: {token} "
-                                  f"{class_word}' for a concept in several images)", node=node, input=input)
+                                  f"{class_word}' for a concept in several images)", input=input)
         seen[token] = class_word
         images = list(range(n_images)) if where is None else [int(x) - 1 for x in where.split(",")]
         for i in images:
             if not 0 <= i < n_images:
                 raise UnconfusedError(f"line {ln.strip()!r} names image {i + 1}, but there are {n_images} "
-                                      "image(s); images are counted from 1", node=node, input=input)
+                                      "image(s); images are counted from 1", input=input)
             per_image[i].append((token, class_word))
     for i, cs in enumerate(per_image):
         if not cs:
             raise UnconfusedError(f"image {i + 1} has no concept; prefix lines with the images they belong to, "
-                                  "or drop the image", node=node, input=input)
+                                  "or drop the image", input=input)
     return per_image
 
 
+@host.takes_node
 def make_scenes(images: list[torch.Tensor], concepts: str | list[list[tuple[str, str]]],
-                ground_truth: list[torch.Tensor] | None = None, *, node: str = NODE) -> list[Scene]:
+                ground_truth: list[torch.Tensor] | None = None) -> list[Scene]:
     """Scenes from images and the concept lines; ground truth (optional) is one mask per concept of
     each image, image-major, in line order."""
-    per_image = parse_concept_lines(concepts, len(images), node=node) if isinstance(concepts, str) else concepts
+    per_image = parse_concept_lines(concepts, len(images)) if isinstance(concepts, str) else concepts
     scenes = [Scene(img, list(cs)) for img, cs in zip(images, per_image)]
     if ground_truth is not None:
         want = sum(len(s.concepts) for s in scenes)
         if len(ground_truth) != want:
             raise UnconfusedError(f"{len(ground_truth)} ground-truth masks, but the images hold {want} concepts; "
                                   "give one mask per concept of each image, image by image in the order of the "
-                                  "concept lines", node=node, input="ground_truth")
+                                  "concept lines", input="ground_truth")
         it = iter(ground_truth)
         for i, s in enumerate(scenes):
             for t in s.tokens:
@@ -222,7 +223,7 @@ def make_scenes(images: list[torch.Tensor], concepts: str | list[list[tuple[str,
                 if tuple(m.shape[-2:]) != tuple(s.image.shape[:2]):
                     raise UnconfusedError(f"the ground-truth mask of {t} in image {i + 1} is {m.shape[-1]}x"
                                           f"{m.shape[-2]}, the image {s.image.shape[1]}x{s.image.shape[0]}; "
-                                          "masks must have their image's size", node=node, input="ground_truth")
+                                          "masks must have their image's size", input="ground_truth")
                 s.ground_truth[t] = m.float().reshape(m.shape[-2:])
     if sum(len(s.concepts) for s in scenes) < 2 and len(scenes) == 1:
         log.warning("one concept in one image: the mask EM separates concepts from each other and the background")
@@ -329,22 +330,22 @@ class EMResult(LoraResult):
 # ---------------------------------------------------------------- the trainer
 class EMTrainer(LoraTrainer):
     """LoraTrainer whose masks come from its own cross-attention and improve as its tokens do."""
+    node = NODE
 
     kind = "em"
 
-    def __init__(self, bundle, scenes: list[Scene], settings: EMSettings, *, run_root: Path | None = None,
-                 node: str = NODE):
+    def __init__(self, bundle, scenes: list[Scene], settings: EMSettings, *, run_root: Path | None = None):
         if not scenes:
-            raise UnconfusedError("no images: connect one or a few images holding the concepts", node=node,
+            raise UnconfusedError("no images: connect one or a few images holding the concepts",
                                   input="images")
-        settings = settings.validated(node)
+        settings = settings.validated()
         self.scenes = scenes
         self.em_tokens = list(dict.fromkeys(t for s in scenes for t in s.tokens))
         class_words = {t: c for s in scenes for t, c in s.concepts}
         examples = [Example(s.image, settings.template.format(token=" and ".join(s.tokens)), None, s.tokens)
                     for s in scenes]
         seed_everything(settings.seed)  # the LoRA's random init: a resumed run's trainer starts like the first
-        super().__init__(bundle, examples, settings, run_root=run_root, node=node, class_words=class_words)
+        super().__init__(bundle, examples, settings, run_root=run_root, class_words=class_words)
         s = self.settings
         k = len(self.em_tokens)
         self.member = torch.zeros(len(scenes), k, dtype=torch.bool)  # [N, K]: concept k is in image n
@@ -445,12 +446,12 @@ class EMTrainer(LoraTrainer):
             return binary
         if s.crf_at == "latent":
             scale = self.latent_sizes[n][0] / self.sizes[n][0]  # kernel widths are given in image pixels
-            return refine_latent_masks(self.images[n], binary, s.crf_settings(scale), node=self.node,
+            return refine_latent_masks(self.images[n], binary, s.crf_settings(scale),
                                        image_input="images", mask_input="masks")
         from ..engine.crf import refine
 
         up = F.interpolate(binary[None], size=self.sizes[n], mode="nearest")[0]
-        fine = refine(self.images[n], up, s.crf_settings(), work_at="image", node=self.node, image_input="images",
+        fine = refine(self.images[n], up, s.crf_settings(), work_at="image", image_input="images",
                       mask_input="masks", on_degenerate="keep")
         return F.interpolate(fine[None], size=self.latent_sizes[n], mode="area")[0]
 

@@ -122,12 +122,26 @@ def read_config(path: str | Path, overrides: list[str] | None = None, *, node: s
     return config, base
 
 
+def _job(section: str):
+    """Run a job inside its section's name (host.running_node): every message raised below names
+    the job ("[lora] ...") as a node's name its node."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with host.running_node(name=section):
+                return fn(*args, **kwargs)
+        return run
+    return wrap
+
+
 def _path(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
 
 
-def prepare_job(config: dict, base: Path, *, node: str):
+def prepare_job(config: dict, base: Path):
     """Configure the host folders and return (model bundle, concept set)."""
     from ..engine.demo_model import write_demo_diffusers_folder
     from ..engine.models import load_model
@@ -139,70 +153,72 @@ def prepare_job(config: dict, base: Path, *, node: str):
         model_path = _path(base, config["model"])
     else:
         model_path = write_demo_diffusers_folder(workdir / "models" / "diffusers" / "unconfused-demo")
-    bundle = load_model(model_path, prediction=config.get("prediction", "auto"), node=node)
-    return bundle, concepts_from_config(config, base, node=node)
+    bundle = load_model(model_path, prediction=config.get("prediction", "auto"))
+    return bundle, concepts_from_config(config, base)
 
 
-def concepts_from_config(config: dict, base: Path, *, node: str) -> ConceptSet:
+def concepts_from_config(config: dict, base: Path) -> ConceptSet:
     if config.get("concept_set"):
-        return load_concept_set(_path(base, config["concept_set"]), node=node)
+        return load_concept_set(_path(base, config["concept_set"]))
     specs = config.get("concepts")
     if not specs:
         raise UnconfusedError("the job names no concepts: give 'concepts' (a list of \"FOLDER:TOKEN:CLASS\") or "
                               "'concept_set' (a saved concept set folder); concepts = \"demo\" trains the two "
-                              "built-in synthetic concepts", node=node, input="concepts")
+                              "built-in synthetic concepts", input="concepts")
     if specs == "demo":
         from .smoke import synthetic_photos
 
         return make_concept_set([Concept("<red-thing>", "ball", synthetic_photos(0)),
-                                 Concept("<blue-thing>", "box", synthetic_photos(1))], node=node)
+                                 Concept("<blue-thing>", "box", synthetic_photos(1))])
     concepts = []
     for spec in specs:
         if isinstance(spec, str):
-            folder, token, class_word = parse_concept_spec(spec, node=node, input="concepts")
+            folder, token, class_word = parse_concept_spec(spec, input="concepts")
             spec = {"folder": str(folder), "token": token, "class_word": class_word}
-        concepts.append(concept_from_folder(_path(base, spec["folder"]), spec["token"], spec["class_word"], node=node,
+        concepts.append(concept_from_folder(_path(base, spec["folder"]), spec["token"], spec["class_word"],
                                             input="concepts"))
-    return make_concept_set(concepts, node=node)
+    return make_concept_set(concepts)
 
 
+@_job("lora")
 def run_lora(config_path: str | Path, overrides: list[str] | None = None) -> dict:
-    from .lora import NODE, LoraSettings, train_lora
+    from .lora import LoraSettings, train_lora
 
     config, base = read_config(config_path, overrides, node="lora")
-    settings = LoraSettings.from_dict(config["settings"], node=NODE)
-    bundle, cs = prepare_job(config, base, node="lora")
+    settings = LoraSettings.from_dict(config["settings"])
+    bundle, cs = prepare_job(config, base)
     result = train_lora(bundle, cs, settings)
     return {"steps": len(result.losses), "resumed_from": result.resumed_from, "final_loss": result.losses[-1],
             "run_dir": str(result.run_dir), "exports": {k: str(v) for k, v in result.exports.items()},
             "info": result.info()}
 
 
+@_job("clif")
 def run_clif(config_path: str | Path, overrides: list[str] | None = None) -> dict:
     """CLIF text-encoder job: `model`, `dataset` (an augmented dataset folder), `image_tower` (a file
     of models/clip_vision or models/clip under the workdir, or a path), optional `concept_set` or
     `concepts` for class words the dataset's manifest lacks, and [settings] (ClifSettings)."""
     from ..engine.demo_model import write_demo_diffusers_folder
     from ..engine.models import load_model
-    from .clif import NODE, ClifSettings, resolve_tower, train_clif
+    from .clif import ClifSettings, resolve_tower, train_clif
 
     config, base = read_config(config_path, overrides, node="clif")
-    settings = ClifSettings.from_dict(config["settings"], node=NODE)
+    settings = ClifSettings.from_dict(config["settings"])
     for key in ("dataset", "image_tower"):
         if not config.get(key):
-            raise UnconfusedError(f"the CLIF job needs '{key}' in {Path(config_path).name}", node="clif",
+            raise UnconfusedError(f"the CLIF job needs '{key}' in {Path(config_path).name}",
                                   input="--config")
     workdir = _path(base, config.get("workdir", "."))
     host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
     (workdir / "temp").mkdir(parents=True, exist_ok=True)
     model_path = _path(base, config["model"]) if config.get("model") else \
         write_demo_diffusers_folder(workdir / "models" / "diffusers" / "unconfused-demo")
-    bundle = load_model(model_path, prediction=config.get("prediction", "auto"), node="clif")
+    bundle = load_model(model_path, prediction=config.get("prediction", "auto"))
     tower_path = _path(base, config["image_tower"])  # a path, or a file name inside models/clip_vision
-    tower = resolve_tower(str(tower_path) if tower_path.is_file() else config["image_tower"], node="clif")
+    tower = resolve_tower(str(tower_path) if tower_path.is_file() else config["image_tower"])
     class_words = {}
     if config.get("concept_set") or config.get("concepts"):
-        class_words = {c.token: c.class_word for c in concepts_from_config(config, base, node="clif").concepts}
+        class_words = {c.token: c.class_word for c in concepts_from_config(config, base).concepts}
     result = train_clif(bundle, _path(base, config["dataset"]), tower, settings, class_words=class_words)
     return {"steps": len(result.losses), "resumed_from": result.resumed_from,
             "final_loss": result.losses[-1] if result.losses else None, "run_dir": str(result.run_dir),
@@ -210,6 +226,7 @@ def run_clif(config_path: str | Path, overrides: list[str] | None = None) -> dic
                 k: v for k, v in result.metrics.items() if k in ("before", "after")}, "info": result.info()}
 
 
+@_job("em")
 def run_em(config_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Mask-EM job: `model`, `images` (one or a few image files holding several concepts), `concepts`
     (the node's lines: "<token> class word", "2: <token> class" for image 2 only; a list or one
@@ -218,17 +235,17 @@ def run_em(config_path: str | Path, overrides: list[str] | None = None) -> dict:
     from ..engine.concepts import pil_to_mask, pil_to_tensor
     from ..engine.demo_model import write_demo_diffusers_folder
     from ..engine.models import load_model
-    from .em import NODE, EMSettings, make_scenes, train_em
+    from .em import EMSettings, make_scenes, train_em
 
     config, base = read_config(config_path, overrides, node="em")
-    settings = EMSettings.from_dict(config["settings"], node=NODE)
+    settings = EMSettings.from_dict(config["settings"])
     files = config.get("images") or []
     if isinstance(files, str):
         files = [files]
     lines = config.get("concepts") or ""
     if not files or not lines:
         raise UnconfusedError(f"the mask-EM job needs 'images' (image files) and 'concepts' (\"<token> class\" "
-                              f"lines) in {Path(config_path).name}", node="em", input="--config")
+                              f"lines) in {Path(config_path).name}", input="--config")
     text = lines if isinstance(lines, str) else "\n".join(str(x) for x in lines)
 
     def read(name: str, what: str, as_mask: bool):
@@ -236,12 +253,12 @@ def run_em(config_path: str | Path, overrides: list[str] | None = None) -> dict:
 
         path = _path(base, name)
         if not path.is_file():
-            raise UnconfusedError(f"{what} {path} does not exist", node="em", input="--config")
+            raise UnconfusedError(f"{what} {path} does not exist", input="--config")
         try:
             with Image.open(path) as im:
                 return pil_to_mask(im) if as_mask else pil_to_tensor(im)
         except Exception as e:  # PIL raises many types for damaged files
-            raise UnconfusedError(f"cannot read {what} {path} ({e}); replace the file", node="em",
+            raise UnconfusedError(f"cannot read {what} {path} ({e}); replace the file",
                                   input="--config") from e
 
     workdir = _path(base, config.get("workdir", "."))
@@ -250,10 +267,10 @@ def run_em(config_path: str | Path, overrides: list[str] | None = None) -> dict:
     images = [read(f, "the image", False) for f in files]
     gt = [read(f, "the ground-truth mask", True) for f in config["ground_truth"]] if config.get("ground_truth") \
         else None
-    scenes = make_scenes(images, text, gt, node=NODE)
+    scenes = make_scenes(images, text, gt)
     model_path = _path(base, config["model"]) if config.get("model") else \
         write_demo_diffusers_folder(workdir / "models" / "diffusers" / "unconfused-demo")
-    bundle = load_model(model_path, prediction=config.get("prediction", "auto"), node="em")
+    bundle = load_model(model_path, prediction=config.get("prediction", "auto"))
     result = train_em(bundle, scenes, settings)
     masks_dir = result.run_dir / "final_masks"
     from ..engine.concepts import tensor_to_pil
@@ -279,17 +296,18 @@ def _read_mask_folder(folder: Path, stems: list[str], *, what: str, input: str) 
         path = next((folder / f"{stem}{ext}" for ext in (".png", ".jpg", ".webp") if (folder / f"{stem}{ext}").is_file()),
                     None)
         if path is None:
-            raise UnconfusedError(f"{what}: {folder} has no mask {stem}.png (one per image, same name)", node="eval",
+            raise UnconfusedError(f"{what}: {folder} has no mask {stem}.png (one per image, same name)",
                                   input=input)
         try:
             with Image.open(path) as im:
                 out.append(pil_to_mask(im))
         except Exception as e:  # PIL raises many types for damaged files
-            raise UnconfusedError(f"{what}: cannot read the mask {path} ({e}); replace the file", node="eval",
+            raise UnconfusedError(f"{what}: cannot read the mask {path} ({e}); replace the file",
                                   input=input) from e
     return out
 
 
+@_job("eval")
 def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Evaluation job: `images` (a folder of generated images, each with a same-name .txt prompt, or
     `prompt` for all), the references (`concepts` FOLDER:TOKEN:CLASS - masks from FOLDER/masks/<name>.png
@@ -307,12 +325,12 @@ def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dic
     unknown = sorted(set(settings) - {"convention", "text_mode", "region_threshold"})
     if unknown:
         raise UnconfusedError(f"unknown settings {unknown}; known: convention, text_mode, region_threshold",
-                              node="eval", input="--config")
+                              input="--config")
     from dataclasses import asdict
 
     from .loop import settings_from_dict
 
-    settings = asdict(settings_from_dict(M.EvalSettings, settings, "eval"))
+    settings = asdict(settings_from_dict(M.EvalSettings, settings))
     workdir = _path(base, config.get("workdir", "."))
     host.configure(models_dir=workdir / "models", output_dir=workdir / "output", temp_dir=workdir / "temp")
     out_dir = _path(base, config.get("output", "eval-report"))
@@ -320,39 +338,39 @@ def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dic
     if config.get("images"):
         if not config.get("clip"):
             raise UnconfusedError("the eval job needs 'clip' (an open_clip checkpoint with both towers, e.g. ViT-B/32 "
-                                  "as the papers use): a path, or a file name in models/clip_vision", node="eval",
+                                  "as the papers use): a path, or a file name in models/clip_vision",
                                   input="--config")
         folder = _path(base, config["images"])
-        images, stems, captions = load_images_from_folder(folder, node="eval", input="images")
+        images, stems, captions = load_images_from_folder(folder, input="images")
         if captions is None:
             missing = [s for s in stems if not (folder / f"{s}.txt").is_file()]
             if not config.get("prompt"):
                 raise UnconfusedError(f"{len(missing)} image(s) in {folder} have no prompt file (e.g. {missing[0]}.txt); "
                                       "write the prompt each image was made from into <image name>.txt, or give "
-                                      "'prompt' for all", node="eval", input="images")
+                                      "'prompt' for all", input="images")
             from ..engine.concepts import read_caption
 
             captions = [read_caption(folder / f"{s}.txt") or config["prompt"] for s in stems]
-        cs = concepts_from_config(config, base, node="eval") if config.get("concepts") or config.get("concept_set") \
+        cs = concepts_from_config(config, base) if config.get("concepts") or config.get("concept_set") \
             else None
         if cs is None:
             raise UnconfusedError("the eval job needs the references: 'concepts' (FOLDER:TOKEN:CLASS) or "
-                                  "'concept_set'", node="eval", input="--config")
+                                  "'concept_set'", input="--config")
         refs = []
         specs = config.get("concepts") or []
         for k, c in enumerate(cs.concepts):
             masks = c.masks
             if masks is None and k < len(specs):
                 spec = specs[k]
-                ref_folder = _path(base, parse_concept_spec(spec, node="eval", input="concepts")[0]
+                ref_folder = _path(base, parse_concept_spec(spec, input="concepts")[0]
                                    if isinstance(spec, str) else spec["folder"]) / "masks"
                 if ref_folder.is_dir():
                     masks = _read_mask_folder(ref_folder, c.names, what=f"references of {c.token}", input="concepts")
             refs.append(M.Reference(c.token, c.class_word, c.images, masks))
         clip_path = _path(base, config["clip"])
-        clip = load_clip(clip_path, node="eval", input="clip") if clip_path.is_file() else \
-            load_clip_by_name(config["clip"], node="eval", input="clip")
-        dino = load_dino(_path(base, config["dino"]), node="eval", input="dino") if config.get("dino") else None
+        clip = load_clip(clip_path, input="clip") if clip_path.is_file() else \
+            load_clip_by_name(config["clip"], input="clip")
+        dino = load_dino(_path(base, config["dino"]), input="dino") if config.get("dino") else None
         regions = None
         if config.get("region_masks"):
             rfolder = _path(base, config["region_masks"])
@@ -364,36 +382,37 @@ def run_eval(config_path: str | Path, overrides: list[str] | None = None) -> dic
                     row.append(_read_mask_folder(p.parent, [p.stem], what="region masks", input="region_masks")[0]
                                if p.is_file() else None)
                 regions.append(row)
-        report = M.evaluate(images, captions, refs, clip, dino=dino, region_masks=regions, node="eval",
+        report = M.evaluate(images, captions, refs, clip, dino=dino, region_masks=regions,
                             settings=M.EvalSettings(**settings))
         for row in report.per_image:
             row["file"] = stems[row["image"]]
     if config.get("masks_a") or config.get("masks_b"):
         if not (config.get("masks_a") and config.get("masks_b")):
             raise UnconfusedError("mask IoU needs both 'masks_a' and 'masks_b' (folders of same-name masks)",
-                                  node="eval", input="--config")
+                                  input="--config")
         fa, fb = _path(base, config["masks_a"]), _path(base, config["masks_b"])
         if not fa.is_dir():
-            raise UnconfusedError(f"{fa} is not a folder", node="eval", input="masks_a")
+            raise UnconfusedError(f"{fa} is not a folder", input="masks_a")
         stems = sorted(p.stem for p in fa.iterdir() if p.suffix.lower() in (".png", ".jpg", ".webp"))
         if not stems:
-            raise UnconfusedError(f"{fa} holds no masks (.png)", node="eval", input="masks_a")
+            raise UnconfusedError(f"{fa} holds no masks (.png)", input="masks_a")
         ious = M.mask_iou(_read_mask_folder(fa, stems, what="masks_a", input="masks_a"),
                           _read_mask_folder(fb, stems, what="masks_b", input="masks_b"),
-                          settings.get("region_threshold", 0.5), node="eval")
+                          settings.get("region_threshold", 0.5))
         report = report or M.EvalReport(settings={"convention": "", "text_mode": ""})
         for stem, v in zip(stems, ious):
             report.add("mask_iou", v, concept=stem, n=1)
         report.add("mask_iou", sum(ious) / len(ious), n=len(ious), note="mean over masks")
     if report is None:
         raise UnconfusedError("nothing to evaluate: give 'images' (+ references and clip) and/or 'masks_a' + "
-                              "'masks_b'", node="eval", input="--config")
+                              "'masks_b'", input="--config")
     files = report.write(out_dir)
     return {"output": str(out_dir), "files": {k: str(v) for k, v in files.items()}, "rows": report.rows,
             "table": report.table()}
 
 
 # ---------------------------------------------------------------- the demo (the main job)
+@_job("demo")
 def demo_settings(config_path: str | Path | None, sets: list[str] | None = None, flags: dict | None = None):
     """The demo's FlowSettings from a job file (optional), `--set KEY=VALUE` items and the command's
     flags (which win). The job file: `model`, `clip`, `sam`, `concepts` (FOLDER:TOKEN:CLASS, or "demo"
@@ -419,25 +438,25 @@ def demo_settings(config_path: str | Path | None, sets: list[str] | None = None,
             values["concepts"] = []
             for spec in specs:
                 if isinstance(spec, str):
-                    folder, token, class_word = parse_concept_spec(spec, node="demo", input="concepts")
+                    folder, token, class_word = parse_concept_spec(spec, input="concepts")
                 else:
                     folder, token, class_word = spec["folder"], spec["token"], spec["class_word"]
                 values["concepts"].append(ConceptSpec(_path(base, str(folder)), token, class_word))
         if config.get("concept_set"):
             raise UnconfusedError("the demo reads photos: give 'concepts' (FOLDER:TOKEN:CLASS), not 'concept_set'",
-                                  node="demo", input="concept_set")
+                                  input="concept_set")
     else:
         values, table = {}, {}
         for item in sets or []:
             key, sep, value = item.partition("=")
             if not sep:
-                raise UnconfusedError(f"'{item}' is not key=value, e.g. --set clif.batch_size=32", node="demo",
+                raise UnconfusedError(f"'{item}' is not key=value, e.g. --set clif.batch_size=32",
                                       input="--set")
             table[key.strip()] = CliText(value)
     overrides = {}
     for key, value in table.items():
         if key in OWN_NUMBERS or key in OWN_TEXTS:
-            values[key] = parse_setting(key, value, int if key in OWN_NUMBERS else str, node="demo")
+            values[key] = parse_setting(key, value, int if key in OWN_NUMBERS else str)
         elif isinstance(value, dict):  # [settings.clif] batch_size = 32 -> "clif.batch_size"
             overrides.update({f"{key}.{k}": v for k, v in value.items()})
         else:  # a stage's own setting (flow.make_plan names a wrong stage; the stage names a wrong key)

@@ -58,7 +58,7 @@ def _type_name(tp) -> str:
         tp, "a list of text, e.g. [\"a photo of <alice>\"]" if tp == list[str] else str(tp))
 
 
-def parse_setting(key: str, value, tp, *, node: str, input: str | None = None):
+def parse_setting(key: str, value, tp, *, input: str | None = None):
     """`value` as the declared type `tp`, or a sentence naming the key and the type.
 
     Whole numbers accept an integral float (4.0, 3e0 -> 4, 3: TOML and JSON readers give floats
@@ -68,7 +68,7 @@ def parse_setting(key: str, value, tp, *, node: str, input: str | None = None):
     import math
 
     def bad():
-        raise UnconfusedError(f"'{key}' must be {_type_name(tp)}, not {value!r}", node=node, input=input or key)
+        raise UnconfusedError(f"'{key}' must be {_type_name(tp)}, not {value!r}", input=input or key)
 
     cli = isinstance(value, CliText)
     if cli and tp is not str:
@@ -118,10 +118,13 @@ def parse_setting(key: str, value, tp, *, node: str, input: str | None = None):
     return value
 
 
-def settings_from_dict(cls, data: dict, node: str):
+def settings_from_dict(cls, data: dict, node: str | None = None):
     """A trainer's settings dataclass from a config's [settings] table: unknown keys are named,
     every value is parsed by its declared type (`parse_setting`), then the class's own
     `validated(node)` (where it has one) checks the values."""
+    if node is not None:  # a caller not yet on the running-node context (trainers/flow.py)
+        with host.running_node(host.current_node(), name=node):
+            return settings_from_dict(cls, data)
     import typing
     from dataclasses import fields
 
@@ -130,23 +133,23 @@ def settings_from_dict(cls, data: dict, node: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", node=node, input="config")
+        raise UnconfusedError(f"unknown settings {unknown}; known: {sorted(known)}", input="config")
     hints = typing.get_type_hints(cls)
-    values = {k: parse_setting(k, v, hints.get(k), node=node) for k, v in data.items()}
-    values = with_preset(cls, values, node=node)  # a named preset's values, under the table's own
+    values = {k: parse_setting(k, v, hints.get(k)) for k, v in data.items()}
+    values = with_preset(cls, values)  # a named preset's values, under the table's own
     for key, text in values.items():  # caption templates: a misspelt field is named here, not mid-run
         if key.endswith("template") and isinstance(text, str):
             try:
                 text.format(token="<t>", class_word="c")
             except (KeyError, IndexError, ValueError) as e:
                 raise UnconfusedError(f"'{text}' uses {e}, which templates do not know; use {{token}} and "
-                                      "{class_word} (write {{ and }} for braces)", node=node, input=key) from e
+                                      "{class_word} (write {{ and }} for braces)", input=key) from e
     if isinstance(values.get("resolution"), int) and values["resolution"] > 2048:
         log.warning("%s: resolution %d is far above what SD 1.x/2.x were trained at (512/768): memory and time grow "
-                    "with its square (%.0fx of 512) and the model has never seen such pictures", node,
+                    "with its square (%.0fx of 512) and the model has never seen such pictures", host.current_node_name() or cls.__name__,
                     values["resolution"], (values["resolution"] / 512) ** 2)
     made = cls(**values)
-    return made.validated(node) if hasattr(made, "validated") else made
+    return made.validated() if hasattr(made, "validated") else made
 
 
 def rng_state() -> dict:

@@ -110,14 +110,14 @@ class LoraSettings:
         "a centre crop of resolution x resolution (as before buckets; square photos: the same)")
 
     @classmethod
-    def from_dict(cls, data: dict, *, node: str = NODE) -> "LoraSettings":
-        return settings_from_dict(cls, data, node)
+    def from_dict(cls, data: dict) -> "LoraSettings":
+        return settings_from_dict(cls, data)
 
-    def validated(self, node: str = NODE) -> "LoraSettings":
+    def validated(self) -> "LoraSettings":
         def bad(input: str, msg: str):
-            raise UnconfusedError(msg, node=node, input=input)
+            raise UnconfusedError(msg, input=input)
 
-        check_common(self, node, ("unet_lr", "token_lr", "text_encoder_lr"))
+        check_common(self, ("unet_lr", "token_lr", "text_encoder_lr"))
         if self.resolution < 64 or self.resolution % 64:
             bad("resolution", f"must be a multiple of 64 (got {self.resolution}); 512 for SD1, 768 for SD2-v")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
@@ -126,7 +126,7 @@ class LoraSettings:
             bad("template", "must contain {token} (e.g. 'a photo of {token} {class_word}')")
         if not [t for t in self.target_modules.split(",") if t.strip()]:
             bad("target_modules", f"name at least one module, e.g. {UNET_TARGETS}")
-        check_declared(self, node)
+        check_declared(self)
         return self
 
     def hashed(self) -> dict:
@@ -184,7 +184,7 @@ def class_image_examples(bundle, classes: list[str], settings: LoraSettings, fol
 
     out = []
     for class_word in classes:
-        sub = folder / f"{bundle.base_hash}_{safe_name(class_word, input='class_word', node=NODE)}_{settings.resolution}"
+        sub = folder / f"{bundle.base_hash}_{safe_name(class_word, input='class_word')}_{settings.resolution}"
         sub.mkdir(parents=True, exist_ok=True)
         prompt = f"a photo of a {class_word}"
         for i in range(settings.class_images):
@@ -200,7 +200,7 @@ def class_image_examples(bundle, classes: list[str], settings: LoraSettings, fol
 
 
 def _optimizer(params: list[dict], name: str):
-    return make_optimizer(params, name, 1e-2, NODE)
+    return make_optimizer(params, name, 1e-2)
 
 
 @contextlib.contextmanager
@@ -233,12 +233,13 @@ class LoraTrainer(TrainerCore):
 
     Hooks for subclasses (trainers/em.py): `draw_batch`, `get_noise_pred_and_target`, `call_unet`,
     `loss_scope`, `extra_loss`."""
+    node = NODE
 
     kind = "lora"
 
     def __init__(self, bundle, data: ConceptSet | list[Example], settings: LoraSettings, *,
-                 run_root: Path | None = None, node: str = NODE, class_words: dict[str, str] | None = None):
-        super().__init__(settings, node=node, run_root=run_root)
+                 run_root: Path | None = None, class_words: dict[str, str] | None = None):
+        super().__init__(settings, run_root=run_root)
         self.class_words = dict(class_words or {})  # token -> class word, for datasets
         with host.training_mode():
             self._setup(bundle, data)
@@ -252,7 +253,7 @@ class LoraTrainer(TrainerCore):
         bundle = bundle.clone()  # the input bundle stays as it was
         if isinstance(data, ConceptSet):
             specs = [(c.token, c.class_word) for c in data.concepts]
-            examples = examples_from_concept_set(data, s.captions, s.template, node=self.node)
+            examples = examples_from_concept_set(data, s.captions, s.template)
         else:
             examples = list(data)
             # a dataset names its tokens; their class words come from the concept set (or the model has them)
@@ -260,12 +261,12 @@ class LoraTrainer(TrainerCore):
             missing = sorted({t for t, c in specs if not c and t not in bundle.added_tokens})
             if missing:
                 raise UnconfusedError(f"the dataset's tokens {missing} are neither in the model nor in the concept "
-                                      "set; connect the concept set the dataset was built from", node=self.node,
+                                      "set; connect the concept set the dataset was built from",
                                       input="dataset")
         if not s.masked_loss:
             examples = [Example(e.image, e.caption, None, e.tokens) for e in examples]
         self.examples = examples
-        add_concept_tokens(bundle, list(dict.fromkeys(specs)), s.vectors_per_token, node=self.node)
+        add_concept_tokens(bundle, list(dict.fromkeys(specs)), s.vectors_per_token)
         self.tokens = list(dict.fromkeys(t for t, _ in specs))
         self.class_words.update({t: c for t, c in specs if c})
 
@@ -494,10 +495,10 @@ class LoraTrainer(TrainerCore):
     def export(self) -> dict[str, Path]:
         """LoRA -> models/loras/<name>.safetensors; each token -> models/embeddings/<name>_<token>.safetensors."""
         s = self.settings
-        name = export_name(s.name, node=self.node)
+        name = export_name(s.name)
         out: dict[str, Path] = {}
         encoders = self.family.encoders(self.bundle) if s.text_encoder_lora else None
-        out["lora"] = save_lora(first_folder("loras", self.node) / f"{name}.safetensors", self.bundle.unet, encoders,
+        out["lora"] = save_lora(first_folder("loras") / f"{name}.safetensors", self.bundle.unet, encoders,
                                 alpha=s.alpha, metadata=self.metadata(), family=self.bundle.family)
         out.update(self.export_embeddings(name))
         return out

@@ -36,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..engine import host
 from ..engine.errors import UnconfusedError
 
 GIB = 1024 ** 3
@@ -481,7 +482,8 @@ def plan_job(config_path, overrides: list[str] | None = None, *, trainer: str | 
         from .lora import NODE, LoraSettings as cls
     else:
         raise UnconfusedError(f"unknown trainer {trainer!r}; use one of {TRAINERS}", node="plan", input="--trainer")
-    settings = cls.from_dict(config["settings"], node=NODE).validated(NODE)
+    with host.running_node(name=NODE):  # the settings name their trainer's node, as on the node
+        settings = cls.from_dict(config["settings"]).validated()
     if family is None:
         family = family_of(_path(base, config["model"]) if config.get("model") else None)
     return advise(trainer, family, settings, sizes)
@@ -573,8 +575,7 @@ def advise(trainer: str, family: str, settings, sizes=GPU_SIZES) -> Advice:
 
 
 # ------------------------------------------------------------------ before a run
-def check_fits(trainer: str, bundle, settings, device=None, *, family: str | None = None,
-               node: str | None = None) -> Plan | None:
+def check_fits(trainer: str, bundle, settings, device=None, *, family: str | None = None) -> Plan | None:
     """On a CUDA device, refuse a run whose plan needs more than the free GPU memory, with a
     sentence naming the settings to change. Elsewhere (CPU, MPS) nothing is checked; None.
     The plan is of the bundle's family at full size (the built-in demo model: its own size)."""
@@ -599,7 +600,7 @@ def check_fits(trainer: str, bundle, settings, device=None, *, family: str | Non
     fix = (f"set {'; '.join(advice[0])}" if advice and advice[0] else
            "free GPU memory (close other programs) or use a larger GPU")
     raise UnconfusedError(f"this run needs about {plan.gb():.1f} GB of GPU memory but {free / GIB:.1f} GB is free "
-                          f"({plan.summary()}); {fix}", node=node, input="settings")
+                          f"({plan.summary()}); {fix}", input="settings")
 
 
 def _fitting(trainer, family, settings, free: int):
