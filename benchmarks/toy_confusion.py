@@ -38,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from unconfused.engine import host
 from unconfused.engine import toyworld as tw
 
 TOKENS = tw.DEMO_TOKENS  # <a-ball>: purple striped ball, <b-ball>: orange striped ball (the demo's two)
@@ -126,7 +127,7 @@ def concept_set(photos: dict[str, list], captions: dict[str, list[str]] | None =
         if captions and token in captions:
             c = c.with_captions(captions[token])
         out.append(c)
-    return make_concept_set(out, node="toy_confusion")
+    return make_concept_set(out)
 
 
 def lora_settings(name: str, seed: int, steps: int, **kw):
@@ -159,7 +160,7 @@ def toy_bank(bundle, folder: Path, steps: int, cfg: float):
             (folder / label).mkdir(parents=True, exist_ok=True)
             tensor_to_pil(img).save(folder / label / f"{i:03d}.png")
         (folder / "done").write_text("ok")
-    return bank_from_folder(folder, node="toy_confusion", input="bank")
+    return bank_from_folder(folder, input="bank")
 
 
 def train_clif_method(bundle, photos, tower, bank, seed: int, steps: int, clif_steps: int, work: Path):
@@ -171,11 +172,11 @@ def train_clif_method(bundle, photos, tower, bank, seed: int, steps: int, clif_s
 
     cs = concept_set(photos)
     aug = AugmentSettings(**tw.AUGMENT, seed=seed)
-    built = build_dataset(cs, work / f"clif-data-{seed}", aug, bank=bank, node="toy_confusion")
-    ds = Dataset(built.folder, node="toy_confusion")
+    built = build_dataset(cs, work / f"clif-data-{seed}", aug, bank=bank)
+    ds = Dataset(built.folder)
     clif = train_clif(bundle.clone(), ds, tower, ClifSettings(
         **{**tw.CLIF, "name": f"clif-{seed}", "steps": clif_steps, "seed": seed, "export": False}), run_root=work)
-    examples = examples_from_concept_set(cs, node="toy_confusion") + list(ds.examples(("mix",)))
+    examples = examples_from_concept_set(cs) + list(ds.examples(("mix",)))
     return train_lora(clif.bundle, examples, lora_settings(f"clif-lora-{seed}", seed, steps), run_root=work,
                       class_words={t: TOKENS[t][2] for t in photos}).bundle
 
@@ -206,7 +207,7 @@ def train_em_method(bundle, seed: int, steps: int, work: Path, masks_from_em: bo
         return train_lora(bundle.clone(), ex, lora_settings(f"em-base-{seed}", seed, steps), run_root=work,
                           class_words={t: "ball" for t in TOKENS}).bundle, None
     gt = [torch.from_numpy(m).float() for p in pics for m in p.masks]
-    scenes = make_scenes([_img(p) for p in pics], concepts, gt, node="toy_confusion")
+    scenes = make_scenes([_img(p) for p in pics], concepts, gt)
     s = EMSettings(name=f"em-{seed}", steps=steps, resolution=64, rank=4, alpha=4.0, unet_lr=1e-3, token_lr=5e-3,
                    batch_size=2, checkpoint_every=0, seed=seed, export=False, flip=False,
                    tokens_only_steps=max(1, steps // 4), reestimate_every=max(1, steps // 4), init_timesteps=20,
@@ -249,7 +250,7 @@ def measure_pair(bundle, oracle, n: int, steps: int, cfg: float, seed: int) -> d
     if SCORER:  # the pack's CLIP-T and CLIP-I with the toy CLIP
         refs = [M.Reference(t, TOKENS[t][2], [_img(s) for s in sc], [torch.from_numpy(s.masks[0]).float() for s in sc])
                 for t, sc in SCORER["photos"].items()]
-        ev = M.evaluate(list(pictures), [PAIR_PROMPT] * n, refs, SCORER["clip"], node="toy_confusion")
+        ev = M.evaluate(list(pictures), [PAIR_PROMPT] * n, refs, SCORER["clip"])
         rep["clip_t"] = ev.value("clip_t")
         rep["clip_i"] = float(np.mean([ev.value("clip_i", t) for t in TOKENS]))
     return rep
@@ -276,6 +277,7 @@ def _agg(rows: list[dict]) -> dict:
     return out
 
 
+@host.named("toy_confusion")
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one seed, few steps and pictures (a smoke run)")

@@ -341,9 +341,6 @@ def _label_from_stem(stem: str) -> str:
     s = stem.replace("_", " ").replace("-", " ").strip()
     s = s.rstrip("0123456789 ").strip()
     return s or stem
-
-
-@host.takes_node
 def bank_from_folder(folder: str | os.PathLike, *, matte: str = "plain background", max_side: int = 512, input: str = "bank_folder") -> Bank:
     """A bank read from a folder: either one subfolder per concept (`policeman/001.png`; the
     folder name is the label) or flat files named after the concept (`policeman_01.png`).
@@ -413,9 +410,6 @@ class BankSpec:
                                    f"{self.scheduler}".encode()).hexdigest()[:16]
                 out.append((phrase, label_of(phrase), prompt, seed, key))
         return out
-
-
-@host.takes_node
 def generate_bank(bundle, spec: BankSpec, *, folder: Path | None = None, matte: str = "plain background",
                   max_side: int = 512, device: torch.device | None = None, batch_size: int | None = None) -> Bank:
     """Generate the missing bank images with the base model (one file per image, written as it
@@ -884,9 +878,6 @@ def _accept_larger_counts(folder: Path, seed: int, settings: dict, concepts: lis
     prev["complete"] = False
     atomic_write_json(path, prev)
     return grown
-
-
-@host.takes_node
 def build_dataset(concept_set: ConceptSet, folder: str | os.PathLike, settings: AugmentSettings, *,
                   bank: Bank | None = None, proposer: RegionProposer | None = None,
                   labeller: Labeller | None = None, resume: bool = True, extra_settings: dict | None = None,

@@ -173,7 +173,6 @@ def to_batch(images: list[torch.Tensor], size: tuple[int, int] | None = None) ->
 
 
 # ------------------------------------------------------------------ validation
-@host.takes_node
 def validate_token(token: str, *, input: str = "token") -> str:
     token = token.strip()
     if not token:
@@ -208,9 +207,6 @@ def make_concept(token: str, class_word: str, images: torch.Tensor, masks: torch
     if captions:
         concept = concept.with_captions(captions)
     return concept
-
-
-@host.takes_node
 def make_concept_set(concepts: list[Concept]) -> ConceptSet:
     concepts = [c for c in concepts if c is not None]
     if not concepts:
@@ -321,9 +317,6 @@ def load_images_from_folder(folder: str | Path, *, input: str = "folder"
     caps = [p.with_suffix(".txt") for p in paths]
     captions = [read_caption(c) for c in caps] if all(c.is_file() for c in caps) else None
     return images, [p.stem for p in paths], captions
-
-
-@host.takes_node
 def concept_from_folder(folder: str | Path, token: str, class_word: str, *, input: str | None = None
                         ) -> Concept:
     """A concept from a plain folder of photos (with kohya .txt sidecars if every photo has one).
@@ -334,9 +327,6 @@ def concept_from_folder(folder: str | Path, token: str, class_word: str, *, inpu
                               input=input or "class_word")
     images, names, captions = load_images_from_folder(folder, input=input or "folder")
     return Concept(token=token, class_word=class_word.strip(), images=images, captions=captions, names=names)
-
-
-@host.takes_node
 def parse_concept_spec(text: str, *, input: str = "concepts") -> tuple[Path, str, str]:
     """`FOLDER:TOKEN:CLASS` (the command line's and job files' short form) -> (folder, token, class word).
     The last two colons split, so a Windows drive letter (C:/photos) stays in the folder."""

@@ -154,8 +154,6 @@ def read_records(folder: Path, *, repair: bool = False) -> Iterator[Record]:
 
 class Dataset:
     """A dataset folder opened for reading (a ComfyUI socket value: UNCONFUSED_DATASET)."""
-
-    @host.takes_node
     def __init__(self, folder: str | Path, *, input: str = "dataset"):
         self.folder = Path(folder)
         manifest = self.folder / "manifest.json"

@@ -159,9 +159,6 @@ def atomic_save_image(path: str | os.PathLike, image, **save_kwargs) -> Path:
     with atomic_path(final) as tmp:
         image.save(tmp, format=fmt, **save_kwargs)
     return final
-
-
-@host.takes_node
 def safe_name(name: str, *, input: str = "name") -> str:
     """A file or folder name that cannot leave its parent folder ('../x', '/etc', 'a/b')."""
     cleaned = _UNSAFE.sub("_", name.strip()).strip(" .")

@@ -56,29 +56,27 @@ TEXT_ANCHOR = "text_model.final_layer_norm.weight"
 EMBEDDING_PREFIX = "unconfused."
 
 
-def family_of(config_class: str, *, node: str | None = None, input: str = "model") -> str:
+def family_of(config_class: str, *, input: str = "model") -> str:
     """Our family for ComfyUI's model config class name, or a sentence naming the family refused."""
     if config_class in FAMILIES:
         return FAMILIES[config_class]
     what = OTHER_FAMILIES.get(config_class, f"'{config_class}'")
     raise UnconfusedError(f"the connected MODEL is a {what} model; Unconfused trains SD 1.x, SD 2.x and "
-                          "SDXL base models - load one with a checkpoint loader and connect its MODEL, CLIP and VAE",
-                          node=node, input=input)
+                          "SDXL base models - load one with a checkpoint loader and connect its MODEL, CLIP and VAE", input=input)
 
 
-def prediction_of(sampling_classes: list[str], *, node: str | None = None, input: str = "model") -> str:
+def prediction_of(sampling_classes: list[str], *, input: str = "model") -> str:
     """epsilon or v_prediction from the class names of the MODEL's model sampling (its MRO), so a
     ModelSamplingDiscrete node upstream counts as it does for ComfyUI's samplers."""
     refused = [c for c in sampling_classes if c in _REFUSED_SAMPLING]
     if refused:
         raise UnconfusedError(f"the MODEL samples as {refused[0]}, which the trainers (epsilon / v-prediction) do not support; "
-                              "remove the ModelSampling node before this one or choose eps / v_prediction",
-                              node=node, input=input)
+                              "remove the ModelSampling node before this one or choose eps / v_prediction", input=input)
     if "V_PREDICTION" in sampling_classes:
         return "v_prediction"
     if "EPS" in sampling_classes:
         return "epsilon"
-    raise UnconfusedError(f"cannot tell the MODEL's prediction type from {sampling_classes[:3]}", node=node,
+    raise UnconfusedError(f"cannot tell the MODEL's prediction type from {sampling_classes[:3]}",
                           input=input)
 
 
@@ -209,9 +207,9 @@ class Handback:
         return not self.lora and not self.embeddings
 
 
-def handback(bundle, *, node: str | None = None) -> Handback:
+def handback(bundle) -> Handback:
     if not hasattr(bundle, "added_tokens"):
-        raise UnconfusedError("connect a model from a trainer of this pack", node=node, input="concepts")
+        raise UnconfusedError("connect a model from a trainer of this pack", input="concepts")
     out = Handback(lora_patch_state(bundle), concept_embeddings(bundle), prompt_rewriter(list(bundle.added_tokens)))
     return out
 

@@ -393,16 +393,16 @@ def current_node_name() -> str | None:
     return _running_name.get()
 
 
-def takes_node(fn: Callable) -> Callable:
-    """For callers not yet moved to the running-node context: `fn(..., node=NAME)` runs `fn`
-    inside `running_node(name=NAME)`, so everything it raises names NAME as before."""
-    @functools.wraps(fn)
-    def run(*args, node: str | None = None, **kwargs):
-        if node is None:
-            return fn(*args, **kwargs)
-        with running_node(current_node(), name=node):
-            return fn(*args, **kwargs)
-    return run
+def named(name: str) -> Callable[[Callable], Callable]:
+    """Decorator for a headless entry point (a CLI command, a benchmark): `fn` runs as `name` (keeping
+    the graph node id, if any), so every error raised below it names the command, as a node's do."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with running_node(current_node(), name=name):
+                return fn(*args, **kwargs)
+        return run
+    return wrap
 
 
 def in_context(fn: Callable) -> Callable:

@@ -549,9 +549,6 @@ def _check_inputs(x: EvalInputs) -> None:
             if m is not None and x.tokens[k] in x.present[i] and tuple(m.shape) != tuple(img.shape[:2]):
                 raise UnconfusedError(f"region mask {k} of image {i} is {m.shape[-1]}x{m.shape[-2]} but the "
                                       f"image is {img.shape[1]}x{img.shape[0]}", input="region_masks")
-
-
-@host.takes_node
 def evaluate(images: Sequence[torch.Tensor], prompts: Sequence[str], references: Sequence[Reference], clip, *,
              dino=None, region_masks: Sequence[Sequence[torch.Tensor | None]] | None = None,
              settings: EvalSettings | None = None) -> EvalReport:

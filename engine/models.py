@@ -380,9 +380,6 @@ def load_single_file(path: str | os.PathLike, *, prediction: str = "auto", dtype
     path = Path(path)
     sd = read_state_dict(path)
     return bundle_from_ldm_state_dict(sd, path.name, prediction=prediction, dtype=dtype, source=path)
-
-
-@host.takes_node
 def bundle_from_ldm_state_dict(sd: dict[str, torch.Tensor], name: str, *, prediction: str = "auto",
                                dtype: torch.dtype = torch.float32,
                                source: Path | None = None) -> ModelBundle:

@@ -261,9 +261,6 @@ def with_preset(settings_cls, data: dict) -> dict:
         raise UnconfusedError(f"the preset must be a name ({', '.join(choices(kind_of(settings_cls)))}), not "
                               f"{preset!r}", node=host.current_node_name() or kind_of(settings_cls), input="preset")
     return {**preset_values(settings_cls, preset), **data, "preset": preset}
-
-
-@host.takes_node
 def apply_preset(settings_cls, preset: str, overrides: dict | None = None):
     """Settings from a preset plus the user's explicit values (which win); validated by the class's own
     `from_dict` (unknown settings are named there)."""

@@ -36,9 +36,6 @@ def label_regions(clip_model: CL.ClipScorer, images: list[torch.Tensor], regions
     out = [S.Region(r.mask, r.box, r.score, r.image_index, label=w, label_score=p, stability=r.stability)
            for r, (w, p) in zip(regions.regions, labels)]
     return S.Regions(out, list(regions.image_sizes), list(regions.notes))
-
-
-@host.takes_node
 def region_tools(sam_model, clip_model, **sam_settings):
     """R-Aug's region proposer (SAM automatic mode: the model's `propose_regions`) and labeller (CLIP
     zero-shot: the model's `label_regions`), as the plain functions `engine.augment` takes:

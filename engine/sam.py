@@ -429,9 +429,6 @@ def pick_concept_segments(regions: list[Region], scores: Sequence[float], image_
     if merge_within > 0:
         chosen += [k for k in order[len(chosen):] if best - float(scores[k]) <= merge_within]
     return sorted(chosen), dropped
-
-
-@host.takes_node
 def concept_cutout(model: SamModel | None, images: Sequence[torch.Tensor], class_word: str, scorer: Scorer, *,
                    regions: Regions | None = None, min_fraction: float = 0.10, keep: int = 1,
                    merge_within: float = 0.0, prompt: str = CUTOUT_PROMPT, negatives: Sequence[str] = (), **auto_settings) -> tuple[list[CutoutChoice], Regions]:

@@ -164,9 +164,6 @@ class SampleResult:
 
         return grid([c if not isinstance(c, torch.Tensor) else tensor_to_pil(c) for c in cells], labels,
                     cell=max(256, self.images.shape[2]), columns=4, caption_lines=2)
-
-
-@host.takes_node
 def sample(bundle, prompt: str, *, negative: str = PAPER_NEGATIVE, scheduler: str = "ddpm", steps: int = 50,
            cfg: float = 7.5, width: int = 512, height: int = 512, seed: int = 0, batch_size: int = 1,
            lora_strength: float = 1.0, debug_attention: bool = False, device: str = "auto") -> SampleResult:

@@ -23,9 +23,6 @@ class Example:
     caption: str
     mask: torch.Tensor | None  # [H, W] in 0..1: the union of the concepts in the image
     tokens: list[str]
-
-
-@host.takes_node
 def examples_from_concept_set(cs: ConceptSet, captions: str = "auto", template: str = DEFAULT_TEMPLATE) -> list[Example]:
     """One example per reference photo. captions: 'auto' uses the concept's own captions
     (e.g. SID) where present and the template elsewhere; 'template' always the template."""

@@ -44,19 +44,18 @@ class UnconfusedBundleFromComfy:
     OUTPUT_NODE = True
 
     def build(self, model, clip, vae, precision: str = "auto", name: str = ""):
-        node = self.NODE_ID
         info = host.comfy_model_info(model)
-        family = H.family_of(info["family"], node=node, input="model")
-        prediction = H.prediction_of(info["sampling"], node=node, input="model")
+        family = H.family_of(info["family"], input="model")
+        prediction = H.prediction_of(info["sampling"], input="model")
         if precision not in PRECISIONS:
-            raise UnconfusedError(f"unknown precision {precision!r}; use one of {PRECISIONS}", node=node,
+            raise UnconfusedError(f"unknown precision {precision!r}; use one of {PRECISIONS}",
                                   input="precision")
         with host.training_mode():  # normal tensors (over ComfyUI's storage): trainers backprop through them
             sd = H.shared_state_dict(host.comfy_checkpoint_state_dict(model, clip, vae))
             held = sd[UNET_PREFIX + "input_blocks.0.0.weight"].dtype
             dtype = held if precision == "auto" else host.default_dtype(torch.device("cpu"), precision)
             label = name.strip() or f"ComfyUI {H.TITLES[family]} model"
-            bundle = bundle_from_ldm_state_dict(sd, label, prediction=prediction, dtype=dtype, node=node,
+            bundle = bundle_from_ldm_state_dict(sd, label, prediction=prediction, dtype=dtype,
                                                 source=None)
         bundle.notes = [n for n in bundle.notes if not n.startswith("prediction type set to")]
         bundle.notes.append(f"built from the graph's MODEL/CLIP/VAE ({info['family']}, {prediction})")
@@ -95,23 +94,22 @@ class UnconfusedApplyToComfy:
     OUTPUT_NODE = True
 
     def apply(self, model, clip, concepts, strength_model: float, strength_clip: float):
-        node = self.NODE_ID
         info = host.comfy_model_info(model)
-        family = H.family_of(info["family"], node=node, input="model")
+        family = H.family_of(info["family"], input="model")
         if family != concepts.family:
             raise UnconfusedError(f"the concepts were trained on a {concepts.family.upper()} model but the MODEL is "
-                                  f"{family.upper()}; connect the MODEL they were trained on", node=node,
+                                  f"{family.upper()}; connect the MODEL they were trained on",
                                   input="concepts")
-        back = H.handback(concepts, node=node)
+        back = H.handback(concepts)
         deltas = H.bundle_text_deltas(concepts, host.comfy_clip_state_dict(clip))
         if back.empty and not deltas:
             raise UnconfusedError("this model has no trained concepts (no LoRA, no concept tokens); connect the "
-                                  "model output of a trainer", node=node, input="concepts")
+                                  "model output of a trainer", input="concepts")
         new_model, new_clip, unknown = host.comfy_apply_concepts(
             model, clip, back.lora, deltas, back.embeddings, back.rewrite, strength_model, strength_clip)
         if unknown:
             raise UnconfusedError(f"ComfyUI has no layer for {len(unknown)} LoRA module(s) (e.g. {unknown[0]}); "
-                                  "the MODEL is not the architecture the concepts were trained on", node=node,
+                                  "the MODEL is not the architecture the concepts were trained on",
                                   input="model")
         lines = [f"LoRA: {len(H.lora_modules(back.lora))} modules at strength {strength_model:g}"
                  if back.lora else "LoRA: none",

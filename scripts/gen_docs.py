@@ -197,12 +197,12 @@ def picture(path: Path = REPO / "docs" / "img" / "mix_pairs.jpg") -> Path:
     prior = ((yy / 0.8) ** 2 + (xx / 0.7) ** 2 <= 1).float()[None]  # the photos are 256x256, subject centred
     concepts = []
     for sub, token, cls in (("dog2", "<my-dog>", "dog"), ("cat", "<my-cat>", "cat"), ("duck_toy", "<my-duck>", "toy")):
-        c = concept_from_folder(photos / sub, token, cls, node="gen_docs")
+        c = concept_from_folder(photos / sub, token, cls)
         concepts.append(Concept(c.token, c.class_word, c.images, masks=[crf.refine(im, prior)[0] for im in c.images],
                                 names=c.names))
     with tempfile.TemporaryDirectory() as work:
         settings = A.AugmentSettings(seed=0, canvas=256, global_pairs=0, region_pairs=0, mix_per_pair=2)
-        A.build_dataset(make_concept_set(concepts, node="gen_docs"), Path(work) / "ds", settings)
+        A.build_dataset(make_concept_set(concepts), Path(work) / "ds", settings)
         img = A.preview(Dataset(Path(work) / "ds"), count=4, seed=0, cell=256, columns=4)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.convert("RGB").save(path, quality=85)

@@ -401,15 +401,15 @@ def test_region_tools_adapt_the_masks_stage(tmp_path):
         def label_regions(self, crops, words):
             return colour_labeller(crops, words)
 
-    proposer, labeller = N.region_tools(Sam(), Clip(), node="N")
+    proposer, labeller = N.region_tools(Sam(), Clip())
     cs = make_concept_set([band_concept("<a>"), band_concept("<b>")])
     res = A.build_dataset(cs, tmp_path / "r", settings(global_pairs=0, region_pairs=4, mix_per_pair=0,
                                                        region_common=0), proposer=proposer, labeller=labeller)
     assert res.counts == {"region": 4}
     with pytest.raises(UnconfusedError, match=r"input 'clip_model'.*region labelling"):
-        N.region_tools(Sam(), object(), node="N")
+        N.region_tools(Sam(), object())
     with pytest.raises(UnconfusedError, match=r"input 'sam_model'.*region proposal"):
-        N.region_tools(object(), Clip(), node="N")
+        N.region_tools(object(), Clip())
 
 
 def test_region_aug_with_the_masks_stage_models(tmp_path):
@@ -427,7 +427,7 @@ def test_region_aug_with_the_masks_stage_models(tmp_path):
     torch.manual_seed(0)
     clip = ClipScorer(open_clip.create_model(name, pretrained=None), name, device="cpu")
     sam = SamModel(tiny_sam(), SamConfig(**TINY_SAM), device="cpu")
-    proposer, labeller = N.region_tools(sam, clip, node="N", points_per_side=4, pred_iou_thresh=0.0,
+    proposer, labeller = N.region_tools(sam, clip, points_per_side=4, pred_iou_thresh=0.0,
                                         stability_thresh=0.0)
     cs = make_concept_set([band_concept("<a>", n=1), band_concept("<b>", n=1)])
     res = A.build_dataset(cs, tmp_path / "sam", settings(global_pairs=0, region_pairs=3, mix_per_pair=0,

@@ -157,7 +157,7 @@ def test_one_concept_from_folder_and_one_spec_parser_for_every_caller(tmp_path):
     folder.mkdir()
     for i in range(2):
         Image.new("RGB", (20 + i, 16), (200, 10 * i, 0)).save(folder / f"{i}.png")
-    c = C.concept_from_folder(folder, " <red-x> ", " ball ", node="N")
+    c = C.concept_from_folder(folder, " <red-x> ", " ball ")
     assert (c.token, c.class_word, c.names, c.captions) == ("<red-x>", "ball", ["0", "1"], None)
     assert [tuple(im.shape) for im in c.images] == [(16, 20, 3), (16, 21, 3)]
     for kwargs, needle, where in ((dict(token="ball"), "already a word", "token"),
@@ -165,15 +165,15 @@ def test_one_concept_from_folder_and_one_spec_parser_for_every_caller(tmp_path):
                                   (dict(folder=tmp_path / "none"), "is not a folder", "folder")):
         args = {**dict(folder=folder, token="<red-x>", class_word="ball"), **kwargs}
         with pytest.raises(UnconfusedError, match=rf"input '{where}'.*{needle}"):
-            C.concept_from_folder(node="N", **args)
+            C.concept_from_folder(**args)
         with pytest.raises(UnconfusedError, match=rf"input '--concept'.*{needle}"):
-            C.concept_from_folder(node="N", input="--concept", **args)
-    assert C.parse_concept_spec("photos/alice:<alice>:woman", node="N") == (
+            C.concept_from_folder(input="--concept", **args)
+    assert C.parse_concept_spec("photos/alice:<alice>:woman") == (
         __import__("pathlib").Path("photos/alice"), "<alice>", "woman")
-    assert C.parse_concept_spec("C:/photos/alice:<alice>:woman", node="N")[0].as_posix() == "C:/photos/alice"
+    assert C.parse_concept_spec("C:/photos/alice:<alice>:woman")[0].as_posix() == "C:/photos/alice"
     for bad in ("photos/alice:<alice>", "photos/alice::woman", "<alice>:woman"):
         with pytest.raises(UnconfusedError, match=r"input 'concepts'.*is not FOLDER:TOKEN:CLASS"):
-            C.parse_concept_spec(bad, node="N")
+            C.parse_concept_spec(bad)
 
 
 def test_one_iou_for_the_pack():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from unconfused.engine import host
 from unconfused.engine.dataset import Dataset, DatasetWriter, read_records
 from unconfused.engine.errors import UnconfusedError
 
@@ -43,4 +44,5 @@ def test_write_resume_and_read(tmp_path):
 
 def test_not_a_dataset_is_named(tmp_path):
     with pytest.raises(UnconfusedError, match=r"\[N\] input 'dataset'.*not an Unconfused dataset"):
-        Dataset(tmp_path, node="N")
+        with host.running_node(name="N"):
+            Dataset(tmp_path)

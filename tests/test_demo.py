@@ -229,7 +229,7 @@ def test_a_sam_turns_region_pairs_on_in_the_run(tmp_path, monkeypatch):
                                                                   y0 + (y1 - y0) * (b + 1) // 3), 1) * (mask >= 0.5)
                 for b in range(3)]
 
-    def tools(sam_model, clip_model, *, node):
+    def tools(sam_model, clip_model):
         used.append(type(sam_model).__name__)
         return bands, lambda crops, words: [(words[i % len(words)], 1.0) for i in range(len(crops))]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from unconfused.engine import host
 from unconfused.engine import presets as P
 from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.exports import clean_metadata
@@ -127,7 +128,8 @@ def test_user_overrides_win_and_the_origin_of_every_setting_is_known():
 
 def test_unknown_preset_is_refused_with_the_choices(tmp_path):
     with pytest.raises(UnconfusedError) as e:
-        P.apply_preset(LoraSettings, "papers", {}, node="UnconfusedTrainLoRA")
+        with host.running_node(name="UnconfusedTrainLoRA"):
+            P.apply_preset(LoraSettings, "papers", {})
     msg = str(e.value)
     assert e.value.input == "preset" and "UnconfusedTrainLoRA" in msg
     assert "'papers' is not a preset of the lora trainer" in msg and "custom, paper, paper-sid, quick" in msg

@@ -453,7 +453,7 @@ def test_a_too_long_token_or_name_is_refused_before_anything_is_written(tmp_path
     from unconfused.engine.files import atomic_write_json
 
     with pytest.raises(UnconfusedError, match="at most 64"):
-        validate_token("<" + "a" * 258 + ">", node="t")
+        validate_token("<" + "a" * 258 + ">")
     with pytest.raises(UnconfusedError, match="at most 120"):
         LoraSettings(name="n" * 200).validated()
     photos = tmp_path / "p"

@@ -227,7 +227,7 @@ def test_region_labeller_and_augment_hooks(model, photos, clip):
     inside = torch.zeros(SIZE, SIZE)
     inside[:, : SIZE // 2] = 1
     model.proposal_settings = dict(LOOSE)  # what R-Aug's automatic mode uses (node defaults otherwise)
-    propose, labeller = region_tools(model, clip, node="test")
+    propose, labeller = region_tools(model, clip)
     props = propose(photos[0], inside)
     assert props and all(not p[:, SIZE // 2:].any() for p in props)
     labels = labeller([photos[0][:40, :40], photos[1]], ["hair", "hat"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tiny_models import tiny_bundle
+from unconfused.engine import host
 from unconfused.engine import sampling as S
 from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.tokens import add_concept_tokens
@@ -34,7 +35,8 @@ def test_same_seed_same_image_and_batch_equals_singles(bundle, scheduler):
 
 def test_unknown_token_and_too_long_prompt(bundle):
     with pytest.raises(UnconfusedError, match=r"\[N\] input 'prompt'.*<carol>.*knows: <a>, <b>"):
-        S.sample(bundle, "<a> and <carol>", node="N", **KW)
+        with host.running_node(name="N"):
+            S.sample(bundle, "<a> and <carol>", **KW)
     long = "<a> " + " ".join(["tree"] * 90) + " ending words"
     r = S.sample(bundle, long, **KW)
     assert any("was cut" in w and "ending words" in w for w in r.warnings)

@@ -111,7 +111,7 @@ def test_v_prediction_by_comfyuis_rule_or_set_on_the_node(tmp_path, parts):
 def test_refiner_inpainting_and_partial_files_are_refused_with_a_sentence(parts, change, needle):
     sd = change(sdxl_ldm_state_dict(*parts))
     with pytest.raises(UnconfusedError) as e:
-        bundle_from_ldm_state_dict(sd, "x.safetensors", node="UnconfusedLoadCheckpoint")
+        bundle_from_ldm_state_dict(sd, "x.safetensors")
     assert needle.replace("no the ", "no ") in str(e.value).replace("no the ", "no ") and "x.safetensors" in str(e.value)
 
 

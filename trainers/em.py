@@ -201,9 +201,6 @@ def parse_concept_lines(text: str, n_images: int, *, input: str = "concepts"
             raise UnconfusedError(f"image {i + 1} has no concept; prefix lines with the images they belong to, "
                                   "or drop the image", input=input)
     return per_image
-
-
-@host.takes_node
 def make_scenes(images: list[torch.Tensor], concepts: str | list[list[tuple[str, str]]],
                 ground_truth: list[torch.Tensor] | None = None) -> list[Scene]:
     """Scenes from images and the concept lines; ground truth (optional) is one mask per concept of

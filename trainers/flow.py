@@ -106,11 +106,12 @@ def _split_overrides(overrides: dict) -> dict[str, dict]:
         if stage not in STAGES or not name:
             raise UnconfusedError(f"'{key}' is neither a setting of the demo ({', '.join(OWN_NUMBERS + OWN_TEXTS)}) "
                                   f"nor STAGE.KEY with a stage of {', '.join(STAGES)}, e.g. clif.batch_size=32 or "
-                                  "lora.rank=16", node=NODE, input="--set")
+                                  "lora.rank=16", input="--set")
         out[stage][name] = value
     return out
 
 
+@host.named(NODE)
 def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
     """The stages' settings from the flags, the preset and the overrides (explicit values win).
     native: the model family's native resolution."""
@@ -122,13 +123,11 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
 
     mode = s.preset or (BUILTIN if s.ckpt is None else "quick")
     if mode not in (*PRESETS, BUILTIN):
-        raise UnconfusedError(f"'{s.preset}' is not a preset of the demo; choose one of {', '.join(PRESETS)}",
-                              node=NODE, input="--preset")
+        raise UnconfusedError(f"'{s.preset}' is not a preset of the demo; choose one of {', '.join(PRESETS)}", input="--preset")
     if s.resume not in ("auto", "restart"):
-        raise UnconfusedError(f"'{s.resume}' is not auto or restart", node=NODE, input="--resume")
+        raise UnconfusedError(f"'{s.resume}' is not auto or restart", input="--resume")
     if s.resolution and (s.resolution < 64 or s.resolution % 64):
-        raise UnconfusedError(f"--resolution {s.resolution} is not a multiple of 64 (at least 64), e.g. 512",
-                              node=NODE, input="--resolution")
+        raise UnconfusedError(f"--resolution {s.resolution} is not a multiple of 64 (at least 64), e.g. 512", input="--resolution")
     over = _split_overrides(s.overrides)
     common = {"seed": s.seed, "resume": s.resume}
 
@@ -165,11 +164,11 @@ def make_plan(s: FlowSettings, native: int, with_sam: bool) -> Plan:
         bank = settings_from_dict(BankSpec, {"per_concept": 4 if bank_images is None else bank_images,
                                              "seed": s.seed, "size": res, **over["bank"]}, NODE)
         if bank.per_concept < 1:
-            raise UnconfusedError("--bank-images must be 1 or more", node=NODE, input="--bank-images")
+            raise UnconfusedError("--bank-images must be 1 or more", input="--bank-images")
     clif = {**clif, **common, "name": f"{s.name}-clif", **steps(s.clif_steps), **over["clif"]}
     lora = {**lora, **common, "name": f"{s.name}-lora", "resolution": res, **steps(s.lora_steps), **over["lora"]}
-    lora = apply_preset(LoraSettings, preset, lora, node=NODE)
-    return Plan(mode, lora.resolution, sample_size, augment, bank, apply_preset(ClifSettings, preset, clif, node=NODE),
+    lora = apply_preset(LoraSettings, preset, lora)
+    return Plan(mode, lora.resolution, sample_size, augment, bank, apply_preset(ClifSettings, preset, clif),
                 lora, sampling)
 
 
@@ -194,28 +193,28 @@ def _concepts(s: FlowSettings, sam_model, scorer) -> ConceptSet:
         from ..engine import toyworld as tw
 
         return make_concept_set([Concept(token, cls, images, masks=masks)
-                                 for token, cls, images, masks in tw.demo_concepts(5, s.seed)], node=NODE)
+                                 for token, cls, images, masks in tw.demo_concepts(5, s.seed)])
     if not s.concepts:  # on the user's model: two synthetic concepts
         specs = [("<red-thing>", "ball"), ("<blue-thing>", "box")]
         made = []
         for i, (token, cls) in enumerate(specs):
             images, masks = synthetic_concept(i, 4, 96, s.seed)
             made.append(Concept(token, cls, images, masks=masks))
-        return make_concept_set(made, node=NODE)
+        return make_concept_set(made)
     concepts = []
     for spec in s.concepts:
-        concepts.append(concept_from_folder(spec.folder, spec.token, spec.class_word, node=NODE, input="--concept"))
+        concepts.append(concept_from_folder(spec.folder, spec.token, spec.class_word, input="--concept"))
     if sam_model is None:
         raise UnconfusedError("your photos need cut-outs: give --sam (a SAM checkpoint, e.g. sam_vit_b_01ec64.pth) "
-                              "and --clip (an open_clip checkpoint)", node=NODE, input="--sam")
+                              "and --clip (an open_clip checkpoint)", input="--sam")
     from ..engine.sam import concept_cutout
 
     out = []
     for c in concepts:
-        choices, _ = concept_cutout(sam_model, c.images, c.class_word, scorer, node=NODE)
+        choices, _ = concept_cutout(sam_model, c.images, c.class_word, scorer)
         out.append(Concept(c.token, c.class_word, c.images, masks=[ch.mask for ch in choices], names=c.names,
                            captions=c.captions))
-    return make_concept_set(out, node=NODE)
+    return make_concept_set(out)
 
 
 class StepTimer:
@@ -268,6 +267,7 @@ def _say(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
+@host.named(NODE)
 def run(s: FlowSettings, say=_say) -> dict:
     """The whole flow; writes `<workdir>/report.json`, `samples.png`, `attention.png`."""
     from ..engine import sampling as S
@@ -286,7 +286,7 @@ def run(s: FlowSettings, say=_say) -> dict:
     (work / "temp").mkdir(parents=True, exist_ok=True)
     from ..engine.files import safe_name
 
-    name = safe_name(s.name, input="--name", node=NODE)
+    name = safe_name(s.name, input="--name")
     make_plan(s, 512, s.sam is not None)  # bad settings are refused before anything loads
     st = Stages()
     toy = s.ckpt is None  # the built-in defaults: the toy world, measured by its oracle
@@ -312,11 +312,11 @@ def run(s: FlowSettings, say=_say) -> dict:
     timer = StepTimer(s.estimate_after, say)
     host.add_listener(timer)  # (host has no remove_listener: `end()` makes it deaf after the run)
     if plan.bank is None:
-        bank = bank_from_folder(tw.write_toy_bank(work / "bank", seed=s.seed), node=NODE, input="bank")
+        bank = bank_from_folder(tw.write_toy_bank(work / "bank", seed=s.seed), input="bank")
     else:  # drawn by the user's model, cached per model (by its hash), prompt, seed and size: a rerun reuses it
         timer.begin("common-concept bank")
         try:
-            bank = st.run("common-concept bank", generate_bank, bundle, plan.bank, node=NODE)
+            bank = st.run("common-concept bank", generate_bank, bundle, plan.bank)
         finally:
             timer.end()
         st.note("common-concept bank", images=len(bank), folder=str(bank.cache_dir))
@@ -324,11 +324,11 @@ def run(s: FlowSettings, say=_say) -> dict:
     if plan.augment.region_pairs:
         from ..engine.regions import region_tools
 
-        proposer, labeller = region_tools(sam_model, scorer, node=NODE)
+        proposer, labeller = region_tools(sam_model, scorer)
     built = st.run("augmentations", build_dataset, cs, work / "output" / "unconfused" / "datasets" / name,
-                   plan.augment, bank=bank, proposer=proposer, labeller=labeller, node=NODE)
+                   plan.augment, bank=bank, proposer=proposer, labeller=labeller)
     st.note("augmentations", pairs=built.counts)
-    dataset = Dataset(built.folder, node=NODE)
+    dataset = Dataset(built.folder)
 
     try:
         timer.begin("CLIF")
@@ -338,7 +338,7 @@ def run(s: FlowSettings, say=_say) -> dict:
 
         from ..engine.training_data import examples_from_concept_set
 
-        examples = examples_from_concept_set(cs, node=NODE) + list(dataset.examples(("mix",)))
+        examples = examples_from_concept_set(cs) + list(dataset.examples(("mix",)))
         timer.begin("LoRA")
         lora = st.run("LoRA + tokens", train_lora, clif.bundle, examples, plan.lora,
                       class_words={c.token: c.class_word for c in cs.concepts})
@@ -362,8 +362,7 @@ def run(s: FlowSettings, say=_say) -> dict:
     done = _read_stage(work, "sample", key)
     if done is None or not all((work / f).exists() for f in ("samples.png", "attention.png", "eval")):
         res = st.run("sample", S.sample, lora.bundle, prompt, steps=s.sample_steps, width=plan.sample_size,
-                     height=plan.sample_size, seed=s.seed, batch_size=4 if toy else 2, debug_attention=True,
-                     node=NODE, **plan.sampling)
+                     height=plan.sample_size, seed=s.seed, batch_size=4 if toy else 2, debug_attention=True, **plan.sampling)
         done = {"prompt": prompt, "attention_tokens": res.tokens, "attention_overlap": _attention_overlap(res.maps),
                 "warnings": res.warnings}
         evaluation, singles = st.run("evaluate", _evaluate, lora.bundle, cs, scorer, res, prompt, s, work / "eval",
@@ -440,13 +439,13 @@ def _evaluate(bundle, cs: ConceptSet, scorer, res, prompt: str, s: FlowSettings,
     for t in tokens:
         single = f"a photo of {phrase[t]}{where}"
         r = S.sample(bundle, single, steps=s.sample_steps, width=plan.sample_size, height=plan.sample_size,
-                     seed=s.seed, batch_size=1, node=NODE, **plan.sampling)
+                     seed=s.seed, batch_size=1, **plan.sampling)
         images.append(r.images[0])
         prompts.append(single)
         regions.append([None] * len(tokens))
         singles.append((single, r.images[0]))
     refs = [M.Reference(c.token, c.class_word, c.images, c.masks) for c in cs.concepts]
-    report = M.evaluate(images, prompts, refs, scorer, region_masks=regions, node=NODE)
+    report = M.evaluate(images, prompts, refs, scorer, region_masks=regions)
     report.write(folder)
     return {"convention": report.settings["convention_text"], "rows": {
         f"{r['metric']}[{r['concept']}]": r["value"] for r in report.rows if r["concept"] == "all"},

@@ -54,15 +54,16 @@ def synthetic_concept(kind: int, n: int = 3, size: int = 96, seed: int = 0
     return images, masks
 
 
+@host.named("smoke")
 def build_concepts(specs: list[ConceptSpec]) -> ConceptSet:
     concepts = []
     for i, s in enumerate(specs):
         if s.folder is None:
-            token = validate_token(s.token, node="smoke", input="--concept")
+            token = validate_token(s.token, input="--concept")
             concepts.append(Concept(token=token, class_word=s.class_word, images=synthetic_photos(i)))
         else:
-            concepts.append(concept_from_folder(s.folder, s.token, s.class_word, node="smoke", input="--concept"))
-    return make_concept_set(concepts, node="smoke")
+            concepts.append(concept_from_folder(s.folder, s.token, s.class_word, input="--concept"))
+    return make_concept_set(concepts)
 
 
 def one_training_step(bundle: ModelBundle, cs: ConceptSet, resolution: int = 64, seed: int = 0) -> dict:
@@ -99,6 +100,7 @@ def one_training_step(bundle: ModelBundle, cs: ConceptSet, resolution: int = 64,
             "latent_shape": list(latents.shape)}
 
 
+@host.named("smoke")
 def run(workdir: Path, ckpt: Path | None, specs: list[ConceptSpec], resolution: int = 64) -> dict:
     """The whole smoke job; writes `<workdir>/report.json` and returns the report."""
     workdir = Path(workdir)
