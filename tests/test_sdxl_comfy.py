@@ -72,25 +72,7 @@ def test_sdxl_example_runs_on_the_tiny_sdxl(comfy):
 
 
 # ------------------------------------------------------------------ full-size SDXL (random weights)
-STOCK_SDXL = r'''
-import gc, json, logging, os, sys
-job = json.loads(open(sys.argv[1]).read())
-# UNet and text encoders stored in fp16 (the file's own values, so nothing is rounded) and computed in
-# fp32 by ComfyUI's manual cast on the CPU: the full-size SDXL fits in memory (~8 GB instead of 14)
-sys.argv = [sys.argv[0], "--cpu", "--fp16-unet", "--fp16-text-enc", "--fp32-vae"]
-sys.path.insert(0, job["comfy"])
-os.chdir(job["comfy"])
-warnings = []
-class Catch(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-logging.getLogger().addHandler(Catch(level=logging.WARNING))
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.sd, comfy.utils
-
-
+MMAP_READER = r'''
 def mmap_safetensors(path):
     """The checkpoint's tensors memory-mapped (copy-on-write) instead of read into memory: the same
     values comfy.utils.load_torch_file gives, without holding the 7 GB file twice while loading."""
@@ -111,6 +93,27 @@ def mmap_safetensors(path):
         out[k] = t.reshape(v["shape"])
     return out
 
+'''
+
+STOCK_SDXL = r'''
+import gc, json, logging, os, sys
+job = json.loads(open(sys.argv[1]).read())
+# UNet and text encoders stored in fp16 (the file's own values, so nothing is rounded) and computed in
+# fp32 by ComfyUI's manual cast on the CPU: the full-size SDXL fits in memory (~8 GB instead of 14)
+sys.argv = [sys.argv[0], "--cpu", "--fp16-unet", "--fp16-text-enc", "--fp32-vae"]
+sys.path.insert(0, job["comfy"])
+os.chdir(job["comfy"])
+warnings = []
+class Catch(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger().addHandler(Catch(level=logging.WARNING))
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.sd, comfy.utils
+
+''' + MMAP_READER + r'''
 
 _load = comfy.utils.load_torch_file
 comfy.utils.load_torch_file = lambda ckpt, *a, **k: mmap_safetensors(ckpt) if ckpt == job["ckpt"] else _load(ckpt, *a, **k)
