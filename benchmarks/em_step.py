@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import headline, write_json  # noqa: E402
+from _results import headline, write_json
 
 
 def _lora_bench():
@@ -41,7 +41,6 @@ def sdxl_bundle():
     its heads, CLIP-L 192 x 12 layers, bigG 320 x 32 layers with its projection, the size/crop conditioning."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     from unconfused.engine import model_configs as cfg
     from unconfused.engine.models import bundle_from_parts
 
