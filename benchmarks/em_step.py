@@ -3,11 +3,13 @@ batch and resolution; and the mask re-estimation's share of a round (K steps + o
 
 The model is benchmarks/lora_step.py's: SD 1.5's UNet / VAE / text encoder at a quarter of their
 width (same depth, blocks, attention layout), so the captured 1/4-resolution layers weigh what they
-weigh in SD 1.5. The two trainers step alternately (EM, LoRA, EM, ...) so a busy machine slows both
+weigh in SD 1.5. `--family sdxl`: SDXL's UNet and both text encoders at a quarter of their width (same
+depth: 1/2/10 transformer blocks per level, 12 + 32 text layers; the same heads), so the captured level
+(SDXL's 1/4-resolution level, 50 attention layers of 10-block stacks) weighs what it weighs in SDXL. The two trainers step alternately (EM, LoRA, EM, ...) so a busy machine slows both
 alike; medians of the warm steps.
 
     .venv/bin/python benchmarks/em_step.py [--steps 8] [--resolution 256] [--batch 2] [--threads 1] [--device auto]
-                                           [--first-timesteps 50] [--json PATH]
+                                           [--first-timesteps 50] [--family sd1|sdxl] [--json PATH]
 
 --json PATH also writes the headline numbers (read by benchmarks/run_all.py).
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import headline, write_json  # noqa: E402
+from _results import headline, write_json
 
 
 def _lora_bench():
@@ -32,6 +34,26 @@ def _lora_bench():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def sdxl_bundle():
+    """SDXL at a quarter of its width: UNet 80/160/320 channels with SDXL's 1/2/10 transformer blocks and
+    its heads, CLIP-L 192 x 12 layers, bigG 320 x 32 layers with its projection, the size/crop conditioning."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from unconfused.engine import model_configs as cfg
+    from unconfused.engine.models import bundle_from_parts
+
+    te = dict(cfg.SDXL_TEXT_ENCODER, hidden_size=192, intermediate_size=768, num_attention_heads=3,
+              projection_dim=192)
+    te2 = dict(cfg.SDXL_TEXT_ENCODER_2, hidden_size=320, intermediate_size=1280, num_attention_heads=5,
+               projection_dim=320)
+    unet = dict(cfg.SDXL_UNET, sample_size=32, block_out_channels=[80, 160, 320], cross_attention_dim=512,
+                projection_class_embeddings_input_dim=6 * 256 + 320, norm_num_groups=16)
+    torch.manual_seed(0)
+    return bundle_from_parts(UNet2DConditionModel(**unet), AutoencoderKL(**dict(cfg.SDXL_VAE, block_out_channels=[
+        32, 64, 128, 128])), CLIPTextModel(CLIPTextConfig(**te)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te2)), family="sdxl", name="bench-sdxl")
 
 
 def scene_images(n: int, size: int = 320) -> list[torch.Tensor]:
@@ -61,6 +83,8 @@ def main() -> None:
                    "spin-wait on each other and the timings mean little)")
     p.add_argument("--first-timesteps", type=int, default=50, help="timesteps of the first mask estimate (once "
                    "per run) that is timed too")
+    p.add_argument("--family", choices=["sd1", "sdxl"], default="sd1", help="sd1: SD 1.5 at a quarter width; "
+                   "sdxl: SDXL at a quarter width (its own attention level and both text encoders)")
     p.add_argument("--tmp", default="/tmp/unconfused-em-bench")
     p.add_argument("--json", help="also write the headline numbers as JSON to this path")
     args = p.parse_args()
@@ -74,6 +98,7 @@ def main() -> None:
     from unconfused.trainers.lora import LoraSettings, LoraTrainer
 
     bench = _lora_bench()
+    make_bundle = sdxl_bundle if args.family == "sdxl" else bench.bundle
     tmp = Path(args.tmp)
     host.configure(models_dir=tmp / "models", output_dir=tmp / "out", temp_dir=tmp / "temp")
     dev = host.device(args.device)
@@ -81,13 +106,13 @@ def main() -> None:
     common = dict(steps=10_000, resolution=args.resolution, batch_size=args.batch, resume="restart", export=False,
                   checkpoint_every=0, device=str(dev), precision="fp32", flip=True)
     scenes = E.make_scenes(imgs, "<a> dog\n<b> cat")
-    em = E.EMTrainer(bench.bundle(), scenes, E.EMSettings(name="bench-em", tokens_only_steps=0, reestimate_every=0,
+    em = E.EMTrainer(make_bundle(), scenes, E.EMSettings(name="bench-em", tokens_only_steps=0, reestimate_every=0,
                                                           init_timesteps=2, **common))
     # the LoRA trainer on the same images, captions naming both concepts, under the EM's first masks
     with host.training_mode():
         em._ensure_round(0)
     union = [F_up(em.rounds[0].masks[n].amax(0), args.resolution) for n in range(len(imgs))]
-    lora = LoraTrainer(bench.bundle(), [Example(img, "a photo of <a> and <b>", m, ["<a>", "<b>"])
+    lora = LoraTrainer(make_bundle(), [Example(img, "a photo of <a> and <b>", m, ["<a>", "<b>"])
                                         for img, m in zip(imgs, union)],
                        LoraSettings(name="bench-lora", **common), class_words={"<a>": "dog", "<b>": "cat"})
     times = {"lora": [], "em": [], "em_tokens_only": []}  # (wall, cpu) seconds per step
@@ -126,7 +151,7 @@ def main() -> None:
     lo, e, e1 = (med(times[n], 0) for n in ("lora", "em", "em_tokens_only"))
     clo, ce, ce1 = (med(times[n], 1) for n in ("lora", "em", "em_tokens_only"))
     k = args.reestimate_every
-    print(f"Mask-EM step benchmark: {args.images} images of 2 concepts, batch {args.batch}, {args.resolution}px, "
+    print(f"Mask-EM step benchmark ({args.family}, {len(em.layers)} captured attention layers): {args.images} images of 2 concepts, batch {args.batch}, {args.resolution}px, "
           f"{args.steps} steps each (alternating), device {dev}, torch threads {torch.get_num_threads()}")
     print("| step | wall ms/step | x LoRA (wall) | CPU ms/step | x LoRA (CPU) |")
     print("|---|---|---|---|---|")
@@ -145,7 +170,7 @@ def main() -> None:
         t_re = est[(args.reestimate_timesteps, "latent")]
         write_json(args.json, {
             "benchmark": "em_step",
-            "settings": {"steps": args.steps, "resolution": args.resolution, "batch": args.batch,
+            "settings": {"family": args.family, "steps": args.steps, "resolution": args.resolution, "batch": args.batch,
                          "images": args.images, "device": str(dev), "threads": torch.get_num_threads(),
                          "reestimate_every": k, "reestimate_timesteps": args.reestimate_timesteps},
             "headline": [

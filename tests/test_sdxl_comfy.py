@@ -72,25 +72,7 @@ def test_sdxl_example_runs_on_the_tiny_sdxl(comfy):
 
 
 # ------------------------------------------------------------------ full-size SDXL (random weights)
-STOCK_SDXL = r'''
-import gc, json, logging, os, sys
-job = json.loads(open(sys.argv[1]).read())
-# UNet and text encoders stored in fp16 (the file's own values, so nothing is rounded) and computed in
-# fp32 by ComfyUI's manual cast on the CPU: the full-size SDXL fits in memory (~8 GB instead of 14)
-sys.argv = [sys.argv[0], "--cpu", "--fp16-unet", "--fp16-text-enc", "--fp32-vae"]
-sys.path.insert(0, job["comfy"])
-os.chdir(job["comfy"])
-warnings = []
-class Catch(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-logging.getLogger().addHandler(Catch(level=logging.WARNING))
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.sd, comfy.utils
-
-
+MMAP_READER = r'''
 def mmap_safetensors(path):
     """The checkpoint's tensors memory-mapped (copy-on-write) instead of read into memory: the same
     values comfy.utils.load_torch_file gives, without holding the 7 GB file twice while loading."""
@@ -111,6 +93,27 @@ def mmap_safetensors(path):
         out[k] = t.reshape(v["shape"])
     return out
 
+'''
+
+STOCK_SDXL = r'''
+import gc, json, logging, os, sys
+job = json.loads(open(sys.argv[1]).read())
+# UNet and text encoders stored in fp16 (the file's own values, so nothing is rounded) and computed in
+# fp32 by ComfyUI's manual cast on the CPU: the full-size SDXL fits in memory (~8 GB instead of 14)
+sys.argv = [sys.argv[0], "--cpu", "--fp16-unet", "--fp16-text-enc", "--fp32-vae"]
+sys.path.insert(0, job["comfy"])
+os.chdir(job["comfy"])
+warnings = []
+class Catch(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger().addHandler(Catch(level=logging.WARNING))
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.sd, comfy.utils
+
+''' + MMAP_READER + r'''
 
 _load = comfy.utils.load_torch_file
 comfy.utils.load_torch_file = lambda ckpt, *a, **k: mmap_safetensors(ckpt) if ckpt == job["ckpt"] else _load(ckpt, *a, **k)
@@ -143,6 +146,14 @@ with torch.inference_mode():
         reg.sample = False
     out["vae_encoded_mean"] = vae.encode(inputs["image"].float()).float()
     out["vae_decoded"] = vae.decode(inputs["latents"].float()).float()
+    # stock KSampler (ddim, scheduler simple) on stock CLIPTextEncodeSDXL conditioning at the sampled size
+    import nodes as stock
+    from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
+    ks = job["ksampler"]
+    enc = lambda p: CLIPTextEncodeSDXL().encode(clip, ks["size"], ks["size"], 0, 0, ks["size"], ks["size"], p, p)[0]
+    latent = {"samples": torch.zeros(1, 4, ks["size"] // 8, ks["size"] // 8)}  # EmptyLatentImage
+    out["ksampler"] = stock.common_ksampler(model, ks["seed"], ks["steps"], ks["cfg"], "ddim", "simple",
+                                            enc(ks["prompt"]), enc(ks["negative"]), latent)[0]["samples"].float()
     model.unpatch_model()
     lora = comfy.utils.load_torch_file(job["lora"], safe_load=True)
     model, clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)  # LoraLoader
@@ -238,6 +249,23 @@ def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_p
         mean = b.vae.encode(inputs["image"].permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean
         dec = ((b.vae.decode(inputs["latents"]).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
+    # the pack's sampler, DDIM with trailing spacing (= KSampler ddim + simple), all in fp32 as ComfyUI computes
+    from unconfused.engine.models import ModelBundle
+    from unconfused.engine.sampling import generate
+
+    ks = {"prompt": prompts[0], "negative": "", "steps": 4, "cfg": 6.0, "seed": 7, "size": 64}
+    b.scheduler_config = dict(b.scheduler_config, timestep_spacing="trailing")
+    # (the SDXL pipeline casts the conditioning to the text encoders' dtype: they run fp32 here, +1.6 GB;
+    # the UNet stays fp16-stored and runs in fp32 layer by layer, fed fp32 latents)
+    b.text_encoder.float(), b.text_encoder_2.float()
+    with torch.no_grad(), fp32_compute(b.unet), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ModelBundle, "dtype", property(lambda self: torch.float32))
+        sampled = generate(b, [ks["prompt"]], negative=ks["negative"], steps=ks["steps"], cfg=ks["cfg"],
+                           width=ks["size"], height=ks["size"], seeds=[ks["seed"]], scheduler="ddim",
+                           return_latents=True)[1] / b.vae.config.scaling_factor
+    b.text_encoder.half(), b.text_encoder_2.half()  # (exact: the values are fp16 ones)
+    gc.collect()
+
     # our exports: tokens (rows moved off their class word), LoRA on the UNet and both text encoders
     add_concept_tokens(b, [("<a>", "dog")])
     for attr in ("text_encoder", "text_encoder_2"):
@@ -265,7 +293,7 @@ def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_p
 
     job = {"comfy": str(comfyui_dir()), "ckpt": str(ckpt), "embeddings": str(emb_dir), "lora": str(lora_path),
            "prompts": prompts, "unet_prompts": [prompts[0]], "lora_prompts": list(lora_prompts.values()),
-           "size": size, "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / "stock.pt")}
+           "size": size, "ksampler": ks, "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / "stock.pt")}
     (tmp_path / "job.json").write_text(json.dumps(job))
     (tmp_path / "runner.py").write_text(STOCK_SDXL)
     proc = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "job.json")],
@@ -286,6 +314,7 @@ def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_p
         # pool at the end token, as we do)
         pairs[f"LoRA + embedding cond '{theirs_p}'"] = (mine["lora_cond"][ours_p].hidden, stock["lora_cond"][theirs_p])
     pairs["LoRA unet"] = (mine["lora_unet"][prompts[0]], stock["lora_unet"][prompts[0]])
+    pairs["KSampler latents"] = (sampled, stock["ksampler"])
     report = {}
     for name, (ours, theirs) in pairs.items():
         assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
@@ -301,6 +330,8 @@ def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_p
             # far below what the LoRA itself changes
             limit = min(2e-2 * max(1.0, r["max_abs_value"]), 0.1 * effect["LoRA unet" if "unet" in name else
                                                                             "LoRA cond"])
+        elif name == "KSampler latents":  # the stock-parity tolerance (tests/test_handoff_comfy.py)
+            limit = 2e-4 * max(1.0, r["max_abs_value"])
         else:  # fp32 arithmetic on the same fp16 weights, in a different order
             limit = 1e-3 * max(1.0, r["max_abs_value"])
         assert r["max_abs_err"] <= limit, (name, report, effect)

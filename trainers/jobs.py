@@ -153,7 +153,9 @@ def prepare_job(config: dict, base: Path):
         model_path = _path(base, config["model"])
     else:
         model_path = write_demo_diffusers_folder(workdir / "models" / "diffusers" / "unconfused-demo")
-    bundle = load_model(model_path, prediction=config.get("prediction", "auto"))
+    # frozen weights load in the run's precision, as the Load Checkpoint node does (SDXL in fp32 is 14 GB)
+    dtype = host.default_dtype(host.device("auto"), config.get("settings", {}).get("precision", "auto"))
+    bundle = load_model(model_path, prediction=config.get("prediction", "auto"), dtype=dtype)
     return bundle, concepts_from_config(config, base)
 
 
