@@ -45,10 +45,11 @@ def child(n: int, canvas: int, work: Path) -> dict:
     import torch
     from PIL import Image, ImageDraw
 
-    from unconfused.engine import augment as A
+    from unconfused.engine.data.augment.bank import bank_from_folder
+    from unconfused.engine.data.augment.build import AugmentSettings, build_dataset
     from unconfused.engine import host
-    from unconfused.engine.common_concepts import COMMON_CONCEPTS, label_of
-    from unconfused.engine.concepts import Concept, make_concept_set, pil_to_tensor
+    from unconfused.engine.data.augment.word_lists import COMMON_CONCEPTS, label_of
+    from unconfused.engine.data.concepts import Concept, make_concept_set, pil_to_tensor
 
     os.environ["UNCONFUSED_QUIET"] = "1"
     host.configure(output_dir=work / "output", temp_dir=work / "temp")
@@ -91,20 +92,20 @@ def child(n: int, canvas: int, work: Path) -> dict:
     r = round(n * 0.2)
     per_pair = max(1, round(n * 0.02 / 3))  # 3 concepts = 3 pairs
     g = n - r - 3 * per_pair
-    settings = A.AugmentSettings(seed=0, canvas=canvas, global_pairs=g, region_pairs=r, mix_per_pair=per_pair,
+    settings = AugmentSettings(seed=0, canvas=canvas, global_pairs=g, region_pairs=r, mix_per_pair=per_pair,
                                  vocabulary=words)
-    bank = A.bank_from_folder(bank_dir)
+    bank = bank_from_folder(bank_dir)
     folder = work / f"ds_{n}"
     # setup (cut-outs, bank mattes, regions) is timed apart from the pairs
     t0 = time.perf_counter()
-    A.build_dataset(cs, work / "warmup", A.AugmentSettings(seed=0, canvas=canvas, global_pairs=1, region_pairs=1,
+    build_dataset(cs, work / "warmup", AugmentSettings(seed=0, canvas=canvas, global_pairs=1, region_pairs=1,
                                                            mix_per_pair=0, vocabulary=words),
                     bank=bank, proposer=proposer, labeller=labeller, resume=False)
     setup_s = time.perf_counter() - t0
     rss_before = rss_mb()
-    bank = A.bank_from_folder(bank_dir)  # mattes are cached on disk now
+    bank = bank_from_folder(bank_dir)  # mattes are cached on disk now
     t0 = time.perf_counter()
-    res = A.build_dataset(cs, folder, settings, bank=bank, proposer=proposer, labeller=labeller, resume=False)
+    res = build_dataset(cs, folder, settings, bank=bank, proposer=proposer, labeller=labeller, resume=False)
     secs = time.perf_counter() - t0
     total = sum(res.counts.values())
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

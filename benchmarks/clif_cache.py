@@ -48,9 +48,9 @@ def peak_mb() -> float:
 def make_dataset(folder: Path, pairs: int, size: int) -> None:
     import torch
 
-    from unconfused.engine.concepts import tensor_to_pil
-    from unconfused.engine.dataset import DatasetWriter
-    from unconfused.trainers.smoke import synthetic_photos
+    from unconfused.engine.data.concepts import tensor_to_pil
+    from unconfused.engine.data.augmented_dataset import DatasetWriter
+    from unconfused.engine.data.synthetic import synthetic_photos
 
     if (folder / "manifest.json").is_file():
         return
@@ -71,8 +71,8 @@ def child(mode: str, work: Path, pairs: int, batch: int, epochs: int, threads: i
     from open_clip import factory
 
     from unconfused.engine import host
-    from unconfused.engine.clip_scoring import ClipScorer
-    from unconfused.engine.demo_model import build_demo_model
+    from unconfused.engine.vision.clip_zero_shot import ClipScorer
+    from unconfused.engine.models.demo import build_demo_model
     from unconfused.trainers.clif import ClifSettings, ClifTrainer
 
     os.environ["UNCONFUSED_QUIET"] = "1"

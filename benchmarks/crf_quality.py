@@ -4,7 +4,7 @@
 
 Quality: composites of real DreamBooth photos - a random blob cut from one photo pasted onto another,
 so the true mask is known. The true mask is degraded the way cross-attention masks are (area-pooled
-to 16x16 or 32x32 and upsampled, blurred, threshold shifted), refined by `engine.crf.refine` with
+to 16x16 or 32x32 and upsampled, blurred, threshold shifted), refined by `engine.vision.crf.refine` with
 CutLER's defaults, and the IoU against the truth is measured before (degraded mask > 0.5) and after.
 
 Mask EM's CRF path: the EM refines its binary latent masks with a CRF at latent resolution, kernel
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unconfused.engine.regions import iou  # the pack's one IoU (tests/test_crf.py: bench.iou)
+from unconfused.engine.vision.regions import iou  # the pack's one IoU (tests/test_crf.py: bench.iou)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("UNCONFUSED_SHARED", REPO.parent / "shared"))
@@ -97,7 +97,7 @@ def degrade(mask: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def quality(n: int, size: int, seed: int = 0, settings=None) -> dict:
-    from unconfused.engine import crf
+    from unconfused.engine.vision import crf
 
     rows = {k: ([], []) for k in DEGRADATIONS}
     for j, (img, m) in enumerate(make_composites(n, size, seed)):
@@ -115,7 +115,7 @@ def quality(n: int, size: int, seed: int = 0, settings=None) -> dict:
 
 def em_crf_paths(n: int, size: int = 512, seed: int = 0, attention: int = 16) -> dict:
     """IoU and seconds per image of the mask EM's three CRF paths (see the module docstring)."""
-    from unconfused.engine.crf import refine, refine_latent_masks
+    from unconfused.engine.vision.crf import refine, refine_latent_masks
     from unconfused.trainers.em import EMSettings
 
     s = EMSettings()
@@ -144,7 +144,7 @@ def em_crf_paths(n: int, size: int = 512, seed: int = 0, attention: int = 16) ->
 
 
 def crf_speed(size: int, labels: int, repeats: int = 3) -> float:
-    from unconfused.engine import crf
+    from unconfused.engine.vision import crf
 
     img, _ = make_composites(1, size, 1, pool=photos(size)[:4])[0]
     masks = torch.stack([blob(size, np.random.default_rng(k)) for k in range(labels - 1)]) * 0.8
@@ -159,7 +159,7 @@ def sam_speed() -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from sam_helpers import TINY_SAM, tiny_sam
 
-    from unconfused.engine import sam as S
+    from unconfused.engine.vision import sam as S
 
     img = photos(512)[0]
     model = S.SamModel(tiny_sam(), S.SamConfig(**TINY_SAM))

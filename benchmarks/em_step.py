@@ -41,8 +41,8 @@ def sdxl_bundle():
     its heads, CLIP-L 192 x 12 layers, bigG 320 x 32 layers with its projection, the size/crop conditioning."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from unconfused.engine import model_configs as cfg
-    from unconfused.engine.models import bundle_from_parts
+    from unconfused.engine.models import configs as cfg
+    from unconfused.engine.models.loading import bundle_from_parts
 
     te = dict(cfg.SDXL_TEXT_ENCODER, hidden_size=192, intermediate_size=768, num_attention_heads=3,
               projection_dim=192)
@@ -58,7 +58,7 @@ def sdxl_bundle():
 
 def scene_images(n: int, size: int = 320) -> list[torch.Tensor]:
     """Two synthetic concepts side by side per image (the trainers only need pixels)."""
-    from unconfused.trainers.smoke import synthetic_photos
+    from unconfused.engine.data.synthetic import synthetic_photos
 
     a, b = synthetic_photos(0, n, size), synthetic_photos(1, n, size)
     return [torch.cat([x[:, size // 4: size // 4 + size // 2], y[:, size // 4: size // 4 + size // 2]], 1)
@@ -92,8 +92,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from unconfused.engine import host
-    from unconfused.engine.attention import AttentionCapture
-    from unconfused.engine.training_data import Example
+    from unconfused.engine.vision.attention import AttentionCapture
+    from unconfused.engine.data.training_examples import Example
     from unconfused.trainers import em as E
     from unconfused.trainers.lora import LoraSettings, LoraTrainer
 

@@ -46,7 +46,7 @@ def bundle():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from unconfused.engine.models import bundle_from_parts
+    from unconfused.engine.models.loading import bundle_from_parts
 
     torch.manual_seed(0)
     return bundle_from_parts(UNet2DConditionModel(**UNET), AutoencoderKL(**VAE),
@@ -54,8 +54,8 @@ def bundle():
 
 
 def photos():
-    from unconfused.engine.concepts import Concept, make_concept_set
-    from unconfused.trainers.smoke import synthetic_photos
+    from unconfused.engine.data.concepts import Concept, make_concept_set
+    from unconfused.engine.data.synthetic import synthetic_photos
 
     return make_concept_set([Concept("<a>", "dog", synthetic_photos(0, IMAGES // 2, 160)),
                              Concept("<b>", "cat", synthetic_photos(1, IMAGES // 2, 160))])
@@ -66,7 +66,7 @@ def reference(args, dev):
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
-    from unconfused.engine.training_data import examples_from_concept_set, fit_square
+    from unconfused.engine.data.training_examples import examples_from_concept_set, fit_square
 
     b = bundle()
     unet, vae, te, tok = b.unet.to(dev), b.vae.to(dev), b.text_encoder.to(dev), b.tokenizer

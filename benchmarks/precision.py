@@ -53,7 +53,7 @@ def step_ratio(steps: int, resolution: int) -> dict:
 
 def memory_error(configs) -> list[dict]:
     from unconfused.trainers import memory_plan as MP
-    from unconfused.engine.demo_model import build_demo_model
+    from unconfused.engine.models.demo import build_demo_model
     from unconfused.trainers.lora import LoraSettings, LoraTrainer
 
     rows = []

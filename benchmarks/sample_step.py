@@ -36,8 +36,9 @@ def main() -> None:
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from unconfused.engine import host, sampling as S
-    from unconfused.engine.tokens import add_concept_tokens
+    from unconfused.engine import host
+    from unconfused.engine.models import sampling as S
+    from unconfused.engine.models.concept_tokens import add_concept_tokens
 
     host.configure(output_dir="/tmp/unconfused-bench", temp_dir="/tmp/unconfused-bench")
     b = bundle()

@@ -52,7 +52,7 @@ def main() -> None:
     from test_sid import TABLE
     from vlm_helpers import GOOD, FakeServer
 
-    from unconfused.engine import sid, vlm
+    from unconfused.engine.captions import sid, vlm
 
     rows = [(who, text) for who, text, *_ in TABLE] * 50
     t = time.perf_counter()

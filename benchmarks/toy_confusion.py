@@ -1,4 +1,4 @@
-"""The papers' confusion experiment in the toy world (engine/toyworld.py), measured by its oracle.
+"""The papers' confusion experiment in the toy world (engine/evaluation/toyworld.py), measured by its oracle.
 
 1. Base model: quality (object recall, attribute accuracy) on one- and two-object prompts of its
    vocabulary, and CLIF's confusion degree (paper section 3 / A.2) of two-object prompts, by kind
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from unconfused.engine import host
-from unconfused.engine import toyworld as tw
+from unconfused.engine.evaluation import toyworld as tw
 
 TOKENS = tw.DEMO_TOKENS  # <a-ball>: purple striped ball, <b-ball>: orange striped ball (the demo's two)
 A, B = TOKENS.values()
@@ -59,7 +59,7 @@ def generate(bundle, prompts: list[str], seeds: list[int], steps: int, cfg: floa
 # ---------------------------------------------------------------- 1. the base model
 def base_quality(bundle, oracle, n: int, steps: int, cfg: float) -> dict:
     """Object recall and attribute accuracy on one- and two-object prompts of the vocabulary."""
-    from unconfused.engine import oracle as O
+    from unconfused.engine.evaluation import oracle as O
 
     rng = np.random.default_rng(0)
     colours, out = list(tw.COLOURS), {}
@@ -85,7 +85,7 @@ def base_quality(bundle, oracle, n: int, steps: int, cfg: float) -> dict:
 def base_confusion(bundle, oracle, scorer, n: int, steps: int, cfg: float) -> dict:
     """CLIF's confusion degree of 'a X and a Y' over pairs of known objects, by kind of pair."""
     import torch.nn.functional as F
-    from unconfused.engine import oracle as O
+    from unconfused.engine.evaluation import oracle as O
 
     kinds = {"same shape": [(("red", "plain", "ball"), ("blue", "plain", "ball")),
                             (("green", "plain", "box"), ("yellow", "plain", "box")),
@@ -118,7 +118,7 @@ def base_confusion(bundle, oracle, scorer, n: int, steps: int, cfg: float) -> di
 
 # ---------------------------------------------------------------- 2. personal concepts
 def concept_set(photos: dict[str, list], captions: dict[str, list[str]] | None = None):
-    from unconfused.engine.concepts import Concept, make_concept_set
+    from unconfused.engine.data.concepts import Concept, make_concept_set
 
     out = []
     for token, scenes in photos.items():
@@ -148,8 +148,8 @@ def train_baseline(bundle, photos, seed: int, steps: int, work: Path):
 
 def toy_bank(bundle, folder: Path, steps: int, cfg: float):
     """A common-concept bank drawn by the toy model in its own words, matted by the plain ground."""
-    from unconfused.engine.augment import bank_from_folder
-    from unconfused.engine.concepts import tensor_to_pil
+    from unconfused.engine.data.augment.bank import bank_from_folder
+    from unconfused.engine.data.concepts import tensor_to_pil
 
     phrases = ["green box", "blue ring", "red pyramid", "yellow ball", "blue box", "red ring"]
     if not (folder / "done").is_file():
@@ -164,9 +164,9 @@ def toy_bank(bundle, folder: Path, steps: int, cfg: float):
 
 
 def train_clif_method(bundle, photos, tower, bank, seed: int, steps: int, clif_steps: int, work: Path):
-    from unconfused.engine.augment import AugmentSettings, build_dataset
-    from unconfused.engine.dataset import Dataset
-    from unconfused.engine.training_data import examples_from_concept_set
+    from unconfused.engine.data.augment.build import AugmentSettings, build_dataset
+    from unconfused.engine.data.augmented_dataset import Dataset
+    from unconfused.engine.data.training_examples import examples_from_concept_set
     from unconfused.trainers.clif import ClifSettings, train_clif
     from unconfused.trainers.lora import train_lora
 
@@ -196,7 +196,7 @@ def pair_pictures(n: int, seed: int):
 
 
 def train_em_method(bundle, seed: int, steps: int, work: Path, masks_from_em: bool = True):
-    from unconfused.engine.training_data import Example
+    from unconfused.engine.data.training_examples import Example
     from unconfused.trainers.em import EMSettings, make_scenes, train_em
     from unconfused.trainers.lora import train_lora
 
@@ -232,7 +232,7 @@ def train_sid_method(bundle, seed: int, steps: int, case: str, work: Path):
     caps = {"case1": "a photo of <a-ball> ball",
             "case3": "a photo of <a-ball> ball next to a green box on {g}",
             "case4": "a photo of <a-ball> purple striped ball next to a green box on {g}"}[case]
-    from unconfused.engine.training_data import Example
+    from unconfused.engine.data.training_examples import Example
 
     # no masks: the bias object is in the pictures the model learns from, as in the SID paper
     ex = [Example(_img(s), caps.format(g=s.ground), None, ["<a-ball>"]) for s in scenes]
@@ -244,7 +244,7 @@ SCORER: dict = {}  # the toy CLIP and the concepts' photos, for the pack's own m
 
 
 def measure_pair(bundle, oracle, n: int, steps: int, cfg: float, seed: int) -> dict:
-    from unconfused.engine import metrics as M
+    from unconfused.engine.evaluation import metrics as M
 
     rep, pictures = tw.measure_concepts(bundle, oracle, TOKENS, n, seed, steps, cfg)
     if SCORER:  # the pack's CLIP-T and CLIP-I with the toy CLIP
@@ -257,7 +257,7 @@ def measure_pair(bundle, oracle, n: int, steps: int, cfg: float, seed: int) -> d
 
 
 def measure_sid(bundle, oracle, n: int, steps: int, cfg: float, seed: int) -> dict:
-    from unconfused.engine import oracle as O
+    from unconfused.engine.evaluation import oracle as O
 
     seeds = [1000 * seed + i for i in range(n)]
     dets = oracle.detect(generate(bundle, ["a photo of <a-ball> ball"] * n, seeds, steps, cfg))
@@ -305,8 +305,8 @@ def main(argv=None) -> dict:
     import tempfile
 
     from unconfused.engine import host
-    from unconfused.engine.clip_tower import tower_from_scorer
-    from unconfused.engine.oracle import Oracle
+    from unconfused.engine.vision.clip_image_tower import tower_from_scorer
+    from unconfused.engine.evaluation.oracle import Oracle
 
     work = Path(args.work or tempfile.mkdtemp(prefix="toy_confusion_"))
     host.configure(models_dir=work / "models", output_dir=work / "output", temp_dir=work / "temp")

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import host
 from .errors import UnconfusedError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\- ]+")

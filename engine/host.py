@@ -458,7 +458,7 @@ class RateLimiter:
 
 
 # ---------------------------------------------------------------- ComfyUI's own models (native hand-off)
-# Used by nodes/handoff.py; the pure logic is in engine/handoff.py. Only calls that exist in both
+# Used by nodes/handoff.py; the pure logic is in engine/models/handoff.py. Only calls that exist in both
 # the 2024 ComfyUI and today's are used (or both spellings are tried, as marked).
 def comfy_model_info(model) -> dict:
     """A MODEL's config class name (`SD15`, `SDXL`, `Flux`...), the class names of its model

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from . import host
-from .concepts import tensor_to_pil
+from .data.concepts import tensor_to_pil
 from .files import atomic_save_image
 
 TRAIN = "train"

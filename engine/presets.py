@@ -311,7 +311,7 @@ def write_record(run_dir: str | Path, settings) -> Path:
 
 def export_metadata(settings) -> dict[str, Any]:
     """Safetensors header entries of an export: the preset, every effective setting, and which of them the
-    user set (engine.exports.clean_metadata turns the values into JSON text)."""
+    user set (engine.models.exports.clean_metadata turns the values into JSON text)."""
     rec = record(settings)
     return {"unconfused_preset": rec["preset"], "unconfused_settings": rec["settings"],
             "unconfused_user_settings": sorted(k for k, v in rec["from"].items() if v == "user")}

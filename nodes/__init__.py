@@ -1,11 +1,11 @@
 """ComfyUI nodes: one module per stage, each a thin layer over the engine."""
 
-from . import augment, captions, clif, concepts, em, evaluate, masks, models, sample, train
+from . import augment, captions, clif, concepts, em, evaluate, masks, models, sample, lora
 from . import handoff  # noqa: E402  (native hand-off with ComfyUI's MODEL/CLIP/VAE)
 
 from .common import guard_inputs  # noqa: E402
 
-_MODULES = [models, concepts, train, sample, augment, masks, captions, clif, em, evaluate]
+_MODULES = [models, concepts, lora, sample, augment, masks, captions, clif, em, evaluate]
 _MODULES.append(handoff)
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -5,21 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine import augment as A
+from ..engine.data.augment.bank import BankSpec, bank_from_folder, generate_bank
+from ..engine.data.augment.build import AugmentSettings, DEFAULT_TEMPLATES, build_dataset
+from ..engine.data.augment.cutout import MATTES, NODE
+from ..engine.data.augment.kinds import KINDS
+from ..engine.data.augment.preview import regions_preview
+from ..engine.data.augment import preview as augment_preview
 from ..engine import host
-from ..engine.common_concepts import default_common_text, parse_list, REGION_VOCABULARY
-from ..engine.concepts import pil_to_tensor
-from ..engine.dataset import Dataset
+from ..engine.data.augment.word_lists import default_common_text, parse_list, REGION_VOCABULARY
+from ..engine.data.concepts import pil_to_tensor
+from ..engine.data.augmented_dataset import Dataset
 from ..engine.errors import UnconfusedError
 from ..engine.files import safe_name
-from ..engine.regions import region_tools
+from ..engine.vision.regions import region_tools
 from .common import CATEGORY, CLIP_MODEL, CONCEPT_SET, DATASET, MODEL_BUNDLE, SAM_MODEL, float_input, int_input, \
     with_preview
 
 DATASETS_SUBFOLDER = "unconfused/datasets"
-KIND_CHOICES = ["all", *A.KINDS]
-_S = A.AugmentSettings()
-_B = A.BankSpec()
+KIND_CHOICES = ["all", *KINDS]
+_S = AugmentSettings()
+_B = BankSpec()
 
 
 
@@ -36,7 +41,7 @@ def dataset_folder(name: str, *, input: str = "name") -> Path:
 class UnconfusedAugmentBuilder:
     """CLIF's augmented dataset: many image-text pairs made from each concept's cut-outs."""
 
-    NODE_ID = A.NODE
+    NODE_ID = NODE
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -70,7 +75,7 @@ class UnconfusedAugmentBuilder:
                 "bank_steps": int_input(_B.steps, 1, 150, "Sampling steps of the bank images"),
                 "bank_cfg": float_input(_B.cfg, 0.0, 30.0, 0.5, "Guidance scale of the bank images"),
                 "bank_size": int_input(_B.size, 64, 2048, "Bank image size (512 for SD1, 768 for SD2-v)", step=8),
-                "bank_matte": (A.MATTES, {"default": A.MATTES[0], "tooltip": "How bank images are cut out: their "
+                "bank_matte": (MATTES, {"default": MATTES[0], "tooltip": "How bank images are cut out: their "
                                "plain background is removed, or the whole image is used"}),
                 "sam_model": (SAM_MODEL, {"tooltip": "For R-Aug (SAM Loader): over-segments each cut-out "
                                   "(automatic mode)"}),
@@ -93,7 +98,7 @@ class UnconfusedAugmentBuilder:
                 "with_class_word": ("BOOLEAN", {"default": _S.with_class_word, "tooltip": "Captions say "
                                     "'<alice> woman' instead of '<alice>'"}),
                 "flip": ("BOOLEAN", {"default": _S.flip, "tooltip": "Random horizontal flips of the elements"}),
-                "templates": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "\n".join(A.DEFAULT_TEMPLATES),
+                "templates": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": "\n".join(DEFAULT_TEMPLATES),
                                          "tooltip": "Caption templates, one per line; {} is where the names go"}),
                 "preview_count": int_input(8, 0, 64, "Pairs shown in the preview"),
                 "device": (host.DEVICE_CHOICES, {"default": "auto", "tooltip": "Where the bank is generated"}),
@@ -108,27 +113,27 @@ class UnconfusedAugmentBuilder:
 
     def build(self, concept_set, name, seed, global_pairs, region_pairs, mix_per_pair, canvas, resume="auto",
               model=None, bank_folder="", common_concepts=None, images_per_common=_B.per_concept,
-              bank_steps=_B.steps, bank_cfg=_B.cfg, bank_size=_B.size, bank_matte=A.MATTES[0], sam_model=None,
+              bank_steps=_B.steps, bank_cfg=_B.cfg, bank_size=_B.size, bank_matte=MATTES[0], sam_model=None,
               clip_model=None, vocabulary="", use_default_vocabulary=True, templates=None, preview_count=8,
               device="auto", **kw):
         words = (list(REGION_VOCABULARY) if use_default_vocabulary else []) + parse_list(vocabulary)
         words = list(dict.fromkeys(words))
-        temps = [t.strip() for t in (templates.splitlines() if templates is not None else A.DEFAULT_TEMPLATES)
+        temps = [t.strip() for t in (templates.splitlines() if templates is not None else DEFAULT_TEMPLATES)
                  if t.strip()]
-        settings = A.AugmentSettings(seed=seed, canvas=canvas, global_pairs=global_pairs, region_pairs=region_pairs,
+        settings = AugmentSettings(seed=seed, canvas=canvas, global_pairs=global_pairs, region_pairs=region_pairs,
                                      mix_per_pair=mix_per_pair, templates=temps, vocabulary=words, **kw)
         settings.check(len(concept_set.concepts))
         bank = None
         if settings.needs_bank(len(concept_set.concepts)):
             if (bank_folder or "").strip():
                 path = Path(bank_folder.strip()).expanduser()
-                bank = A.bank_from_folder(path if path.is_absolute() else host.input_dir() / path, matte=bank_matte,
+                bank = bank_from_folder(path if path.is_absolute() else host.input_dir() / path, matte=bank_matte,
                                           max_side=canvas)
             elif model is not None:
                 phrases = parse_list(common_concepts if common_concepts is not None else default_common_text())
-                spec = A.BankSpec(phrases=phrases, per_concept=images_per_common, seed=seed, steps=bank_steps,
+                spec = BankSpec(phrases=phrases, per_concept=images_per_common, seed=seed, steps=bank_steps,
                                   cfg=bank_cfg, size=bank_size)
-                bank = A.generate_bank(model, spec, matte=bank_matte, max_side=canvas, device=host.device(device))
+                bank = generate_bank(model, spec, matte=bank_matte, max_side=canvas, device=host.device(device))
             else:
                 raise UnconfusedError("G-Aug needs common concepts: connect the model (the bank is generated with "
                                       "it) or give bank_folder; or set global_pairs to 0", input="model")
@@ -140,14 +145,14 @@ class UnconfusedAugmentBuilder:
                                       "(Unconfused/masks), or set region_pairs to 0", input=missing)
             proposer, labeller = region_tools(sam_model, clip_model)
         folder = dataset_folder(name)
-        result = A.build_dataset(concept_set, folder, settings, bank=bank, proposer=proposer, labeller=labeller,
+        result = build_dataset(concept_set, folder, settings, bank=bank, proposer=proposer, labeller=labeller,
                                  resume=(resume == "auto"))
         ds = Dataset(folder)
         info = result.info() + ("\nbank: " + bank.describe() if bank is not None else "")
         images = []
         if preview_count > 0:
-            images = [A.preview(ds, count=preview_count, seed=seed)]
-            regions = A.regions_preview(folder)
+            images = [augment_preview.preview(ds, count=preview_count, seed=seed)]
+            regions = regions_preview(folder)
             if regions is not None:  # the labelled parts R-Aug used, second on the node
                 images.append(regions)
         preview = pil_to_tensor(images[0])[None] if images else _blank()
@@ -225,7 +230,7 @@ class UnconfusedDatasetPreview:
     def show(self, dataset, count=12, kind="all", seed=0, show_masks=True):
         kinds = () if kind == "all" else (kind,)
         try:
-            sheet = A.preview(dataset, count=count, kinds=kinds, seed=seed, masks=show_masks)
+            sheet = augment_preview.preview(dataset, count=count, kinds=kinds, seed=seed, masks=show_masks)
         except UnconfusedError as e:
             raise UnconfusedError(str(e).split(": ", 1)[-1], input="kind") from e
         out = with_preview((pil_to_tensor(sheet)[None],), [sheet], "unconfused_dataset")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..engine import host, sid, vlm
-from ..engine.captioning import BACKENDS, caption_concept, local_choices as _local_choices
+from ..engine import host
+from ..engine.captions import sid, vlm
+from ..engine.captions.captioner import BACKENDS, caption_concept, local_choices as _local_choices
 from ..engine.errors import UnconfusedError
 from ..engine.preview import grid
 from .common import CATEGORY, CONCEPT, CONCEPT_SET, with_preview

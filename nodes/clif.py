@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..engine import host, presets
-from ..engine.clip_tower import list_towers
-from ..engine.concepts import pil_to_tensor
+from ..engine.vision.clip_image_tower import list_towers
+from ..engine.data.concepts import pil_to_tensor
 from ..engine.errors import UnconfusedError
 from ..engine.settings import node_inputs
 from ..trainers import clif as T

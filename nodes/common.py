@@ -10,7 +10,7 @@ import uuid
 import torch
 
 from ..engine import host
-from ..engine.concepts import tensor_to_pil
+from ..engine.data.concepts import tensor_to_pil
 from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_save_image
 
@@ -69,14 +69,14 @@ def _socket_checks() -> dict:
         return test
 
     return {
-        MODEL_BUNDLE: ("a model from Load Checkpoint (Unconfused) or a trainer", is_("models", "ModelBundle")),
-        CONCEPT: ("a concept from Concept (Unconfused)", is_("concepts", "Concept")),
-        CONCEPT_SET: ("a concept set from Concept Set (Unconfused)", is_("concepts", "ConceptSet")),
-        DATASET: ("a dataset from the augmentation builder or Load Dataset (Unconfused)", is_("dataset", "Dataset")),
-        SAM_MODEL: ("a SAM model from Load SAM (Unconfused)", is_("sam", "SamModel")),
-        REGIONS: ("regions from the SAM segment node", is_("sam", "Regions")),
-        CLIP_MODEL: ("a CLIP model from Load CLIP (Unconfused)", is_("clip_scoring", "ClipScorer")),
-        DINO_MODEL: ("a DINO model from Load DINO (Unconfused)", is_("dino", "DinoModel")),
+        MODEL_BUNDLE: ("a model from Load Checkpoint (Unconfused) or a trainer", is_("models.loading", "ModelBundle")),
+        CONCEPT: ("a concept from Concept (Unconfused)", is_("data.concepts", "Concept")),
+        CONCEPT_SET: ("a concept set from Concept Set (Unconfused)", is_("data.concepts", "ConceptSet")),
+        DATASET: ("a dataset from the augmentation builder or Load Dataset (Unconfused)", is_("data.augmented_dataset", "Dataset")),
+        SAM_MODEL: ("a SAM model from Load SAM (Unconfused)", is_("vision.sam", "SamModel")),
+        REGIONS: ("regions from the SAM segment node", is_("vision.sam", "Regions")),
+        CLIP_MODEL: ("a CLIP model from Load CLIP (Unconfused)", is_("vision.clip_zero_shot", "ClipScorer")),
+        DINO_MODEL: ("a DINO model from Load DINO (Unconfused)", is_("vision.dino", "DinoModel")),
         "IMAGE": ("an IMAGE batch [batch, height, width, 3]",
                   lambda v: isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[-1] in (3, 4)),
         "MASK": ("a MASK [batch, height, width]", lambda v: isinstance(v, torch.Tensor) and v.ndim in (2, 3)),

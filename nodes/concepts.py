@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine import concepts as C
+from ..engine.data import concepts as C
 from ..engine import host
 from ..engine.errors import UnconfusedError
 from ..engine.files import inside, safe_name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import host, presets
-from ..engine.concepts import image_batch_to_list, pil_to_tensor
+from ..engine.data.concepts import image_batch_to_list, pil_to_tensor
 from ..engine.errors import UnconfusedError
 from ..engine.settings import node_inputs
 from ..trainers import em as E

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import dino as D
+from ..engine.vision import dino as D
 from ..engine import host
-from ..engine import metrics as M
-from ..engine.concepts import image_batch_to_list, pil_to_tensor
+from ..engine.evaluation import metrics as M
+from ..engine.data.concepts import image_batch_to_list, pil_to_tensor
 from ..engine.errors import UnconfusedError
 from ..engine.preview import grid, overlay_masks
 from .common import CATEGORY, CLIP_MODEL, CONCEPT_SET, DINO_MODEL, MODEL_BUNDLE, save_previews

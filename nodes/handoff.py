@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import handoff as H
+from ..engine.models import handoff as H
 from ..engine import host
 from ..engine.errors import UnconfusedError
-from ..engine.models import UNET_PREFIX, bundle_from_ldm_state_dict
+from ..engine.models.loading import UNET_PREFIX, bundle_from_ldm_state_dict
 from .common import CATEGORY, MODEL_BUNDLE
 
 PRECISIONS = ["auto", "fp32", "fp16", "bf16"]

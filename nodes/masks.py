@@ -6,15 +6,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine import clip_scoring as CL
-from ..engine import concepts as C
-from ..engine import crf as CRF
+from ..engine.vision import clip_zero_shot as CL
+from ..engine.data import concepts as C
+from ..engine.vision import crf as CRF
 from ..engine import host
-from ..engine import sam as S
-from ..engine.common_concepts import REGION_VOCABULARY, parse_list
+from ..engine.vision import sam as S
+from ..engine.data.augment.word_lists import REGION_VOCABULARY, parse_list
 from ..engine.errors import UnconfusedError
 from ..engine.preview import grid, overlay_masks
-from ..engine.regions import label_regions
+from ..engine.vision.regions import label_regions
 from .common import CATEGORY, CLIP_MODEL, CONCEPT, REGIONS, SAM_MODEL, float_input, int_input, with_preview
 
 CAT = f"{CATEGORY}/masks"

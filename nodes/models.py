@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..engine import host
 from ..engine.errors import UnconfusedError
-from ..engine.models import PREDICTION_CHOICES, load_model
+from ..engine.models.loading import PREDICTION_CHOICES, load_model
 from .common import CATEGORY, MODEL_BUNDLE
 
 DIFFUSERS_PREFIX = "diffusers/"

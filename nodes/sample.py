@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..engine import sampling as S
-from ..engine.concepts import pil_to_tensor
+from ..engine.models import sampling as S
+from ..engine.data.concepts import pil_to_tensor
 from .common import CATEGORY, MODEL_BUNDLE, save_previews
 
 

@@ -187,10 +187,11 @@ def picture(path: Path = REPO / "docs" / "img" / "mix_pairs.jpg") -> Path:
     _import_pack()
     import torch
 
-    from unconfused.engine import augment as A
-    from unconfused.engine import crf
-    from unconfused.engine.concepts import Concept, concept_from_folder, make_concept_set
-    from unconfused.engine.dataset import Dataset
+    from unconfused.engine.data.augment.build import AugmentSettings, build_dataset
+    from unconfused.engine.data.augment.preview import preview
+    from unconfused.engine.vision import crf
+    from unconfused.engine.data.concepts import Concept, concept_from_folder, make_concept_set
+    from unconfused.engine.data.augmented_dataset import Dataset
 
     photos = REPO / "tests" / "data" / "dreambooth"
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 256), torch.linspace(-1, 1, 256), indexing="ij")
@@ -201,9 +202,9 @@ def picture(path: Path = REPO / "docs" / "img" / "mix_pairs.jpg") -> Path:
         concepts.append(Concept(c.token, c.class_word, c.images, masks=[crf.refine(im, prior)[0] for im in c.images],
                                 names=c.names))
     with tempfile.TemporaryDirectory() as work:
-        settings = A.AugmentSettings(seed=0, canvas=256, global_pairs=0, region_pairs=0, mix_per_pair=2)
-        A.build_dataset(make_concept_set(concepts), Path(work) / "ds", settings)
-        img = A.preview(Dataset(Path(work) / "ds"), count=4, seed=0, cell=256, columns=4)
+        settings = AugmentSettings(seed=0, canvas=256, global_pairs=0, region_pairs=0, mix_per_pair=2)
+        build_dataset(make_concept_set(concepts), Path(work) / "ds", settings)
+        img = preview(Dataset(Path(work) / "ds"), count=4, seed=0, cell=256, columns=4)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.convert("RGB").save(path, quality=85)
     print(f"wrote {path.relative_to(REPO)}")
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--check", action="store_true")
     st = sub.add_parser("settings", help="docs/settings.md from the trainers' settings declarations")
     st.add_argument("--check", action="store_true")
-    me = sub.add_parser("metrics", help="docs/metrics.md from the metric declarations (engine/metrics.py)")
+    me = sub.add_parser("metrics", help="docs/metrics.md from the metric declarations (engine/evaluation/metrics.py)")
     me.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
     if args.page == "picture":
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return _write_or_check(SETTINGS_MD, settings_page(), args.check)
     if args.page == "metrics":
         _import_pack()
-        from unconfused.engine.metrics import metrics_page
+        from unconfused.engine.evaluation.metrics import metrics_page
         return _write_or_check(METRICS_MD, metrics_page(), args.check)
     return _write_or_check(BENCH_MD, benchmarks_page(json.loads(Path(args.results).read_text("utf-8"))), args.check)
 

@@ -64,7 +64,7 @@ def demo_home(home: Path, demo: str = "demo") -> Path:
     """A ComfyUI home for ComfyServer.start with the built-in demo model as models/diffusers/<demo>
     (ckpt_name "diffusers/<demo>") and an input folder; skips without ComfyUI."""
     require_comfyui()
-    from unconfused.engine.demo_model import write_demo_diffusers_folder
+    from unconfused.engine.models.demo import write_demo_diffusers_folder
 
     home = Path(home)
     (home / "input").mkdir(parents=True, exist_ok=True)

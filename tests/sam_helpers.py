@@ -17,7 +17,7 @@ TINY_CLIP_CFG = {
 
 
 def tiny_sam(seed: int = 0):
-    from unconfused.engine.sam import SamConfig, build_sam
+    from unconfused.engine.vision.sam import SamConfig, build_sam
 
     torch.manual_seed(seed)
     return build_sam(SamConfig(**TINY_SAM))

@@ -1,5 +1,5 @@
 """Any aspect ratio: attention maps kept h x w (never a square guess) through the capture, the
-sampler's debugger and the evaluation, and the training buckets (engine/buckets.py)."""
+sampler's debugger and the evaluation, and the training buckets (engine/data/buckets.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from tiny_models import tiny_bundle
-from unconfused.engine import buckets as B
-from unconfused.engine import metrics as M
-from unconfused.engine import sampling as S
-from unconfused.engine.attention import AttentionCapture, token_position_mask
-from unconfused.engine.tokens import add_concept_tokens
+from unconfused.engine.data import buckets as B
+from unconfused.engine.evaluation import metrics as M
+from unconfused.engine.models import sampling as S
+from unconfused.engine.vision.attention import AttentionCapture, token_position_mask
+from unconfused.engine.models.concept_tokens import add_concept_tokens
 
 SIZES = [(96, 64), (64, 96)]  # (width, height): wide and tall
 PROMPT = "a photo of <a> on grass"
@@ -81,7 +81,7 @@ def test_sampler_node_and_evaluate_read_non_square_maps(bundle, monkeypatch, wid
     on the left of each image: with pictures red on the left and green on the right, every <a>
     region matches <a>'s red references (confusion diagonal)."""
     from unconfused import NODE_CLASS_MAPPINGS
-    from unconfused.engine.concepts import Concept, ConceptSet
+    from unconfused.engine.data.concepts import Concept, ConceptSet
     from unconfused.nodes.evaluate import UnconfusedEvaluate
 
     _left_attention(monkeypatch, bundle, width // 8)

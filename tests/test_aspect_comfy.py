@@ -19,7 +19,7 @@ RES = 128  # buckets of area 128^2: 64x128, 128x128, 128x64
 
 
 def _square(path, side: int) -> torch.Tensor:
-    from unconfused.engine.concepts import pil_to_tensor
+    from unconfused.engine.data.concepts import pil_to_tensor
 
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -31,7 +31,7 @@ def _square(path, side: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory, dreambooth_dir):
-    from unconfused.engine.concepts import tensor_to_pil
+    from unconfused.engine.data.concepts import tensor_to_pil
 
     home = demo_home(tmp_path_factory.mktemp("comfy"))
     dog = [_square(p, 96) for p in sorted((dreambooth_dir / "dog2").glob("*.jpg"))[:2]]

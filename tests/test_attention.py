@@ -6,9 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from tiny_models import tiny_bundle
-from unconfused.engine.attention import AttentionCapture, cross_attention_layers, default_layers, \
-    token_position_mask
-from unconfused.engine.tokens import add_concept_tokens
+from unconfused.engine.vision.attention import (
+    AttentionCapture,
+    cross_attention_layers,
+    default_layers,
+    token_position_mask,
+)
+from unconfused.engine.models.concept_tokens import add_concept_tokens
 
 
 def _setup():

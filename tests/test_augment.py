@@ -11,10 +11,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from unconfused.engine import augment as A
+from unconfused.engine.data.augment.bank import BankSpec, bank_from_folder, generate_bank
+from unconfused.engine.data.augment.build import AugmentSettings, build_dataset, records_digest
+from unconfused.engine.data.augment.cutout import matte_plain_background
+from unconfused.engine.data.augment.kinds import KINDS, aug_kind
+from unconfused.engine.data.augment.preview import regions_preview
 from unconfused.engine import host
-from unconfused.engine.concepts import Concept, make_concept_set, pil_to_tensor
-from unconfused.engine.dataset import Dataset, DatasetWriter, read_records
+from unconfused.engine.data.concepts import Concept, make_concept_set, pil_to_tensor
+from unconfused.engine.data.augmented_dataset import Dataset, DatasetWriter, read_records
 from unconfused.engine.errors import Cancelled, UnconfusedError
 
 CANVAS = 128
@@ -74,17 +78,17 @@ def colour_labeller(crops, vocabulary):
     return out
 
 
-def settings(**kw) -> A.AugmentSettings:
+def settings(**kw) -> AugmentSettings:
     base = dict(seed=3, canvas=CANVAS, global_pairs=6, region_pairs=6, mix_per_pair=2, min_regions=2,
                 vocabulary=["hat", "shirt", "pants", "wheel"])
     base.update(kw)
-    return A.AugmentSettings(**base)
+    return AugmentSettings(**base)
 
 
 def build(tmp_path, name="ds", cs=None, workers=None, **kw):
     cs = cs or make_concept_set([band_concept("<a>"), band_concept("<b>")])
-    bank = A.bank_from_folder(bank_folder(tmp_path / "bank"))
-    return A.build_dataset(cs, tmp_path / name, settings(**kw), bank=bank, proposer=band_proposer,
+    bank = bank_from_folder(bank_folder(tmp_path / "bank"))
+    return build_dataset(cs, tmp_path / name, settings(**kw), bank=bank, proposer=band_proposer,
                            labeller=colour_labeller, workers=workers)
 
 
@@ -151,9 +155,9 @@ def test_masks_cover_their_pixels_and_captions_name_what_is_present(tmp_path):
     assert kinds_seen == {"global", "region", "mix"}
     regions = json.loads((ds.folder / "regions.json").read_text())["regions"]
     assert {e["label"] for e in regions} == {f"{t}'s {w}" for t in ("<a>", "<b>") for w in WORDS.values()}
-    sheet = A.regions_preview(ds.folder)
+    sheet = regions_preview(ds.folder)
     assert sheet is not None and sheet.width > 0
-    assert A.regions_preview(tmp_path / "bank") is None
+    assert regions_preview(tmp_path / "bank") is None
     # M-Aug: the pair is shown both ways round
     mixes = ds.of_kind("mix")
     assert {tuple(m.tokens) for m in mixes} == {("<a>", "<b>"), ("<b>", "<a>")}
@@ -163,8 +167,8 @@ def test_deterministic_per_seed(tmp_path):
     build(tmp_path, "one", global_pairs=4, region_pairs=3, workers=3)
     build(tmp_path, "two", global_pairs=4, region_pairs=3, workers=1)  # one thread writes the same bytes
     build(tmp_path, "other", global_pairs=4, region_pairs=3, seed=4)
-    assert A.records_digest(tmp_path / "one") == A.records_digest(tmp_path / "two")
-    assert A.records_digest(tmp_path / "one") != A.records_digest(tmp_path / "other")
+    assert records_digest(tmp_path / "one") == records_digest(tmp_path / "two")
+    assert records_digest(tmp_path / "one") != records_digest(tmp_path / "other")
 
 
 def test_cancel_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
@@ -190,10 +194,10 @@ def test_cancel_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     res = build(tmp_path, "cut")
     assert res.made == 14 - 7 and Dataset(tmp_path / "cut").complete
     assert [r.id for r in read_records(tmp_path / "cut")] == [r.id for r in read_records(tmp_path / "full")]
-    assert A.records_digest(tmp_path / "cut") == A.records_digest(tmp_path / "full")
+    assert records_digest(tmp_path / "cut") == records_digest(tmp_path / "full")
     # a rerun of a complete dataset makes nothing and changes nothing
     assert build(tmp_path, "cut").made == 0
-    assert A.records_digest(tmp_path / "cut") == A.records_digest(tmp_path / "full")
+    assert records_digest(tmp_path / "cut") == records_digest(tmp_path / "full")
     # other settings with the same name are refused, not mixed in
     with pytest.raises(UnconfusedError, match="other settings"):
         build(tmp_path, "cut", mix_per_pair=3)
@@ -204,7 +208,7 @@ def test_cancel_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     res = build(tmp_path, "cut", global_pairs=8, region_pairs=7)
     assert res.made == 3 and "global_pairs 6 -> 8" in res.info()
     build(tmp_path, "fresh", global_pairs=8, region_pairs=7)
-    assert A.records_digest(tmp_path / "cut") != A.records_digest(tmp_path / "fresh")  # order on disk differs
+    assert records_digest(tmp_path / "cut") != records_digest(tmp_path / "fresh")  # order on disk differs
     assert sorted(read_records(tmp_path / "cut"), key=lambda r: r.id) == \
         sorted(read_records(tmp_path / "fresh"), key=lambda r: r.id)
     for r in read_records(tmp_path / "fresh"):
@@ -216,7 +220,7 @@ def test_cancel_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 def test_mix_pairs_cover_every_pair(tmp_path):
     cs = make_concept_set([band_concept("<a>"), band_concept("<b>"),
                            Concept("<c>", "toy", band_concept("<a>").images, masks=band_concept("<a>").masks)])
-    res = A.build_dataset(cs, tmp_path / "m", settings(global_pairs=0, region_pairs=0, mix_per_pair=3))
+    res = build_dataset(cs, tmp_path / "m", settings(global_pairs=0, region_pairs=0, mix_per_pair=3))
     assert res.counts == {"mix": 9}
     pairs = [frozenset(r.tokens) for r in read_records(tmp_path / "m")]
     assert {p: pairs.count(p) for p in set(pairs)} == {frozenset(p): 3 for p in
@@ -224,40 +228,40 @@ def test_mix_pairs_cover_every_pair(tmp_path):
 
 
 def test_bad_inputs_are_named(tmp_path):
-    bank = A.bank_from_folder(bank_folder(tmp_path / "bank"))
+    bank = bank_from_folder(bank_folder(tmp_path / "bank"))
     a, b = band_concept("<a>"), band_concept("<b>")
     no_masks = Concept("<a>", "toy", a.images)
     with pytest.raises(UnconfusedError, match=r"input 'concept_set'.*<a> has no masks.*Concept Cut-out SAM\+CLIP"):
-        A.build_dataset(make_concept_set([no_masks, b]), tmp_path / "x", settings(region_pairs=0), bank=bank)
+        build_dataset(make_concept_set([no_masks, b]), tmp_path / "x", settings(region_pairs=0), bank=bank)
     tiny = Concept("<a>", "toy", a.images, masks=[torch.zeros(96, 96) for _ in a.images])
     with pytest.raises(UnconfusedError, match=r"input 'concept_set'.*no usable cut-out"):
-        A.build_dataset(make_concept_set([tiny, b]), tmp_path / "x", settings(region_pairs=0), bank=bank)
+        build_dataset(make_concept_set([tiny, b]), tmp_path / "x", settings(region_pairs=0), bank=bank)
     with pytest.raises(UnconfusedError, match=r"input 'mix_per_pair'.*at least two concepts"):
-        A.build_dataset(make_concept_set([a]), tmp_path / "x", settings(region_pairs=0), bank=bank)
+        build_dataset(make_concept_set([a]), tmp_path / "x", settings(region_pairs=0), bank=bank)
     with pytest.raises(UnconfusedError, match=r"input 'vocabulary'.*vocabulary is empty"):
-        A.build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(vocabulary=[]), bank=bank,
+        build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(vocabulary=[]), bank=bank,
                         proposer=band_proposer, labeller=colour_labeller)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(UnconfusedError, match=r"input 'bank_folder'.*holds no images"):
-        A.bank_from_folder(tmp_path / "empty")
+        bank_from_folder(tmp_path / "empty")
     with pytest.raises(UnconfusedError, match=r"input 'region_pairs'.*no labelled regions"):
-        A.build_dataset(make_concept_set([a, b]), tmp_path / "y", settings(vocabulary=["wheel"]), bank=bank,
+        build_dataset(make_concept_set([a, b]), tmp_path / "y", settings(vocabulary=["wheel"]), bank=bank,
                         proposer=band_proposer, labeller=colour_labeller)
     with pytest.raises(UnconfusedError, match=r"input 'templates'.*exactly once"):
-        A.build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(templates=["a photo"]), bank=bank)
+        build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(templates=["a photo"]), bank=bank)
     with pytest.raises(UnconfusedError, match=r"input 'sam_model'"):
-        A.build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(), bank=bank)
+        build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(), bank=bank)
     with pytest.raises(UnconfusedError, match=r"input 'model'.*common concepts"):
-        A.build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(region_pairs=0))
+        build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(region_pairs=0))
     noisy = tmp_path / "noisy"
     noisy.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noisy / "dog_1.png")
     with pytest.raises(UnconfusedError, match=r"input 'bank_folder'.*could be cut out.*whole image"):
-        A.build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(region_pairs=0),
-                        bank=A.bank_from_folder(noisy))
+        build_dataset(make_concept_set([a, b]), tmp_path / "x", settings(region_pairs=0),
+                        bank=bank_from_folder(noisy))
     # a full disk: the message says the dataset resumes; what was written stays readable
-    real_save = A.DatasetWriter.add
+    real_save = DatasetWriter.add
 
     def full_disk(self, *args, **kw):
         if len(self) == 3:
@@ -265,12 +269,12 @@ def test_bad_inputs_are_named(tmp_path):
                                   "dataset resumes where it stopped", input="name")
         return real_save(self, *args, **kw)
 
-    A.DatasetWriter.add = full_disk
+    DatasetWriter.add = full_disk
     try:
         with pytest.raises(UnconfusedError, match="resumes"):
-            A.build_dataset(make_concept_set([a, b]), tmp_path / "disk", settings(region_pairs=0), bank=bank)
+            build_dataset(make_concept_set([a, b]), tmp_path / "disk", settings(region_pairs=0), bank=bank)
     finally:
-        A.DatasetWriter.add = real_save
+        DatasetWriter.add = real_save
     assert not Dataset(tmp_path / "disk").complete and len(Dataset(tmp_path / "disk")) == 3
 
 
@@ -281,22 +285,22 @@ def test_plain_background_matte():
     truth[(yy - 40) ** 2 + (xx - 35) ** 2 < 20 ** 2] = True
     img[truth] = (200, 30, 30)
     img[38:42, 30:40] = (238, 238, 238)  # a highlight inside the object is not a hole
-    fg = A.matte_plain_background(img)
+    fg = matte_plain_background(img)
     assert fg is not None and (fg & truth).sum() / (fg | truth).sum() > 0.95
     noise = np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8)
-    assert A.matte_plain_background(noise) is None
+    assert matte_plain_background(noise) is None
     # a studio gradient with a vignette, and a thing standing on the bottom edge
     yy, xx = np.mgrid[:96, :96]
     grad = 170 + 60 * (xx / 95) - 30 * ((yy - 48) ** 2 + (xx - 48) ** 2) / 48 ** 2
     img = np.repeat(grad[..., None], 3, axis=2).clip(0, 255).astype(np.uint8)
     truth = (np.abs(xx - 45) < 14) & (yy > 30)
     img[truth] = (40, 60, 160)
-    fg = A.matte_plain_background(img)
+    fg = matte_plain_background(img)
     assert fg is not None and (fg & truth).sum() / (fg | truth).sum() > 0.95
 
 
 def test_bank_generation_is_cached_and_resumes(tmp_path, monkeypatch, tiny):
-    from unconfused.engine import sampling
+    from unconfused.engine.models import sampling
 
     made = []
     real = sampling.generate
@@ -308,17 +312,17 @@ def test_bank_generation_is_cached_and_resumes(tmp_path, monkeypatch, tiny):
         return real(bundle, prompts, **kw)
 
     monkeypatch.setattr(sampling, "generate", counting)
-    spec = A.BankSpec(phrases=["a policeman", "a pair of jeans"], per_concept=2, steps=1, size=64)
+    spec = BankSpec(phrases=["a policeman", "a pair of jeans"], per_concept=2, steps=1, size=64)
     with pytest.raises(Cancelled):
-        A.generate_bank(tiny, spec, matte="whole image")
+        generate_bank(tiny, spec, matte="whole image")
     assert len(made) == 3
     files = sorted((host.output_dir() / "unconfused" / "banks").rglob("*.png"))
     assert len(files) == 2  # the two finished images are kept; the third was cancelled mid-sampling
-    bank = A.generate_bank(tiny, spec, matte="whole image")
+    bank = generate_bank(tiny, spec, matte="whole image")
     assert len(made) == 5 and len(bank) == 4  # only the two missing ones were generated
     assert {it.label for it in bank.items} == {"policeman", "jeans"}
     assert {it.phrase for it in bank.items} == {"a policeman", "a pair of jeans"}
-    A.generate_bank(tiny, spec, matte="whole image")
+    generate_bank(tiny, spec, matte="whole image")
     assert len(made) == 5  # nothing left to make
     assert "a pair of jeans" in json.dumps(json.loads((bank.cache_dir / "bank.json").read_text()))
 
@@ -385,13 +389,13 @@ def test_builder_node_accepts_every_declared_input(tmp_path):
                                              **kwargs)
     ds = out["result"][0]
     assert len(ds) == 3 and ds.manifest["settings"]["vocabulary"][-2:] == ["antenna", "visor"]
-    assert ds.manifest["settings"]["max_common"] == A.AugmentSettings().max_common
+    assert ds.manifest["settings"]["max_common"] == AugmentSettings().max_common
 
 
 def test_region_tools_adapt_the_masks_stage(tmp_path):
-    """The SAM / CLIP socket values become the engine's proposer and labeller (engine/regions.py);
+    """The SAM / CLIP socket values become the engine's proposer and labeller (engine/vision/regions.py);
     a model without the method is a sentence naming the input."""
-    from unconfused.engine import regions as N
+    from unconfused.engine.vision import regions as N
 
     class Sam:
         def propose_regions(self, rgb, mask):
@@ -403,7 +407,7 @@ def test_region_tools_adapt_the_masks_stage(tmp_path):
 
     proposer, labeller = N.region_tools(Sam(), Clip())
     cs = make_concept_set([band_concept("<a>"), band_concept("<b>")])
-    res = A.build_dataset(cs, tmp_path / "r", settings(global_pairs=0, region_pairs=4, mix_per_pair=0,
+    res = build_dataset(cs, tmp_path / "r", settings(global_pairs=0, region_pairs=4, mix_per_pair=0,
                                                        region_common=0), proposer=proposer, labeller=labeller)
     assert res.counts == {"region": 4}
     with pytest.raises(UnconfusedError, match=r"input 'clip_model'.*region labelling"):
@@ -419,9 +423,9 @@ def test_region_aug_with_the_masks_stage_models(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     from sam_helpers import TINY_SAM, register_tiny_clip, tiny_sam
 
-    from unconfused.engine.clip_scoring import ClipScorer
-    from unconfused.engine import regions as N
-    from unconfused.engine.sam import SamConfig, SamModel
+    from unconfused.engine.vision.clip_zero_shot import ClipScorer
+    from unconfused.engine.vision import regions as N
+    from unconfused.engine.vision.sam import SamConfig, SamModel
 
     name = register_tiny_clip()
     torch.manual_seed(0)
@@ -430,7 +434,7 @@ def test_region_aug_with_the_masks_stage_models(tmp_path):
     proposer, labeller = N.region_tools(sam, clip, points_per_side=4, pred_iou_thresh=0.0,
                                         stability_thresh=0.0)
     cs = make_concept_set([band_concept("<a>", n=1), band_concept("<b>", n=1)])
-    res = A.build_dataset(cs, tmp_path / "sam", settings(global_pairs=0, region_pairs=3, mix_per_pair=0,
+    res = build_dataset(cs, tmp_path / "sam", settings(global_pairs=0, region_pairs=3, mix_per_pair=0,
                                                          region_common=0, min_regions=1),
                           proposer=proposer, labeller=labeller)
     assert res.counts == {"region": 3}
@@ -441,9 +445,9 @@ def test_region_aug_with_the_masks_stage_models(tmp_path):
 
 
 def test_bank_images_are_the_same_alone_or_batched(tmp_path, tiny):
-    spec = A.BankSpec(phrases=["a policeman", "a dog"], per_concept=2, steps=1, size=64)
-    one = A.generate_bank(tiny, spec, folder=tmp_path / "one", matte="whole image", batch_size=1)
-    three = A.generate_bank(tiny, spec, folder=tmp_path / "three", matte="whole image", batch_size=3)
+    spec = BankSpec(phrases=["a policeman", "a dog"], per_concept=2, steps=1, size=64)
+    one = generate_bank(tiny, spec, folder=tmp_path / "one", matte="whole image", batch_size=1)
+    three = generate_bank(tiny, spec, folder=tmp_path / "three", matte="whole image", batch_size=3)
     assert [it.key for it in one.items] == [it.key for it in three.items]
     for a, b in zip(one.items, three.items):
         x = np.asarray(Image.open(a.image)).astype(int)
@@ -455,9 +459,9 @@ def test_a_pair_kind_is_one_registered_function(tmp_path):
     """The kind registry is what the build, the counts and the dataset read: a kind registered with
     @aug_kind (here: a concept alone, no bank) is built, counted, resumed and accepted as a record kind
     with no other change; the three paper kinds keep their ids (each pair's random stream)."""
-    assert {k: v.id for k, v in A.KINDS.items()} == {"global": 1, "region": 2, "mix": 3}
+    assert {k: v.id for k, v in KINDS.items()} == {"global": 1, "region": 2, "mix": 3}
 
-    @A.aug_kind("solo", 9, "test", "a concept alone", count=lambda s, n: 2 * n)
+    @aug_kind("solo", 9, "test", "a concept alone", count=lambda s, n: 2 * n)
     def _solo(b, index, rng):
         return [b._concept_piece(index % len(b.concepts), rng)]
 
@@ -465,14 +469,14 @@ def test_a_pair_kind_is_one_registered_function(tmp_path):
         s = settings(global_pairs=0, region_pairs=0, mix_per_pair=1)
         assert s.counts(2) == {"global": 0, "region": 0, "mix": 1, "solo": 4} and not s.needs_bank(2)
         cs = make_concept_set([band_concept("<a>"), band_concept("<b>")])
-        res = A.build_dataset(cs, tmp_path / "solo", s)  # no bank, no region tools needed
+        res = build_dataset(cs, tmp_path / "solo", s)  # no bank, no region tools needed
         assert res.counts == {"mix": 1, "solo": 4}
         recs = [r for r in read_records(tmp_path / "solo") if r.kind == "solo"]
         assert [r.tokens for r in recs] == [["<a>"], ["<b>"], ["<a>"], ["<b>"]]
         assert all(len(r.masks) == 1 for r in recs)
         with pytest.raises(ValueError, match="taken"):
-            A.aug_kind("again", 9, "", "", count=lambda s, n: 0)(_solo)
+            aug_kind("again", 9, "", "", count=lambda s, n: 0)(_solo)
     finally:
-        del A.KINDS["solo"]
-    assert "solo" not in A.AugmentSettings().counts(2)
+        del KINDS["solo"]
+    assert "solo" not in AugmentSettings().counts(2)
 

@@ -59,8 +59,8 @@ def workflow(name: str = "browser", steps: int = STEPS, validation: str = "<tst>
 @pytest.fixture(scope="module")
 def comfy_home(tmp_path_factory):
     """A ComfyUI home (ComfyServer.start puts this pack under custom_nodes): the demo model, three photos."""
-    from unconfused.trainers.smoke import synthetic_photos
-    from unconfused.engine.concepts import tensor_to_pil
+    from unconfused.engine.data.synthetic import synthetic_photos
+    from unconfused.engine.data.concepts import tensor_to_pil
 
     home = demo_home(tmp_path_factory.mktemp("comfy"))
     photos = home / "input" / "photos"

@@ -9,14 +9,14 @@ import torch
 
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine.buckets import bucket_sizes
-from unconfused.engine.concepts import Concept, make_concept_set
+from unconfused.engine.data.buckets import bucket_sizes
+from unconfused.engine.data.concepts import Concept, make_concept_set
 from unconfused.engine.errors import Cancelled, UnconfusedError
-from unconfused.engine.training_data import Example, fit_square, prepare
+from unconfused.engine.data.training_examples import Example, fit_square, prepare
 from unconfused.trainers import em as E
 from unconfused.trainers.loop import seed_everything
 from unconfused.trainers.lora import LoraSettings, LoraTrainer
-from unconfused.trainers.smoke import synthetic_photos
+from unconfused.engine.data.synthetic import synthetic_photos
 
 RES = 128  # buckets of area 128^2, step 64: 64x128, 128x128, 128x64
 
@@ -231,7 +231,7 @@ def test_em_concept_masks_flip_with_their_image(base):
 def test_a_mask_made_at_another_size_covers_its_photo():
     """A mask saved at another size than its photo (e.g. 256 px for a 320 px photo) is scaled to the
     photo before the bucket fit, as before buckets, instead of stopping the run."""
-    from unconfused.engine.training_data import Example, prepare
+    from unconfused.engine.data.training_examples import Example, prepare
 
     img = torch.rand(320, 320, 3)
     mask = torch.zeros(256, 256)

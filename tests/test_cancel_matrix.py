@@ -11,16 +11,16 @@ import torch
 from sam_helpers import TINY_SAM, tiny_sam
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine import sam as S
-from unconfused.engine.concepts import Concept, ConceptSet
+from unconfused.engine.vision import sam as S
+from unconfused.engine.data.concepts import Concept, ConceptSet
 from unconfused.engine.errors import Cancelled
-from unconfused.trainers.smoke import synthetic_concept
+from unconfused.engine.data.synthetic import synthetic_concept
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    from unconfused.engine.clip_scoring import load_clip
-    from unconfused.engine.demo_model import write_demo_clip
+    from unconfused.engine.vision.clip_zero_shot import load_clip
+    from unconfused.engine.models.demo import write_demo_clip
 
     images, masks = synthetic_concept(0, 2, 64)
     return {"bundle": tiny_bundle(), "sam": S.SamModel(tiny_sam(), S.SamConfig(**TINY_SAM), device="cpu"),

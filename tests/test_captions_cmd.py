@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from unconfused.trainers.cli import main
+from unconfused.app.cli import main
 
 GOOD = "A <sks> dog sitting next to a black leather purse with silver hardware on white sheets."
 

@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from unconfused.engine.concepts import load_concept_set
-from unconfused.trainers.cli import main
+from unconfused.engine.data.concepts import load_concept_set
+from unconfused.app.cli import main
 
 
 def test_smoke_job_on_builtin_defaults(tmp_path, capsys):

@@ -22,14 +22,14 @@ from safetensors.torch import load_file, save_file
 from sam_helpers import TINY_CLIP_CFG, register_tiny_clip
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine.clip_scoring import ClipScorer
-from unconfused.engine.clip_tower import FeatureCache, load_image_tower
-from unconfused.engine.concepts import tensor_to_pil
-from unconfused.engine.dataset import Dataset, DatasetWriter
+from unconfused.engine.vision.clip_zero_shot import ClipScorer
+from unconfused.engine.vision.clip_image_tower import FeatureCache, load_image_tower
+from unconfused.engine.data.concepts import tensor_to_pil
+from unconfused.engine.data.augmented_dataset import Dataset, DatasetWriter
 from unconfused.engine.errors import Cancelled, UnconfusedError
-from unconfused.engine.tokens import concept_embedding
+from unconfused.engine.models.concept_tokens import concept_embedding
 from unconfused.trainers.clif import ClifSettings, ClifTrainer, train_clif
-from unconfused.trainers.smoke import synthetic_photos
+from unconfused.engine.data.synthetic import synthetic_photos
 
 TOKENS = ("<red>", "<blue>")
 
@@ -167,7 +167,7 @@ def test_two_concepts_from_one_class_word_separate(dataset, scorer):
 
     # the exported text encoder + embedding rows give exactly the in-graph model's conditioning
     from transformers import CLIPTextConfig, CLIPTextModel
-    from unconfused.engine.models import text_state_for
+    from unconfused.engine.models.loading import text_state_for
 
     # (as ComfyUI does with embeddings: the file's vectors appended to the token table)
     state = dict(te_file)
@@ -361,7 +361,7 @@ def test_exports_give_our_conditioning_in_stock_comfyui(tmp_path, dataset):
     --fp32-text-enc: by default ComfyUI stores text-encoder weights in fp16, which rounds any fine-tuned
     encoder's weights - ours included - by ~2e-3 in the conditioning.)"""
     from tiny_models import cached_checkpoint, comfyui_dir
-    from unconfused.engine.models import load_model
+    from unconfused.engine.models.loading import load_model
 
     ckpt = cached_checkpoint("sd1")
     model, name = tiny_tower_model(text_width=768)

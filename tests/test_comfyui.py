@@ -98,9 +98,9 @@ def test_stock_nodes_generate_with_the_exported_files(comfy, tmp_path):
     from peft import LoraConfig
 
     from tiny_models import cached_checkpoint
-    from unconfused.engine.exports import save_embedding, save_lora
-    from unconfused.engine.models import load_model
-    from unconfused.engine.tokens import add_concept_tokens, token_rows
+    from unconfused.engine.models.exports import save_embedding, save_lora
+    from unconfused.engine.models.loading import load_model
+    from unconfused.engine.models.concept_tokens import add_concept_tokens, token_rows
 
     ckpt = cached_checkpoint("sd1")
     (comfy.home / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)

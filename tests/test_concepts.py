@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from unconfused.engine import concepts as C
+from unconfused.engine.data import concepts as C
 from unconfused.engine.errors import UnconfusedError
 from unconfused.nodes.concepts import (UnconfusedConcept, UnconfusedConceptFromFolder, UnconfusedConceptSet,
                                        UnconfusedLoadConceptSet, UnconfusedSaveConceptSet)
@@ -149,7 +149,7 @@ def test_concept_from_folder_reads_photos_and_sidecars(dreambooth_dir, tmp_path)
 
 
 def test_one_concept_from_folder_and_one_spec_parser_for_every_caller(tmp_path):
-    """engine.concepts.concept_from_folder / parse_concept_spec: the node, the command line and job files
+    """engine.data.concepts.concept_from_folder / parse_concept_spec: the node, the command line and job files
     share them; a bad part is a sentence naming the input it came from."""
     from PIL import Image
 
@@ -177,10 +177,10 @@ def test_one_concept_from_folder_and_one_spec_parser_for_every_caller(tmp_path):
 
 
 def test_one_iou_for_the_pack():
-    """engine.regions.iou: tensors or arrays, binarised at 0.5; two empty masks agree."""
+    """engine.vision.regions.iou: tensors or arrays, binarised at 0.5; two empty masks agree."""
     import numpy as np
 
-    from unconfused.engine.regions import iou
+    from unconfused.engine.vision.regions import iou
 
     a = torch.zeros(8, 8)
     a[:4] = 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from unconfused.engine import crf
+from unconfused.engine.vision import crf
 from unconfused.engine.errors import UnconfusedError
 from unconfused.nodes.masks import UnconfusedCRFRefine
 

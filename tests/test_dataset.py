@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from unconfused.engine import host
-from unconfused.engine.dataset import Dataset, DatasetWriter, read_records
+from unconfused.engine.data.augmented_dataset import Dataset, DatasetWriter, read_records
 from unconfused.engine.errors import UnconfusedError
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.presets import PRESETS
-from unconfused.trainers.cli import main
-from unconfused.trainers.flow import DEMO_VALUES, FlowSettings, make_plan
-from unconfused.trainers.jobs import demo_settings
+from unconfused.app.cli import main
+from unconfused.app.flow import DEMO_VALUES, FlowSettings, make_plan
+from unconfused.app.jobs import demo_settings
 
 
 def test_with_a_checkpoint_the_plan_is_the_quick_preset_at_the_native_resolution():
@@ -38,7 +38,7 @@ def test_with_a_checkpoint_the_plan_is_the_quick_preset_at_the_native_resolution
     assert (mine.augment.global_pairs, mine.clif.steps, mine.clif.batch_size, mine.lora.steps, mine.lora.rank,
             mine.bank.per_concept) == (10, 7, 4, 9, 4, 2)
     # without files: the toy world's values (64 px, its sampler settings), its own bank of world objects
-    from unconfused.engine import toyworld as tw
+    from unconfused.engine.evaluation import toyworld as tw
 
     builtin = make_plan(FlowSettings(), 512, with_sam=False)
     assert (builtin.mode, builtin.resolution, builtin.sample_size, builtin.augment.global_pairs, builtin.clif.steps,
@@ -141,7 +141,7 @@ def test_the_job_file_gives_the_same_settings_as_the_flags(tmp_path):
                    '[settings]\npairs = 100\nbank_images = 3\nclif_steps = 12\nlora_steps = 34\nresolution = 576\n'
                    '"augment.mix_per_pair" = 2\n[settings.clif]\nbatch_size = 16\n')
     from_file = demo_settings(job, ["lora.rank=4", "seed=3"])
-    from unconfused.trainers.smoke import ConceptSpec
+    from unconfused.app.smoke import ConceptSpec
 
     flags = {"workdir": tmp_path / "run", "ckpt": tmp_path / "models" / "v1-5.safetensors",
              "clip": tmp_path / "clip.safetensors", "sam": tmp_path / "sam_vit_b.pth",
@@ -164,8 +164,8 @@ def test_the_job_file_gives_the_same_settings_as_the_flags(tmp_path):
 def test_the_demo_on_a_users_checkpoint_runs_the_preset_with_a_cached_bank(tmp_path, capsys, monkeypatch):
     """The tiny demo model written as a diffusers folder is the user's checkpoint. Its family's native
     size is patched to 64 px (the real one, 512, is too slow for a test): the plan must take it."""
-    from unconfused.engine import families, sampling
-    from unconfused.engine.demo_model import write_demo_diffusers_folder
+    from unconfused.engine.models import families, sampling
+    from unconfused.engine.models.demo import write_demo_diffusers_folder
 
     monkeypatch.setattr(families.SD1, "default_resolution", lambda self, bundle: 64)
     drawn = []
@@ -197,7 +197,7 @@ def test_the_demo_on_a_users_checkpoint_runs_the_preset_with_a_cached_bank(tmp_p
     # the bank: drawn by the user's model (2 concepts x 2 images), cached by the model's hash
     assert len(drawn) == 4 and report["stages"]["common-concept bank"]["images"] == 4
     bank_dir = Path(report["stages"]["common-concept bank"]["folder"])
-    from unconfused.engine.models import load_model
+    from unconfused.engine.models.loading import load_model
 
     assert bank_dir.name == load_model(ckpt).base_hash
     pngs = sorted(p for p in bank_dir.glob("*/*.png") if p.parent.name != "mattes")
@@ -217,7 +217,7 @@ def test_a_sam_turns_region_pairs_on_in_the_run(tmp_path, monkeypatch):
     that pass its quality checks, so its automatic mode is replaced by horizontal bands here)."""
     import torch
     from sam_helpers import tiny_sam_state_dict
-    from unconfused.engine import regions
+    from unconfused.engine.vision import regions
 
     monkeypatch.setenv("UNCONFUSED_SAM_ALLOW_CUSTOM", "1")
     used = []
@@ -247,7 +247,7 @@ def test_a_sam_turns_region_pairs_on_in_the_run(tmp_path, monkeypatch):
 
 
 def test_the_estimate_is_the_time_per_step_after_the_first_step_times_the_steps(monkeypatch):
-    from unconfused.trainers import flow
+    from unconfused.app import flow
 
     clock = iter([0.0, 10.0, 14.0, 20.0])  # begin, step 1 (warm-up), step 3 (too early), step 6
     monkeypatch.setattr(flow.time, "perf_counter", lambda: next(clock))

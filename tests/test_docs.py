@@ -54,11 +54,13 @@ def test_benchmark_page_renders_a_run_all_summary(gen, tmp_path):
 
 
 def test_architecture_page_names_every_module():
-    """docs/architecture.md matches the code: every module of engine/, trainers/ and nodes/ has its line."""
+    """docs/architecture.md matches the code: every module of engine/ (subfolders too), trainers/, app/ and
+    nodes/ has its line."""
     page = (REPO / "docs" / "architecture.md").read_text("utf-8")
-    missing = [f"{p.parent.name}/{p.name}" for folder in ("engine", "trainers", "nodes")
-               for p in sorted((REPO / folder).glob("*.py")) if p.name != "__init__.py"
-               and not re.search(rf"`{p.stem}`|{p.parent.name}/{p.name}", page)]
+    missing = [p.relative_to(REPO).as_posix() for folder in ("engine", "trainers", "app", "nodes")
+               for p in sorted((REPO / folder).rglob("*.py")) if p.name != "__init__.py"
+               and not re.search(rf"`{p.stem}`|`{p.relative_to(REPO / folder).with_suffix('').as_posix()}`|"
+                                 rf"{p.relative_to(REPO).as_posix()}", page)]
     assert not missing, f"docs/architecture.md does not describe: {missing}"
 
 

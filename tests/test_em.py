@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine.attention import AttentionCapture, default_layers, token_position_mask
-from unconfused.engine.concepts import pil_to_tensor
+from unconfused.engine.vision.attention import AttentionCapture, default_layers, token_position_mask
+from unconfused.engine.data.concepts import pil_to_tensor
 from unconfused.engine.errors import Cancelled, UnconfusedError
-from unconfused.engine.tokens import add_concept_tokens
+from unconfused.engine.models.concept_tokens import add_concept_tokens
 from unconfused.trainers import em as E
 
 RES = 64
@@ -254,10 +254,10 @@ def test_node_runs_under_comfyui_inference_mode(dreambooth_dir):
 def test_cli_em_job(dreambooth_dir, tmp_path, capsys):
     import json
 
-    from unconfused.trainers.cli import main
+    from unconfused.app.cli import main
 
     image, gt = composite(dreambooth_dir, 64)
-    from unconfused.engine.concepts import tensor_to_pil
+    from unconfused.engine.data.concepts import tensor_to_pil
 
     tensor_to_pil(image).save(tmp_path / "pair.png")
     for name, m in zip(("dog", "cat"), gt):

@@ -35,7 +35,7 @@ def test_example_matches_the_node_declarations():
 def comfy(tmp_path_factory, dreambooth_dir):
     from test_em import composite  # noqa: E402  (tests/ is on sys.path)
 
-    from unconfused.engine.concepts import tensor_to_pil
+    from unconfused.engine.data.concepts import tensor_to_pil
 
     home = demo_home(tmp_path_factory.mktemp("comfy"))
     image, _ = composite(dreambooth_dir, 64)

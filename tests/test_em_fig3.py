@@ -2,7 +2,7 @@
 masks get closer to the truth over its rounds - IoU rises, then changes little.
 
 The case needs a model that knows what it is looking at, so it runs on the trained toy model
-(engine/toyworld.py, docs/toyworld.md: it draws and grounds colours, not shapes; 64 px pictures,
+(engine/evaluation/toyworld.py, docs/toyworld.md: it draws and grounds colours, not shapes; 64 px pictures,
 8 x 8 latents):
 - two pictures of a red ball and a blue box on snow, and one picture of each alone, with the world's
   exact per-object masks as the truth;
@@ -38,8 +38,8 @@ import random
 import pytest
 import torch
 
-from unconfused.engine import toyworld as tw
-from unconfused.engine.attention import AttentionCapture, token_position_mask
+from unconfused.engine.evaluation import toyworld as tw
+from unconfused.engine.vision.attention import AttentionCapture, token_position_mask
 from unconfused.trainers import em as E
 
 MEASURE = E.attention_loss  # the measure keeps the real loss when a check patches the trainer's away
@@ -109,7 +109,7 @@ def agreement(res: E.EMResult, scenes: list[E.Scene], timesteps=(50, 150, 250, 3
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The case trained with the default attention_weight and with 0 (same seed, same first masks)."""
-    assert tw.is_trained(), "the trained toy model is missing from engine/toyworld_weights"
+    assert tw.is_trained(), "the trained toy model is missing from engine/evaluation/toyworld_weights"
     toy = tw.load_toy_bundle()
     root = tmp_path_factory.mktemp("fig3")
     return {w: E.train_em(toy.clone(), case(), settings(attention_weight=w), run_root=root / str(w))

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tiny_models import tiny_bundle
-from unconfused.engine.attention import AttentionCapture, default_layers, token_position_mask
+from unconfused.engine.vision.attention import AttentionCapture, default_layers, token_position_mask
 from unconfused.trainers import em as E
 
 RES = 128

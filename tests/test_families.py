@@ -1,4 +1,4 @@
-"""The model-family seam (engine/families.py): the family object owns text encoding, the UNet call,
+"""The model-family seam (engine/models/families.py): the family object owns text encoding, the UNet call,
 the text encoders that take token rows and LoRA, export keys, attention layers and resolution; the
 trainers, the sampler and the exports ask it. A second text encoder (SDXL's shape) is proven with a
 test family registered here - adding one is one new class."""
@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_models import tiny_bundle
-from unconfused.engine import families as Fm
-from unconfused.engine.attention import default_layers
-from unconfused.engine.exports import kohya_lora_state, save_embedding
-from unconfused.engine.models import add_text_encoder_lora, bundle_from_parts
-from unconfused.engine.tokens import add_concept_tokens, concept_embedding, token_rows
+from unconfused.engine.models import families as Fm
+from unconfused.engine.vision.attention import default_layers
+from unconfused.engine.models.exports import kohya_lora_state, save_embedding
+from unconfused.engine.models.loading import add_text_encoder_lora, bundle_from_parts
+from unconfused.engine.models.concept_tokens import add_concept_tokens, concept_embedding, token_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_a_family_with_two_text_encoders_gets_rows_and_exports_in_both(bundle, t
 
 
 def test_trainers_sampler_and_em_call_models_only_through_the_family():
-    """No direct `unet(noisy, t, cond)` or `text_encoder(ids)` outside engine/families.py."""
+    """No direct `unet(noisy, t, cond)` or `text_encoder(ids)` outside engine/models/families.py."""
     direct = re.compile(r"(?<!\w)(unet|text_encoder|text_encoder_2|te)\(")
     files = sorted((REPO / "trainers").glob("*.py")) + [REPO / "engine" / n for n in ("sampling.py", "exports.py",
                                                                                        "models.py")]

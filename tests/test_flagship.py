@@ -37,7 +37,7 @@ CPU_SIZED = {
 
 
 def test_flagship_clif_workflow_runs_end_to_end(tmp_path, dreambooth_dir):
-    from unconfused.engine.demo_model import write_demo_clip
+    from unconfused.engine.models.demo import write_demo_clip
 
     home = demo_home(tmp_path / "comfy")
     (home / "models" / "sams").mkdir(parents=True)

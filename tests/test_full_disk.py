@@ -13,11 +13,11 @@ import torch
 
 from test_augment import build
 from test_metrics import ColourFeatures
-from unconfused.engine import augment as A
+from unconfused.engine.data.augment.build import records_digest
 from unconfused.engine import host
-from unconfused.engine.concepts import Concept, ConceptSet, load_concept_set
+from unconfused.engine.data.concepts import Concept, ConceptSet, load_concept_set
 from unconfused.engine.errors import UnconfusedError
-from unconfused.trainers.smoke import synthetic_concept
+from unconfused.engine.data.synthetic import synthetic_concept
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_augmented_dataset(tmp_path, full_disk):
     full_disk(None)
     res = build(tmp_path, "cut")
     assert 0 < res.made < 14  # the pairs written before the disk filled were kept
-    assert A.records_digest(tmp_path / "cut") == A.records_digest(tmp_path / "whole")
+    assert records_digest(tmp_path / "cut") == records_digest(tmp_path / "whole")
 
 
 def test_evaluation_report(tmp_path, full_disk):

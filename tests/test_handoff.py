@@ -1,4 +1,4 @@
-"""The native hand-off's pure parts (engine/handoff.py) and the nodes' refusals, without ComfyUI:
+"""The native hand-off's pure parts (engine/models/handoff.py) and the nodes' refusals, without ComfyUI:
 family and prediction type from ComfyUI's class names, weights shared instead of copied, the
 concept tokens spelled for ComfyUI's tokenizer, the LoRA in LoraLoader's naming, the text
 encoder's changed weights. Against real ComfyUI: tests/test_handoff_comfy.py."""
@@ -10,10 +10,10 @@ import torch
 from peft import LoraConfig
 
 from tiny_models import tiny_bundle, tiny_sdxl_bundle
-from unconfused.engine import handoff as H
+from unconfused.engine.models import handoff as H
 from unconfused.engine.errors import UnconfusedError
-from unconfused.engine.models import add_text_encoder_lora, hf_text_keys
-from unconfused.engine.tokens import add_concept_tokens
+from unconfused.engine.models.loading import add_text_encoder_lora, hf_text_keys
+from unconfused.engine.models.concept_tokens import add_concept_tokens
 from unconfused.nodes.handoff import UnconfusedApplyToComfy, UnconfusedBundleFromComfy
 
 

@@ -68,7 +68,7 @@ def _job(job_path: str) -> None:
 
     import comfy.sd
     import nodes as stock  # ComfyUI's own nodes module (CLIPTextEncode, KSampler's function)
-    from unconfused.engine.models import load_model
+    from unconfused.engine.models.loading import load_model
     from unconfused.nodes.handoff import UnconfusedApplyToComfy, UnconfusedBundleFromComfy
 
     report: dict = {}
@@ -115,9 +115,9 @@ def _job(job_path: str) -> None:
     # text-encoder weight, all strong enough that a wrong key, scale or token shows
     from peft import LoraConfig
 
-    from unconfused.engine.models import add_text_encoder_lora
-    from unconfused.engine.sampling import generate
-    from unconfused.engine.tokens import add_concept_tokens, concept_embedding
+    from unconfused.engine.models.loading import add_text_encoder_lora
+    from unconfused.engine.models.sampling import generate
+    from unconfused.engine.models.concept_tokens import add_concept_tokens, concept_embedding
 
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(False):

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.comfyui
 
 # ---------------------------------------------------------------- the tiny SDXL layout, taught to ComfyUI
 def _teach_comfyui_the_tiny_sdxl(tmp: Path, tiny: dict) -> None:
-    """`tiny`: the tiny SDXL's configs (engine/model_configs.py SDXL_VARIANTS), as JSON-able dicts."""
+    """`tiny`: the tiny SDXL's configs (engine/models/configs.py SDXL_VARIANTS), as JSON-able dicts."""
     import comfy.ldm.modules.diffusionmodules.model as ldm_model
     import comfy.model_base
     import comfy.sd
@@ -129,7 +129,7 @@ def _job(job_path: str) -> None:
     import nodes as stock
 
     _teach_comfyui_the_tiny_sdxl(Path(job["tmp"]), job["tiny"])
-    from unconfused.engine.models import load_model
+    from unconfused.engine.models.loading import load_model
     from unconfused.nodes.handoff import UnconfusedApplyToComfy, UnconfusedBundleFromComfy
 
     report: dict = {}
@@ -155,9 +155,9 @@ def _job(job_path: str) -> None:
 
     from peft import LoraConfig
 
-    from unconfused.engine.models import add_text_encoder_lora
-    from unconfused.engine.sampling import generate
-    from unconfused.engine.tokens import add_concept_tokens, concept_embedding
+    from unconfused.engine.models.loading import add_text_encoder_lora
+    from unconfused.engine.models.sampling import generate
+    from unconfused.engine.models.concept_tokens import add_concept_tokens, concept_embedding
     from unconfused.trainers.clif import merged_text_encoder
 
     # a stand-in for a trained bundle: tokens in both encoders, LoRA on the UNet and both encoders, one
@@ -248,7 +248,7 @@ def _digest(bundle) -> dict[str, str]:
 
 
 def _tiny_configs() -> dict:
-    from unconfused.engine import model_configs as cfg
+    from unconfused.engine.models import configs as cfg
 
     return json.loads(json.dumps(cfg.SDXL_VARIANTS[(32, 96)]))
 

@@ -1,4 +1,4 @@
-"""The layers hold: nodes/ -> trainers/ -> engine/, and only engine/host.py reaches ComfyUI.
+"""The layers hold: nodes/ and app/ -> trainers/ -> engine/, and only engine/host.py reaches ComfyUI.
 
 Scans the source (ast for imports, text for ComfyUI names), and imports the engine in a fresh
 interpreter to see that no node module comes along."""
@@ -42,7 +42,7 @@ def imported_modules(path: Path, text: str | None = None) -> list[str]:
 
 
 def test_importing_the_engine_imports_no_node_module():
-    code = ("import sys, unconfused.engine.models; "
+    code = ("import sys, unconfused.engine.models.loading; "
             "bad = [m for m in sys.modules if m.startswith('unconfused.nodes')]; "
             "assert not bad, bad")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this run's `unconfused`
@@ -50,10 +50,18 @@ def test_importing_the_engine_imports_no_node_module():
     assert run.returncode == 0, run.stderr[-2000:]
 
 
-def test_engine_and_trainers_import_no_node_module():
+def test_engine_and_trainers_import_neither_nodes_nor_app():
+    above = ("unconfused.nodes", "unconfused.app")
     offenders = [f"{p.relative_to(REPO)}: {m}" for p in sources("engine", "trainers")
-                 for m in imported_modules(p) if m == "unconfused.nodes" or m.startswith("unconfused.nodes.")]
-    assert not offenders, "engine/ and trainers/ must not import nodes/:\n" + "\n".join(offenders)
+                 for m in imported_modules(p) if m in above or m.startswith(tuple(a + "." for a in above))]
+    assert not offenders, "engine/ and trainers/ must not import nodes/ or app/:\n" + "\n".join(offenders)
+
+
+def test_the_engine_imports_nothing_above_it():
+    above = ("unconfused.nodes", "unconfused.app", "unconfused.trainers")
+    offenders = [f"{p.relative_to(REPO)}: {m}" for p in sources("engine")
+                 for m in imported_modules(p) if m in above or m.startswith(tuple(a + "." for a in above))]
+    assert not offenders, "engine/ must not import nodes/, app/ or trainers/:\n" + "\n".join(offenders)
 
 
 def test_the_import_scan_sees_relative_and_late_imports():

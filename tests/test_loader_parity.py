@@ -11,7 +11,7 @@ import torch
 
 from test_stock_parity import run_stock
 from tiny_models import cached_checkpoint
-from unconfused.engine.models import load_model
+from unconfused.engine.models.loading import load_model
 
 PROMPTS = ["a photo of a dog on a beach", ""]
 

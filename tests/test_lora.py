@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine import losses as L
-from unconfused.engine.concepts import Concept, make_concept_set
+from unconfused.engine.models import losses as L
+from unconfused.engine.data.concepts import Concept, make_concept_set
 from unconfused.engine.errors import Cancelled, UnconfusedError
 from unconfused.trainers import lora as T
 from unconfused.trainers.lora import LoraSettings, LoraTrainer, train_lora
-from unconfused.trainers.smoke import synthetic_photos
+from unconfused.engine.data.synthetic import synthetic_photos
 
 RES = 64
 
@@ -141,7 +141,7 @@ def test_training_moves_tokens_and_lora_but_not_the_input_bundle():
     trained = result.bundle
     emb = trained.text_encoder.get_input_embeddings()
     assert torch.equal(emb.base.weight, emb_before)  # the vocabulary's rows never train
-    from unconfused.engine.tokens import token_rows
+    from unconfused.engine.models.concept_tokens import token_rows
 
     dog = emb_before[trained.tokenizer("dog", add_special_tokens=False).input_ids].mean(0)
     assert not torch.allclose(token_rows(trained, "<a>")[0], dog)  # initialised from "dog", then trained

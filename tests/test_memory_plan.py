@@ -11,6 +11,7 @@ from unconfused.engine import host
 import pytest
 import torch
 
+from unconfused.app.jobs import job_kind
 from unconfused.trainers import memory_plan as MP
 from unconfused.engine.errors import UnconfusedError
 from unconfused.trainers.clif import ClifSettings
@@ -26,7 +27,7 @@ def _lora(**kw):
 
 def test_plan_command_on_full_size_sd1_job_files(tmp_path, capsys):
     from tiny_models import cached_checkpoint
-    from unconfused.trainers.cli import main
+    from unconfused.app.cli import main
 
     ckpt = cached_checkpoint("sd1")  # the family is read from its keys; the weights are not loaded
     jobs = {
@@ -59,10 +60,10 @@ def test_plan_reads_the_family_from_the_model_and_the_kind_from_the_keys(tmp_pat
         (tmp_path / name / "model_index.json").write_text(json.dumps(index))
         (tmp_path / name / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": width}))
     assert [MP.family_of(tmp_path / n) for n in ("demo", "v2", "v1")] == ["demo", "sd2", "sd1"]
-    assert MP.job_kind({"dataset": "d", "image_tower": "t"}) == "clif"
-    assert MP.job_kind({"images": ["a.png"], "concepts": ["<a> dog"]}) == "em"
-    assert MP.job_kind({"images": "gen", "clip": "c", "concepts": []}) == "lora"  # (an eval job is not planned)
-    assert MP.job_kind({"concepts": ["f:<a>:dog"]}) == "lora"
+    assert job_kind({"dataset": "d", "image_tower": "t"}) == "clif"
+    assert job_kind({"images": ["a.png"], "concepts": ["<a> dog"]}) == "em"
+    assert job_kind({"images": "gen", "clip": "c", "concepts": []}) == "lora"  # (an eval job is not planned)
+    assert job_kind({"concepts": ["f:<a>:dog"]}) == "lora"
 
 
 def test_estimate_moves_the_right_way():
@@ -82,7 +83,7 @@ def test_estimate_moves_the_right_way():
 def test_estimate_matches_the_measured_cpu_peak(tmp_path, resolution, batch, checkpointing):
     """Measured (benchmarks/precision.py, 4 configurations): the estimate is 2-7% above the real
     peak, the step's own part 5-22% above; never below."""
-    from unconfused.engine.demo_model import build_demo_model
+    from unconfused.engine.models.demo import build_demo_model
     from unconfused.trainers.lora import LoraTrainer
 
     s = LoraSettings(resolution=resolution, batch_size=batch, precision="fp32", device="cpu",
@@ -106,7 +107,7 @@ def test_clif_and_em_plans_count_what_they_train():
 
 
 def test_check_fits_refuses_with_a_sentence_naming_the_settings(monkeypatch):
-    from unconfused.engine.demo_model import build_demo_model
+    from unconfused.engine.models.demo import build_demo_model
 
     bundle = build_demo_model()
     s = _lora(resolution=128, batch_size=2)

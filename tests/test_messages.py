@@ -9,9 +9,9 @@ from PIL import Image
 
 from tiny_models import tiny_bundle
 from unconfused.engine import host, messages
-from unconfused.engine.concepts import Concept, make_concept_set
+from unconfused.engine.data.concepts import Concept, make_concept_set
 from unconfused.trainers.loop import Loop, LoopState
-from unconfused.trainers.smoke import synthetic_photos
+from unconfused.engine.data.synthetic import synthetic_photos
 
 TRAIN_FIELDS = {"node_id", "node", "step", "total", "loss", "lr", "eta_seconds"}
 VALIDATION_FIELDS = {"node_id", "node", "step", "prompts", "images"}

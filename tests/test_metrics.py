@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from unconfused.engine import host
-from unconfused.engine import metrics as M
+from unconfused.engine.evaluation import metrics as M
 from unconfused.engine.errors import UnconfusedError
 
 RED, GREEN, BLUE = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
@@ -206,14 +206,14 @@ def test_report_files_are_complete_and_numbered(tmp_path):
 # ------------------------------------------------------------------ real models (tiny, random)
 @pytest.fixture(scope="module")
 def demo_clip(tmp_path_factory):
-    from unconfused.engine.clip_scoring import load_clip
-    from unconfused.engine.demo_model import write_demo_clip
+    from unconfused.engine.vision.clip_zero_shot import load_clip
+    from unconfused.engine.models.demo import write_demo_clip
 
     return load_clip(write_demo_clip(tmp_path_factory.mktemp("clip")), device="cpu")
 
 
 def test_open_clip_scorer_features_identical_images_score_one(demo_clip):
-    from unconfused.trainers.smoke import synthetic_photos
+    from unconfused.engine.data.synthetic import synthetic_photos
 
     photos = synthetic_photos(0, 2, 64)
     f = demo_clip.image_features(photos)
@@ -239,8 +239,8 @@ def write_tiny_dino(folder, model_type="vit"):
 
 
 def test_dino_loader_features_and_messages(tmp_path):
-    from unconfused.engine import dino as D
-    from unconfused.trainers.smoke import synthetic_photos
+    from unconfused.engine.vision import dino as D
+    from unconfused.engine.data.synthetic import synthetic_photos
 
     host.configure(models_dir=tmp_path / "models", output_dir=tmp_path / "out", temp_dir=tmp_path / "temp")
     try:
@@ -267,7 +267,7 @@ def test_dino_loader_features_and_messages(tmp_path):
 
 # ------------------------------------------------------------------ the nodes
 def test_evaluate_node_reads_sampler_masks_in_model_order(tmp_path):
-    from unconfused.engine.concepts import Concept, ConceptSet
+    from unconfused.engine.data.concepts import Concept, ConceptSet
     from unconfused.nodes.evaluate import UnconfusedEvaluate, UnconfusedMaskIoU
 
     host.configure(models_dir=tmp_path / "models", output_dir=tmp_path / "out", temp_dir=tmp_path / "temp")
@@ -302,10 +302,10 @@ def test_evaluate_node_reads_sampler_masks_in_model_order(tmp_path):
 
 # ------------------------------------------------------------------ the command
 def test_eval_command_on_folders(tmp_path, demo_clip, capsys):
-    from unconfused.engine.concepts import tensor_to_pil
-    from unconfused.engine.demo_model import write_demo_clip
-    from unconfused.trainers.cli import main
-    from unconfused.trainers.smoke import synthetic_photos
+    from unconfused.engine.data.concepts import tensor_to_pil
+    from unconfused.engine.models.demo import write_demo_clip
+    from unconfused.app.cli import main
+    from unconfused.engine.data.synthetic import synthetic_photos
 
     clip_path = write_demo_clip(tmp_path / "models" / "clip_vision")
     photos = synthetic_photos(0, 2, 64)

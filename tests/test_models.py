@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from unconfused.engine.demo_model import write_demo_diffusers_folder
+from unconfused.engine.models.demo import write_demo_diffusers_folder
 from unconfused.engine.errors import UnconfusedError
-from unconfused.engine.models import detect_family, detect_prediction, load_model, read_state_dict
+from unconfused.engine.models.loading import detect_family, detect_prediction, load_model, read_state_dict
 from unconfused.nodes.models import UnconfusedLoadCheckpoint
 
 U = "model.diffusion_model."

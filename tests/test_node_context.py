@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unconfused import NODE_CLASS_MAPPINGS
-from unconfused.engine import crf as CRF
+from unconfused.engine.vision import crf as CRF
 from unconfused.engine import host
 from unconfused.engine.errors import Cancelled, UnconfusedError
 
@@ -19,7 +19,7 @@ def _refine(**bad):
 
 
 def test_an_error_deep_in_the_engine_names_the_running_node():
-    # CRFSettings.validate (engine/crf.py) raises without any node argument
+    # CRFSettings.validate (engine/vision/crf.py) raises without any node argument
     with pytest.raises(UnconfusedError) as e:
         _refine(iterations=0)
     assert str(e.value) == "[UnconfusedCRFRefine] input 'iterations': iterations must be at least 1"

@@ -16,16 +16,16 @@ import torch
 from test_clif import tiny_tower_model, write_dataset
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine.clip_scoring import ClipScorer
-from unconfused.engine.concepts import Concept, make_concept_set
+from unconfused.engine.vision.clip_zero_shot import ClipScorer
+from unconfused.engine.data.concepts import Concept, make_concept_set
 from unconfused.engine.errors import Cancelled
-from unconfused.engine.tokens import concept_embedding
+from unconfused.engine.models.concept_tokens import concept_embedding
 from unconfused.trainers import base as B
 from unconfused.trainers import em as E
 from unconfused.trainers.clif import ClifSettings, ClifTrainer
 from unconfused.trainers.lora import LoraSettings, LoraTrainer
 from unconfused.trainers.loop import seed_everything
-from unconfused.trainers.smoke import synthetic_photos
+from unconfused.engine.data.synthetic import synthetic_photos
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENS = ("<red>", "<blue>")

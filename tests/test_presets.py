@@ -15,7 +15,7 @@ import pytest
 from unconfused.engine import host
 from unconfused.engine import presets as P
 from unconfused.engine.errors import UnconfusedError
-from unconfused.engine.exports import clean_metadata
+from unconfused.engine.models.exports import clean_metadata
 from unconfused.trainers.clif import ClifSettings
 from unconfused.trainers.em import EMSettings
 from unconfused.trainers.lora import LoraSettings
@@ -137,7 +137,7 @@ def test_unknown_preset_is_refused_with_the_choices(tmp_path):
         ClifSettings.from_dict({"preset": "fast"})
     with pytest.raises(UnconfusedError, match="must be text"):
         EMSettings.from_dict({"preset": 3})
-    from unconfused.trainers.jobs import read_config
+    from unconfused.app.jobs import read_config
 
     job = tmp_path / "job.toml"
     job.write_text('preset = "qiuck"\n[settings]\nsteps = 3\n')
@@ -148,7 +148,7 @@ def test_unknown_preset_is_refused_with_the_choices(tmp_path):
 
 def test_job_file_preset_at_the_top_in_settings_and_by_set(tmp_path):
     """`preset = "paper"` in a job file yields the paper values; [settings] and --set values win."""
-    from unconfused.trainers.jobs import read_config
+    from unconfused.app.jobs import read_config
 
     job = tmp_path / "job.toml"
     job.write_text('preset = "paper"\n[settings]\nsteps = 5\nname = "p"\n')
@@ -165,7 +165,7 @@ def test_job_file_preset_at_the_top_in_settings_and_by_set(tmp_path):
 def test_lora_job_with_the_paper_preset_trains_with_its_values(tmp_path, dreambooth_dir, capsys):
     """The whole CLI path: a job file with `preset = "paper"` trains with the table's values (the run
     folder's run.json holds what was trained) and the user's steps."""
-    from unconfused.trainers.cli import main
+    from unconfused.app.cli import main
 
     job = tmp_path / "job.toml"
     job.write_text(f'preset = "paper"\nconcepts = ["{dreambooth_dir / "cat"}:<my-cat>:cat"]\n'
@@ -234,7 +234,7 @@ def test_nodes_apply_the_preset_under_changed_widgets(monkeypatch):
     widget still at its default takes the preset's value, a widget the user changed wins."""
     import torch
 
-    from unconfused.nodes import clif as NC, em as NE, train as NT
+    from unconfused.nodes import clif as NC, em as NE, lora as NT
     from unconfused.trainers import clif as TC, em as TE, lora as TL
 
     for node, kind in ((NT.UnconfusedTrainLoRA, "lora"), (NC.UnconfusedTrainCLIF, "clif"),
@@ -280,7 +280,7 @@ def test_run_folder_and_exports_record_the_preset(tmp_path, dreambooth_dir, caps
     safetensors header of each export."""
     from safetensors import safe_open
 
-    from unconfused.trainers.cli import main
+    from unconfused.app.cli import main
 
     job = tmp_path / "job.toml"
     job.write_text(f'preset = "quick"\nconcepts = ["{dreambooth_dir / "cat"}:<my-cat>:cat"]\n'

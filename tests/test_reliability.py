@@ -17,12 +17,12 @@ import torch
 
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine.concepts import Concept, make_concept_set
+from unconfused.engine.data.concepts import Concept, make_concept_set
 from unconfused.engine.errors import UnconfusedError
-from unconfused.trainers.cli import main
+from unconfused.app.cli import main
 from unconfused.trainers.loop import Loop, LoopState
 from unconfused.trainers.lora import LoraSettings, LoraTrainer, data_fingerprint
-from unconfused.trainers.smoke import synthetic_photos
+from unconfused.engine.data.synthetic import synthetic_photos
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,8 @@ def _env() -> dict:
 
 # ---------------------------------------------------------------- 1. base-model identity
 def test_base_model_is_identified_by_content_and_a_resume_on_another_is_refused(tmp_path):
-    from unconfused.engine.demo_model import write_demo_diffusers_folder
-    from unconfused.engine.models import load_model
+    from unconfused.engine.models.demo import write_demo_diffusers_folder
+    from unconfused.engine.models.loading import load_model
 
     a = load_model(write_demo_diffusers_folder(tmp_path / "a", seed=0))
     a2 = load_model(write_demo_diffusers_folder(tmp_path / "a2", seed=0))
@@ -128,7 +128,7 @@ def test_the_lock_is_released_on_every_exit_path(tmp_path):
 
 # ---------------------------------------------------------------- 3. data fingerprint by bytes
 def test_data_fingerprint_does_not_depend_on_the_thread_count():
-    from unconfused.engine.training_data import examples_from_concept_set
+    from unconfused.engine.data.training_examples import examples_from_concept_set
 
     cs = make_concept_set([Concept("<a>", "dog", [torch.rand(96, 96, 3, generator=torch.Generator().manual_seed(i))
                                                   for i in range(6)])])
@@ -337,7 +337,7 @@ def test_help_answers_without_importing_heavy_libraries():
 
 
 def test_the_cli_sets_thread_variables_before_torch_loads():
-    code = ("import os, sys\nfrom unconfused.trainers.cli import main\n"
+    code = ("import os, sys\nfrom unconfused.app.cli import main\n"
             "try:\n    main(['smoke', '--resolution', '0'])\nexcept SystemExit:\n    pass\n"
             "main(['lora', '--config', '/nonexistent.toml'])\n"
             "print('OMP', os.environ.get('OMP_NUM_THREADS'), 'TOK', os.environ.get('TOKENIZERS_PARALLELISM'))")
@@ -376,7 +376,7 @@ def test_16_bit_grayscale_and_gif_photos_load_as_they_look(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from unconfused.engine.concepts import load_images_from_folder, pil_to_mask
+    from unconfused.engine.data.concepts import load_images_from_folder, pil_to_mask
 
     ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "a_16bit.png")
@@ -410,7 +410,7 @@ def test_the_package_builds_without_deprecation_or_ignored_folders(tmp_path):
 
     names = zipfile.ZipFile(next((tmp_path / "whl").glob("*.whl"))).namelist()
     assert "unconfused/web/unconfused.js" in names and any(n.endswith("licenses/LICENSE") for n in names)
-    assert "unconfused/engine/toyworld_weights/toy-sd/unet/config.json" in names  # the toy model ships
+    assert "unconfused/engine/evaluation/toyworld_weights/toy-sd/unet/config.json" in names  # the toy model ships
 
 
 def test_preview_legends_draw_colours_and_never_split_a_token():
@@ -426,7 +426,7 @@ def test_preview_legends_draw_colours_and_never_split_a_token():
 
 
 def test_cancel_is_seen_inside_a_sampling_step():
-    from unconfused.engine import sampling as S
+    from unconfused.engine.models import sampling as S
     from unconfused.engine.errors import Cancelled
 
     bundle = tiny_bundle()
@@ -449,7 +449,7 @@ def test_cancel_is_seen_inside_a_sampling_step():
 
 # ---------------------------------------------------------------- 7. names and manifests
 def test_a_too_long_token_or_name_is_refused_before_anything_is_written(tmp_path, capsys):
-    from unconfused.engine.concepts import validate_token
+    from unconfused.engine.data.concepts import validate_token
     from unconfused.engine.files import atomic_write_json
 
     with pytest.raises(UnconfusedError, match="at most 64"):
@@ -470,7 +470,7 @@ def test_a_too_long_token_or_name_is_refused_before_anything_is_written(tmp_path
 
 
 def test_a_concept_set_entry_without_folder_is_a_sentence(tmp_path):
-    from unconfused.engine.concepts import load_concept_set
+    from unconfused.engine.data.concepts import load_concept_set
 
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / "concept_set.json").write_text(json.dumps(

@@ -13,9 +13,9 @@ from PIL import Image
 
 from comfy_harness import REPO, ComfyServer, require_comfyui, ui_to_api
 from sam_helpers import TINY_CLIP_CFG, TINY_SAM, tiny_clip_state_dict, tiny_sam, tiny_sam_state_dict
-from unconfused.engine import clip_scoring as CL
+from unconfused.engine.vision import clip_zero_shot as CL
 from unconfused.engine import host
-from unconfused.engine import sam as S
+from unconfused.engine.vision import sam as S
 from unconfused.engine.errors import UnconfusedError
 from unconfused.nodes import masks as N
 
@@ -202,7 +202,7 @@ def test_concept_cutout_with_sam_and_clip(model, photos, clip):
     with pytest.raises(UnconfusedError, match=r"input 'clip_model'"):
         N.UnconfusedSAMSegment().segment(model, images, "concept cut-out", **LOOSE)
     # the concept node: the concept gets one mask per photo, photos keep their sizes
-    from unconfused.engine.concepts import Concept
+    from unconfused.engine.data.concepts import Concept
 
     c = Concept("<dog>", "dog", [photos[0], photos[1][:96]])
     out = N.UnconfusedConceptCutout().cut(c, model, clip, 4, 0.0, 0.0, 0.05, 1)["result"][0]

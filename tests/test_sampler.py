@@ -7,9 +7,9 @@ import torch
 
 from tiny_models import tiny_bundle
 from unconfused.engine import host
-from unconfused.engine import sampling as S
+from unconfused.engine.models import sampling as S
 from unconfused.engine.errors import UnconfusedError
-from unconfused.engine.tokens import add_concept_tokens
+from unconfused.engine.models.concept_tokens import add_concept_tokens
 
 KW = dict(negative="", steps=3, width=64, height=64)
 

@@ -1,4 +1,4 @@
-"""SDXL as one model family (engine/families.py `SDXL`): loading single files (LDM keys as ComfyUI and
+"""SDXL as one model family (engine/models/families.py `SDXL`): loading single files (LDM keys as ComfyUI and
 A1111 save them) and diffusers folders, both text encoders and tokenizers, conditioning equal to
 diffusers' own StableDiffusionXLPipeline, concept tokens in both encoders, exports, LoRA training,
 sampling - on a tiny SDXL-shaped model (same block layout and key names, narrow and shallow)."""
@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_models import comfyui_dir, sdxl_ldm_state_dict, sdxl_parts, tiny_sdxl_bundle, write_sdxl_checkpoint
-from unconfused.engine import model_configs as cfg
+from unconfused.engine.models import configs as cfg
 from unconfused.engine.errors import UnconfusedError
-from unconfused.engine.families import SDXL, family_of
-from unconfused.engine.models import bundle_from_ldm_state_dict, load_model
-from unconfused.engine.tokens import add_concept_tokens, token_rows
+from unconfused.engine.models.families import SDXL, family_of
+from unconfused.engine.models.loading import bundle_from_ldm_state_dict, load_model
+from unconfused.engine.models.concept_tokens import add_concept_tokens, token_rows
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["a photo of a dog on a beach", ""]
@@ -131,7 +131,7 @@ def test_diffusers_folder_loads_as_sdxl(tmp_path, parts, bundle):
 
 # ------------------------------------------------------------------ tokens and exports
 def test_concept_tokens_get_rows_in_both_encoders_from_each_class_word(bundle, tmp_path):
-    from unconfused.engine.exports import save_embedding
+    from unconfused.engine.models.exports import save_embedding
 
     b = bundle.clone()
     add_concept_tokens(b, [("<kiki>", "cat")], vectors=2)
@@ -241,7 +241,7 @@ def test_diffusers_load_lora_weights_takes_the_export(trained, parts):
 
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    from unconfused.engine.tokenizer import clip_tokenizer
+    from unconfused.engine.models.clip_tokenizer import clip_tokenizer
 
     unet, vae, te, te2 = (copy.deepcopy(m) for m in parts)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=clip_tokenizer(),
@@ -282,7 +282,7 @@ def test_comfyuis_sdxl_key_map_covers_every_exported_key(trained, tiny_file, tmp
 
 def _hf_keys(te) -> list[str]:
     """A text encoder's base weight names as ComfyUI's CLIP holds them (`text_model.*`, no LoRA)."""
-    from unconfused.engine.models import hf_text_keys
+    from unconfused.engine.models.loading import hf_text_keys
 
     keys = [k.replace(".base_layer", "") for k in te.state_dict() if "lora_" not in k and "new_rows" not in k]
     return list(hf_text_keys(dict.fromkeys(k.replace("token_embedding.base.", "token_embedding.") for k in keys)))
@@ -292,7 +292,7 @@ def test_training_sends_each_images_original_size_and_crop(bundle):
     """A 96x144 photo trained at 64 px: resized to 64x96, centre-cropped at left 16; the UNet gets
     time ids (96, 144, 0, 16, 64, 64), as diffusers' SDXL trainer conditions (not the target size twice)."""
     from unconfused.engine import host
-    from unconfused.engine.concepts import Concept, make_concept_set
+    from unconfused.engine.data.concepts import Concept, make_concept_set
     from unconfused.trainers.lora import LoraSettings, LoraTrainer
 
     cs = make_concept_set([Concept("<w>", "dog", [torch.rand(96, 144, 3), torch.rand(96, 144, 3)])])
@@ -347,8 +347,8 @@ def test_clif_on_sdxl_trains_clip_l_against_vit_l_and_exports_both_keys(bundle, 
 def test_sampler_draws_any_aspect_ratio_with_attention_maps(bundle, scheduler):
     """The multi-concept sampler through StableDiffusionXLPipeline: 64x96 (portrait) with the time ids
     of that size and seeds independent of the batch; per-token attention maps at the 32x32-at-1024
-    level (square here: non-square maps are engine/attention.py's, changed in a parallel branch)."""
-    from unconfused.engine.sampling import generate
+    level (square here: non-square maps are engine/vision/attention.py's, changed in a parallel branch)."""
+    from unconfused.engine.models.sampling import generate
 
     b = bundle.clone()
     add_concept_tokens(b, [("<a>", "dog"), ("<b>", "cat")])
@@ -395,7 +395,7 @@ def test_mask_em_runs_on_sdxl_at_its_attention_level(bundle, dreambooth_dir):
 
 def test_cli_lora_job_on_an_sdxl_file(tmp_path, tiny_file, dreambooth_dir, capsys):
     """`python -m unconfused lora --config job.toml` with `model` = an SDXL single file."""
-    from unconfused.trainers.cli import main
+    from unconfused.app.cli import main
 
     config = tmp_path / "job.toml"
     config.write_text(f'model = "{tiny_file}"\nconcepts = ["{dreambooth_dir / "cat"}:<my-cat>:cat"]\n'
@@ -411,7 +411,7 @@ def test_an_fp16_run_keeps_the_sdxl_vae_in_fp32(bundle):
     """SDXL's VAE overflows in fp16 (diffusers' force_upcast): a run in fp16 moves the UNet and both
     encoders to fp16 and leaves the VAE fp32, fed in its own dtype; the step's loss is finite."""
     from unconfused.engine import host
-    from unconfused.engine.concepts import Concept, make_concept_set
+    from unconfused.engine.data.concepts import Concept, make_concept_set
     from unconfused.trainers.lora import LoraSettings, LoraTrainer
 
     cs = make_concept_set([Concept("<w>", "dog", [torch.rand(64, 64, 3), torch.rand(64, 64, 3)])])

@@ -212,10 +212,10 @@ def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_p
     from peft import LoraConfig
 
     from tiny_models import cached_sdxl_checkpoint, comfyui_dir
-    from unconfused.engine.exports import save_embedding, save_lora
-    from unconfused.engine.families import SDXL
-    from unconfused.engine.models import add_text_encoder_lora, load_model
-    from unconfused.engine.tokens import add_concept_tokens, set_token_rows, token_rows
+    from unconfused.engine.models.exports import save_embedding, save_lora
+    from unconfused.engine.models.families import SDXL
+    from unconfused.engine.models.loading import add_text_encoder_lora, load_model
+    from unconfused.engine.models.concept_tokens import add_concept_tokens, set_token_rows, token_rows
     from unconfused.trainers.lora import TEXT_TARGETS
 
     ckpt = cached_sdxl_checkpoint("full")
@@ -250,8 +250,8 @@ def test_fullsize_sdxl_matches_comfy_sd_and_stock_loaders_take_the_exports(tmp_p
         dec = ((b.vae.decode(inputs["latents"]).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
     # the pack's sampler, DDIM with trailing spacing (= KSampler ddim + simple), all in fp32 as ComfyUI computes
-    from unconfused.engine.models import ModelBundle
-    from unconfused.engine.sampling import generate
+    from unconfused.engine.models.loading import ModelBundle
+    from unconfused.engine.models.sampling import generate
 
     ks = {"prompt": prompts[0], "negative": "", "steps": 4, "cfg": 6.0, "seed": 7, "size": 64}
     b.scheduler_config = dict(b.scheduler_config, timestep_spacing="trailing")

@@ -80,7 +80,7 @@ def check_in_diffusers(bundle, lora_path, emb_path, *, trained_adapter: bool) ->
     the file gets its weights - equal to what we trained (`trained_adapter`: the bundle holds our trained
     LoRA as "default"), else equal to the file's."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-    from unconfused.engine import model_configs as cfg
+    from unconfused.engine.models import configs as cfg
 
     lora = load_file(lora_path)
     assert {k.split("_")[1] for k in lora} == {"unet"}  # LoRA + tokens: the UNet LoRA (no text-encoder LoRA)
@@ -151,7 +151,7 @@ def test_fullsize_sdxl_trains_through_the_nodes_and_its_exports_load_in_comfyui_
                                                                                               dreambooth_dir):
     from unconfused.engine import host
     from unconfused.nodes.models import UnconfusedLoadCheckpoint
-    from unconfused.nodes.train import UnconfusedTrainLoRA
+    from unconfused.nodes.lora import UnconfusedTrainLoRA
 
     ckpt = cached_sdxl_checkpoint("full")
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
@@ -189,7 +189,7 @@ def test_fullsize_sdxl_trains_through_the_nodes_and_its_exports_load_in_comfyui_
 
 def test_fullsize_sdxl_trains_through_the_cli_and_its_exports_load_in_comfyui_and_diffusers(tmp_path,
                                                                                             dreambooth_dir):
-    from unconfused.engine.models import load_model
+    from unconfused.engine.models.loading import load_model
 
     ckpt = cached_sdxl_checkpoint("full")
     config = tmp_path / "job.toml"
@@ -252,7 +252,7 @@ def full_size_text_encoders(seed: int = 0):
     from accelerate import init_empty_weights
     from tiny_models import _randomize
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from unconfused.engine import model_configs as cfg
+    from unconfused.engine.models import configs as cfg
 
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -274,9 +274,9 @@ def test_fullsize_clif_clip_l_export_pairs_with_clip_g_in_stock_dualcliploader(t
     architecture: ComfyUI's SDXL CLIP has fixed sizes): no unexpected key, no missing key but CLIP-L's unused
     text projection, and its SDXL conditioning and pooled output are ours."""
     from tiny_models import sdxl_parts
-    from unconfused.engine.exports import save_text_encoder
-    from unconfused.engine.models import bundle_from_parts
-    from unconfused.engine.tokens import add_concept_tokens, concept_embedding
+    from unconfused.engine.models.exports import save_text_encoder
+    from unconfused.engine.models.loading import bundle_from_parts
+    from unconfused.engine.models.concept_tokens import add_concept_tokens, concept_embedding
     from unconfused.trainers.clif import _StockTextEncoder
 
     te, te2 = full_size_text_encoders()

@@ -16,7 +16,7 @@ from unconfused.engine.errors import UnconfusedError
 from unconfused.engine.settings import check_declared, declaration, node_input, reference_rows, setting
 from unconfused.nodes.clif import UnconfusedTrainCLIF
 from unconfused.nodes.em import UnconfusedTrainMaskEM
-from unconfused.nodes.train import UnconfusedTrainLoRA
+from unconfused.nodes.lora import UnconfusedTrainLoRA
 from unconfused.trainers.clif import ClifSettings
 from unconfused.trainers.em import EMSettings
 from unconfused.trainers.lora import LoraSettings

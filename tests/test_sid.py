@@ -4,8 +4,8 @@ from unconfused.engine import host
 import pytest
 import torch
 
-from unconfused.engine import concepts as C
-from unconfused.engine import sid
+from unconfused.engine.data import concepts as C
+from unconfused.engine.captions import sid
 from unconfused.engine.errors import UnconfusedError
 
 DOG = ("<sks>", "dog")
@@ -231,7 +231,7 @@ def test_captions_saved_as_sidecars_and_read_back(tmp_path):
     assert [p.read_text().strip() for p in txt] == ["A <sks> dog on a red rug.", "A <sks> dog under a table."]
     back = C.load_concept_set(tmp_path / "set")
     assert back.concepts[0].captions == caps
-    from unconfused.engine.training_data import examples_from_concept_set
+    from unconfused.engine.data.training_examples import examples_from_concept_set
     ex = examples_from_concept_set(back)
     assert [e.caption for e in ex] == caps
     base = examples_from_concept_set(back, captions="template")

@@ -17,8 +17,8 @@ ENV = "UNCONFUSED_SID_TEST_KEY"
 
 def test_example_workflow_in_real_comfyui(tmp_path):
     require_comfyui()
-    from unconfused.engine.concepts import tensor_to_pil
-    from unconfused.trainers.smoke import synthetic_photos
+    from unconfused.engine.data.concepts import tensor_to_pil
+    from unconfused.engine.data.synthetic import synthetic_photos
 
     home = tmp_path / "comfy"
     photos = home / "input" / "sid_photos"

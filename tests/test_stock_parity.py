@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from tiny_models import cached_checkpoint
-from unconfused.engine.concepts import Concept, make_concept_set
-from unconfused.engine.models import load_model
+from unconfused.engine.data.concepts import Concept, make_concept_set
+from unconfused.engine.models.loading import load_model
 from unconfused.trainers.lora import LoraSettings, LoraTrainer
-from unconfused.trainers.smoke import synthetic_photos
+from unconfused.engine.data.synthetic import synthetic_photos
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,4 +1,4 @@
-"""The toy world (engine/toyworld.py), its trained model, its oracle (engine/oracle.py), the training
+"""The toy world (engine/evaluation/toyworld.py), its trained model, its oracle (engine/evaluation/oracle.py), the training
 command (trainers/toyworld.py) and the confusion benchmark's pipeline (benchmarks/toy_confusion.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from unconfused.engine import toyworld as tw
+from unconfused.engine.evaluation import toyworld as tw
 
 REPO = Path(__file__).resolve().parents[1]
 # what the committed oracle must reach on held-out renders (measured: see docs/toyworld.md)
@@ -60,11 +60,11 @@ def test_personal_concept_photos_show_only_that_object():
 
 def test_committed_model_loads_as_sd1_through_the_pack_and_its_node(tmp_path):
     from unconfused.engine import host
-    from unconfused.engine.clip_tower import tower_from_scorer
-    from unconfused.engine.models import load_diffusers_folder
+    from unconfused.engine.vision.clip_image_tower import tower_from_scorer
+    from unconfused.engine.models.loading import load_diffusers_folder
     from unconfused.nodes.models import UnconfusedLoadCheckpoint, checkpoint_choices
 
-    assert tw.is_trained(), "the trained toy model is missing from engine/toyworld_weights"
+    assert tw.is_trained(), "the trained toy model is missing from engine/evaluation/toyworld_weights"
     total = sum(f.stat().st_size for f in tw.WEIGHTS_DIR.rglob("*") if f.is_file())
     assert total < 40e6
     bundle = load_diffusers_folder(tw.MODEL_DIR)
@@ -106,7 +106,7 @@ def test_toy_clip_matches_pictures_to_their_captions():
 
 
 def test_oracle_reads_held_out_renders():
-    from unconfused.engine import oracle as O
+    from unconfused.engine.evaluation import oracle as O
 
     oracle = O.Oracle.load()
     held = [O.oracle_scene(12345, i) for i in range(64)]  # a seed neither training nor validation used
@@ -119,7 +119,7 @@ def test_oracle_reads_held_out_renders():
 
 
 def test_confusion_measures_known_answers():
-    from unconfused.engine import oracle as O
+    from unconfused.engine.evaluation import oracle as O
 
     def det(colour, shape, p=1.0):
         cp = {c: (p if c == colour else (1 - p) / 5) for c in O.COLOURS}
@@ -139,7 +139,7 @@ def test_confusion_measures_known_answers():
 def test_training_crash_then_rerun_matches_uninterrupted(tmp_path, monkeypatch):
     """A stage of the training command, a crash in the middle, a rerun: the same weights as a run
     without the crash (batches and noise are functions of the step)."""
-    from unconfused.engine.tokenizer import clip_tokenizer
+    from unconfused.engine.models.clip_tokenizer import clip_tokenizer
     from unconfused.trainers import toyworld as T
 
     s = T.ToySettings(**dict(T.QUICK, vae_steps=4, vae_batch=2, save_every=2))
@@ -188,7 +188,7 @@ def test_sid_captions_keep_the_bias_object_out_and_case4_loses_the_colour(tmp_pa
     Seed 0 as in the benchmark, about 30 s on one free core."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import toy_confusion as T
-    from unconfused.engine.oracle import Oracle
+    from unconfused.engine.evaluation.oracle import Oracle
 
     bundle, oracle = tw.load_toy_bundle(), Oracle.load()
     r = {case: T.measure_sid(T.train_sid_method(bundle, 0, 150, case, tmp_path), oracle, 12, 20, 4.0, 0)

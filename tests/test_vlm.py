@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unconfused.engine import concepts as C
-from unconfused.engine import host, vlm
+from unconfused.engine.data import concepts as C
+from unconfused.engine import host
+from unconfused.engine.captions import vlm
 from unconfused.engine.errors import UnconfusedError
 from unconfused.nodes.captions import UnconfusedSIDCaptioner
 

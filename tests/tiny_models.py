@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from unconfused.engine import model_configs as cfg
-from unconfused.engine.demo_model import build_demo_model
-from unconfused.engine.models import hf_text_keys
+from unconfused.engine.models import configs as cfg
+from unconfused.engine.models.demo import build_demo_model
+from unconfused.engine.models.loading import hf_text_keys
 
 def tiny_bundle(seed: int = 0, prediction_type: str = "epsilon"):
     """The demo model: a small SD 1.x-shaped model with random weights."""
@@ -188,7 +188,7 @@ def sdxl_parts(variant: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.
 
 def tiny_sdxl_bundle(seed: int = 0, prediction_type: str = "epsilon"):
     """A tiny SDXL-shaped bundle (two text encoders, text_time added conditioning), random weights."""
-    from unconfused.engine.models import bundle_from_parts
+    from unconfused.engine.models.loading import bundle_from_parts
 
     unet, vae, te, te2 = sdxl_parts("tiny", seed)
     return bundle_from_parts(unet, vae, te, text_encoder_2=te2, family="sdxl", prediction_type=prediction_type,

@@ -1,1 +1,3 @@
-"""Training loops (CLIF text encoder, LoRA, mask EM) and the command line."""
+"""Training loops: the trainer core, CLIF text encoder, LoRA, mask EM, the toy model; memory plans.
+
+The command line and job files that run them are in app/."""

@@ -28,7 +28,7 @@ import torch
 
 from ..engine import host, presets
 from ..engine.errors import UnconfusedError
-from ..engine.exports import save_embedding
+from ..engine.models.exports import save_embedding
 from ..engine.files import safe_name
 from ..engine.version import __version__
 from .distributed import device_for, world

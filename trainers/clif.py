@@ -4,7 +4,7 @@ Every augmented pair (image, caption) of the CLIF dataset is one positive; the o
 the (global) batch are the negatives. Text features are the SD text encoder's pooled output
 (the hidden state at the first end-of-text token, after the final layer norm) through CLIP's
 text projection; image features come from the matching frozen CLIP image tower
-(`engine/clip_tower.py`). The loss is CLIP's symmetric InfoNCE with CLIP's own logit scale:
+(`engine/vision/clip_image_tower.py`). The loss is CLIP's symmetric InfoNCE with CLIP's own logit scale:
 
     logits = s * normalize(T) @ normalize(I).T,  loss = (CE(logits, i) + CE(logits.T, i)) / 2
 
@@ -39,15 +39,22 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import host, presets
-from ..engine.clip_tower import FeatureCache, ImageTower, check_pair, file_hash, load_image_tower, tower_from_scorer
-from ..engine.dataset import Dataset, record_kinds
+from ..engine.vision.clip_image_tower import (
+    FeatureCache,
+    ImageTower,
+    check_pair,
+    file_hash,
+    load_image_tower,
+    tower_from_scorer,
+)
+from ..engine.data.augmented_dataset import Dataset, record_kinds
 from ..engine.errors import UnconfusedError
-from ..engine.exports import export_name, save_lora, save_text_encoder
+from ..engine.models.exports import export_name, save_lora, save_text_encoder
 from ..engine.files import atomic_save_image, atomic_write_json
-from ..engine.models import add_text_encoder_lora, move_module
+from ..engine.models.loading import add_text_encoder_lora, move_module
 from ..engine.preview import line_chart
 from ..engine.settings import check_declared, setting
-from ..engine.tokens import add_concept_tokens, concept_embedding, expand_prompt
+from ..engine.models.concept_tokens import add_concept_tokens, concept_embedding, expand_prompt
 from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
 from .base import TrainerCore, check_common, first_folder, run_trainer
 from .loop import settings_from_dict

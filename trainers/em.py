@@ -40,15 +40,15 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import host, messages, presets
-from ..engine.attention import AttentionCapture, token_position_mask
-from ..engine.buckets import fit_to_bucket, unfit_from_bucket
-from ..engine.concepts import tensor_to_pil, validate_token
-from ..engine.crf import CRFSettings, refine_latent_masks
+from ..engine.vision.attention import AttentionCapture, token_position_mask
+from ..engine.data.buckets import fit_to_bucket, unfit_from_bucket
+from ..engine.data.concepts import tensor_to_pil, validate_token
+from ..engine.vision.crf import CRFSettings, refine_latent_masks
 from ..engine.errors import UnconfusedError
 from ..engine.files import atomic_path, atomic_save_image
 from ..engine.preview import PALETTE, grid, overlay_masks
 from ..engine.settings import setting
-from ..engine.training_data import Example
+from ..engine.data.training_examples import Example
 from .base import run_trainer
 from .loop import config_hash, seed_everything
 from .lora import Batch, LoraResult, LoraSettings, LoraTrainer
@@ -445,7 +445,7 @@ class EMTrainer(LoraTrainer):
             scale = self.latent_sizes[n][0] / self.sizes[n][0]  # kernel widths are given in image pixels
             return refine_latent_masks(self.images[n], binary, s.crf_settings(scale),
                                        image_input="images", mask_input="masks")
-        from ..engine.crf import refine
+        from ..engine.vision.crf import refine
 
         up = F.interpolate(binary[None], size=self.sizes[n], mode="nearest")[0]
         fine = refine(self.images[n], up, s.crf_settings(), work_at="image", image_input="images",

@@ -122,7 +122,7 @@ def settings_from_dict(cls, data: dict, node: str | None = None):
     """A trainer's settings dataclass from a config's [settings] table: unknown keys are named,
     every value is parsed by its declared type (`parse_setting`), then the class's own
     `validated(node)` (where it has one) checks the values."""
-    if node is not None:  # a caller not yet on the running-node context (trainers/flow.py)
+    if node is not None:  # a caller not yet on the running-node context (app/flow.py)
         with host.running_node(host.current_node(), name=node):
             return settings_from_dict(cls, data)
     import typing

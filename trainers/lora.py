@@ -20,17 +20,23 @@ from pathlib import Path
 import torch
 
 from ..engine import host, messages, presets
-from ..engine import losses as L
-from ..engine.concepts import ConceptSet
+from ..engine.models import losses as L
+from ..engine.data.concepts import ConceptSet
 from ..engine.errors import UnconfusedError
-from ..engine.exports import export_name, save_lora
-from ..engine.families import Conditioning
+from ..engine.models.exports import export_name, save_lora
+from ..engine.models.families import Conditioning
 from ..engine.files import atomic_save_image, safe_name
 from ..engine.preview import grid, line_chart
 from ..engine.settings import check_declared, setting
-from ..engine.models import add_text_encoder_lora
-from ..engine.tokens import add_concept_tokens, concept_embedding
-from ..engine.training_data import ASPECTS, DEFAULT_TEMPLATE, Example, examples_from_concept_set, prepare
+from ..engine.models.loading import add_text_encoder_lora
+from ..engine.models.concept_tokens import add_concept_tokens, concept_embedding
+from ..engine.data.training_examples import (
+    ASPECTS,
+    DEFAULT_TEMPLATE,
+    Example,
+    examples_from_concept_set,
+    prepare,
+)
 from .base import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, RESUME  # noqa: F401 (the nodes' and CLI's choices)
 from .base import TrainerCore, check_common, first_folder, make_optimizer, run_trainer
 from .loop import settings_from_dict
@@ -179,8 +185,8 @@ def class_image_examples(bundle, classes: list[str], settings: LoraSettings, fol
     """Prior-preservation images of each class word, made by the base model once and cached."""
     from PIL import Image
 
-    from ..engine.concepts import pil_to_tensor
-    from ..engine.sampling import generate
+    from ..engine.data.concepts import pil_to_tensor
+    from ..engine.models.sampling import generate
 
     out = []
     for class_word in classes:
@@ -423,7 +429,7 @@ class LoraTrainer(TrainerCore):
     def encode(self, captions: list[str]) -> Conditioning:
         """Text conditioning. Token ids are made once per caption; when nothing in the text
         encoder trains, its outputs are cached too (it is frozen and deterministic)."""
-        from ..engine.tokens import expand_prompt
+        from ..engine.models.concept_tokens import expand_prompt
 
         missing = [c for c in dict.fromkeys(captions) if c not in self._ids]
         if missing:
@@ -453,7 +459,7 @@ class LoraTrainer(TrainerCore):
             self.validate(step)
 
     def validate(self, step: int) -> torch.Tensor:
-        from ..engine.sampling import generate
+        from ..engine.models.sampling import generate
 
         s = self.settings
         with torch.no_grad(), _eval(self.bundle.unet, *self.family.encoders(self.bundle).values()):
@@ -505,7 +511,7 @@ class LoraTrainer(TrainerCore):
 
 
 def _pil(img: torch.Tensor):
-    from ..engine.concepts import tensor_to_pil
+    from ..engine.data.concepts import tensor_to_pil
 
     return tensor_to_pil(img)
 

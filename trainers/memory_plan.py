@@ -145,9 +145,9 @@ def fake_bundle(family: str):
     with fake weights; call inside `fake_session()`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ..engine import model_configs as cfg
-    from ..engine.demo_model import build_demo_model
-    from ..engine.models import build_text_encoder, bundle_from_parts
+    from ..engine.models import configs as cfg
+    from ..engine.models.demo import build_demo_model
+    from ..engine.models.loading import build_text_encoder, bundle_from_parts
 
     if family == "demo":
         bundle = build_demo_model()
@@ -183,7 +183,7 @@ def family_of(model_path: str | Path | None) -> str:
             return "sdxl"
         te = json.loads((path / "text_encoder" / "config.json").read_text())
         return "sd2" if te.get("hidden_size") == 1024 else "sd1"
-    from ..engine.models import detect_family
+    from ..engine.models.loading import detect_family
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -262,8 +262,8 @@ def _measure(step, optimizer) -> tuple[int, int, int]:
 
 
 def _synthetic_concepts(resolution: int):
-    from ..engine.concepts import Concept, make_concept_set
-    from .smoke import synthetic_concept
+    from ..engine.data.concepts import Concept, make_concept_set
+    from ..engine.data.synthetic import synthetic_concept
 
     out = []
     for k, (token, word) in enumerate((("<plan-a>", "dog"), ("<plan-b>", "cat"))):
@@ -278,7 +278,7 @@ def _lora_like(trainer: str, bundle, settings, run_root: Path):
     if trainer == "lora":
         return LoraTrainer(bundle, _synthetic_concepts(settings.resolution), settings, run_root=run_root)
     from .em import EMTrainer, make_scenes
-    from .smoke import synthetic_photos
+    from ..engine.data.synthetic import synthetic_photos
 
     a, b = synthetic_photos(0, 1, 128)[0], synthetic_photos(1, 1, 128)[0]
     scene = torch.cat([a, b], dim=1)  # two concepts side by side
@@ -287,7 +287,7 @@ def _lora_like(trainer: str, bundle, settings, run_root: Path):
 
 
 def _run_lora_like(trainer: str, family: str, settings) -> Plan:
-    from ..engine.attention import AttentionCapture
+    from ..engine.vision.attention import AttentionCapture
 
     s0 = settings
     notes: list[str] = []
@@ -324,8 +324,8 @@ def _run_clif(family: str, settings) -> Plan:
     from peft import LoraConfig
 
     from .clif import TEXT_TARGETS, clip_loss
-    from ..engine.models import add_text_encoder_lora
-    from ..engine.tokens import add_concept_tokens, concept_embedding
+    from ..engine.models.loading import add_text_encoder_lora
+    from ..engine.models.concept_tokens import add_concept_tokens, concept_embedding
 
     s0 = settings
     notes = ["CLIF's step replicated with its modules (its trainer needs real cached image features)"]
@@ -455,40 +455,6 @@ def measure_cpu(trainer, step: int = 2) -> tuple[int, int]:
     return counter.current + peak, peak
 
 
-# ------------------------------------------------------------------ job files
-def job_kind(config: dict) -> str:
-    """Which trainer a job file is for: CLIF (dataset + image_tower), mask EM (images + concept
-    lines), else LoRA."""
-    if config.get("dataset") and config.get("image_tower"):
-        return "clif"
-    if config.get("images") and not config.get("clip"):
-        return "em"
-    return "lora"
-
-
-def plan_job(config_path, overrides: list[str] | None = None, *, trainer: str | None = None,
-             family: str | None = None, sizes=GPU_SIZES) -> Advice:
-    """The plan of a `lora` / `clif` / `em` job file (the same files those commands run); the
-    model file is only read for its family."""
-    from .jobs import _path, read_config
-
-    config, base = read_config(config_path, overrides, node="plan")
-    trainer = trainer or job_kind(config)
-    if trainer == "clif":
-        from .clif import NODE, ClifSettings as cls
-    elif trainer == "em":
-        from .em import NODE, EMSettings as cls
-    elif trainer == "lora":
-        from .lora import NODE, LoraSettings as cls
-    else:
-        raise UnconfusedError(f"unknown trainer {trainer!r}; use one of {TRAINERS}", node="plan", input="--trainer")
-    with host.running_node(name=NODE):  # the settings name their trainer's node, as on the node
-        settings = cls.from_dict(config["settings"]).validated()
-    if family is None:
-        family = family_of(_path(base, config["model"]) if config.get("model") else None)
-    return advise(trainer, family, settings, sizes)
-
-
 # ------------------------------------------------------------------ what fits
 def _knobs(trainer: str, settings) -> list[tuple[str, dict]]:
     """Changes that lower memory, cheapest for the result first (applied cumulatively)."""
@@ -581,8 +547,6 @@ def check_fits(trainer: str, bundle, settings, device=None, *, family: str | Non
     The plan is of the bundle's family at full size (the built-in demo model: its own size)."""
     dev = torch.device(device) if device is not None else None
     if dev is None:
-        from ..engine import host
-
         dev = host.device(getattr(settings, "device", "auto"))
     if dev.type != "cuda":
         return None

@@ -10,7 +10,7 @@ is a pure function of the stage and the step: scenes by index, noise from a per-
   unet    - UNet2DConditionModel, epsilon prediction with SD's schedule, frozen text tower,
             10% empty captions (for guidance), min-SNR weighting, EMA of the weights
   export  - the diffusers folder + open_clip file (fp16 safetensors, settings in the metadata)
-  oracle  - the oracle (engine/oracle.py) on rendered scenes, half of them through the trained VAE;
+  oracle  - the oracle (engine/evaluation/oracle.py) on rendered scenes, half of them through the trained VAE;
             validated on held-out renders and their VAE round trip (accuracy in its metadata)
 """
 
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..engine import toyworld as tw
-from ..engine.clip_scoring import OPENAI_MEAN, OPENAI_STD
+from ..engine.evaluation import toyworld as tw
+from ..engine.vision.clip_zero_shot import OPENAI_MEAN, OPENAI_STD
 from ..engine.files import atomic_save_safetensors, atomic_write_json
 
 log = logging.getLogger("unconfused")
@@ -274,7 +274,7 @@ class UnetStage(Stage):
         super().__init__(s, run, tokenizer)
         from diffusers import DDPMScheduler
 
-        from ..engine import model_configs
+        from ..engine.models import configs
 
         text = frozen_text(run)
         data = torch.load(run / "latents.pt", weights_only=True)
@@ -291,7 +291,7 @@ class UnetStage(Stage):
             self.model = DistributedDataParallel(self.unet)  # averages the slices' gradients
         self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=s.unet_lr, weight_decay=0.01)
-        self.sched = DDPMScheduler(**model_configs.SCHEDULER)
+        self.sched = DDPMScheduler(**configs.SCHEDULER)
         ac = self.sched.alphas_cumprod
         self.snr = ac / (1 - ac)
 
@@ -348,7 +348,7 @@ def export(s: ToySettings, run: Path, out: Path) -> Path:
     """The diffusers folder `out/toy-sd` and the open_clip file `out/toy-clip.safetensors` (+ .json)."""
     from diffusers import DDPMScheduler
 
-    from ..engine import model_configs
+    from ..engine.models import configs
 
     meta = {"unconfused_toyworld": "1", "world_seed": str(s.seed),
             "training_settings": json.dumps(dataclasses.asdict(s)), "world": json.dumps(
@@ -369,7 +369,7 @@ def export(s: ToySettings, run: Path, out: Path) -> Path:
         m.save_pretrained(folder / name)
         for f in (folder / name).glob("*.safetensors"):
             _with_metadata(f, meta)
-    DDPMScheduler(**model_configs.SCHEDULER).save_pretrained(folder / "scheduler")
+    DDPMScheduler(**configs.SCHEDULER).save_pretrained(folder / "scheduler")
     atomic_write_json(folder / "model_index.json", {"_class_name": "StableDiffusionPipeline",
                                                     "_unconfused_toyworld": True, "world_seed": s.seed})
     # the open_clip file: trained image tower, the SD text encoder as text tower, the projection
@@ -392,7 +392,7 @@ def oracle_stage(s: ToySettings, run: Path, out: Path, validate: int = 256) -> d
     """Train the oracle, measure it on held-out renders (exact and through the VAE), save it."""
     import numpy as np
 
-    from ..engine import oracle as O
+    from ..engine.evaluation import oracle as O
 
     vae = None
     if (run / "vae.pt").is_file():
@@ -434,7 +434,7 @@ def oracle_stage(s: ToySettings, run: Path, out: Path, validate: int = 256) -> d
 
 
 def train(s: ToySettings, run: Path, out: Path, stages: tuple[str, ...] = STAGES) -> Path:
-    from ..engine.tokenizer import clip_tokenizer
+    from ..engine.models.clip_tokenizer import clip_tokenizer
 
     torch.manual_seed(s.seed)
     run.mkdir(parents=True, exist_ok=True)

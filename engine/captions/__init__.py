@@ -1,0 +1,1 @@
+"""SID captions: the rules, the vision-language backends, the captioner."""

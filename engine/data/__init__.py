@@ -1,0 +1,1 @@
+"""Concepts, the CLIF augmentation, the augmented dataset and the training examples."""

@@ -1,0 +1,1 @@
+"""Metrics on generated pictures, and the toy world with its oracle."""

@@ -1,0 +1,1 @@
+"""The diffusion model bundle: loading, families, concept tokens, sampling, losses, exports, hand-off."""

@@ -1,0 +1,1 @@
+"""Image understanding: SAM, DenseCRF, CLIP (zero-shot scores, CLIF's image tower), DINO, attention capture."""
