@@ -550,7 +550,6 @@ def check_fits(trainer: str, bundle, settings, device=None, *, family: str | Non
         dev = host.device(getattr(settings, "device", "auto"))
     if dev.type != "cuda":
         return None
-    from ..engine import host
 
     host.free_memory_for_training()  # what the trainer does first: ComfyUI's models leave the GPU
     free, _total = torch.cuda.mem_get_info(dev)
