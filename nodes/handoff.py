@@ -8,6 +8,7 @@ import torch
 from ..engine.models import handoff as H
 from ..engine import host
 from ..engine.errors import UnconfusedError
+from ..engine.models.families import family_named
 from ..engine.models.loading import UNET_PREFIX, bundle_from_ldm_state_dict
 from .common import CATEGORY, MODEL_BUNDLE
 
@@ -54,7 +55,7 @@ class UnconfusedBundleFromComfy:
             sd = H.shared_state_dict(host.comfy_checkpoint_state_dict(model, clip, vae))
             held = sd[UNET_PREFIX + "input_blocks.0.0.weight"].dtype
             dtype = held if precision == "auto" else host.default_dtype(torch.device("cpu"), precision)
-            label = name.strip() or f"ComfyUI {H.TITLES[family]} model"
+            label = name.strip() or f"ComfyUI {family_named(family).short_title} model"
             bundle = bundle_from_ldm_state_dict(sd, label, prediction=prediction, dtype=dtype,
                                                 source=None)
         bundle.notes = [n for n in bundle.notes if not n.startswith("prediction type set to")]

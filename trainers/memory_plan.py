@@ -38,14 +38,14 @@ from torch.utils._pytree import tree_leaves
 
 from ..engine import host
 from ..engine.errors import UnconfusedError
+from ..engine.models.families import FAMILIES
 
 GIB = 1024 ** 3
 OVERHEAD_BYTES = int(0.6 * GIB)  # CUDA context (~300-450 MB) + cuBLAS/cuDNN workspaces, outside the allocator
 SLACK = 1.10  # the caching allocator's fragmentation and rounding over the live bytes
 GPU_SIZES = (6, 8, 12, 16, 24)
 TRAINERS = ("lora", "clif", "em")
-TOWER_EMBED = {"sd1": 768, "sd2": 1024, "sdxl": 768, "demo": 32}  # ViT-L/14 for SD1 and SDXL's CLIP-L, ViT-H/14 for SD2
-TOWER_MODEL = {"sd1": "ViT-L-14", "sd2": "ViT-H-14", "sdxl": "ViT-L-14"}
+DEMO_TOWER_EMBED = 32  # the built-in demo model's CLIP (the families declare theirs: Family.clif_tower)
 
 
 # ------------------------------------------------------------------ the counter
@@ -355,14 +355,15 @@ def _run_clif(family: str, settings) -> Plan:
         te.train()
         trainable = [p for p in te.parameters() if p.requires_grad]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=s.weight_decay)
-        embed = TOWER_EMBED.get(family, 768)
+        spec = FAMILIES[family].clif_tower if family in FAMILIES else None  # (open_clip model, width, text)
+        embed = spec[1] if spec else DEMO_TOWER_EMBED
         proj = torch.zeros(te.config.hidden_size, embed)
         tower = None
-        if not s.cache_features and family in TOWER_MODEL:
+        if not s.cache_features and spec:
             import open_clip
 
-            tower = open_clip.create_model(TOWER_MODEL[family], pretrained=None).visual.to(dtype).eval()
-            notes.append(f"image features computed each step by {TOWER_MODEL[family]} (cache_features off)")
+            tower = open_clip.create_model(spec[0], pretrained=None).visual.to(dtype).eval()
+            notes.append(f"image features computed each step by {spec[0]} (cache_features off)")
         features = torch.zeros(256, embed)  # the cached features of a dataset's pairs
         b = s.batch_size
         autocast = (torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
@@ -555,7 +556,7 @@ def check_fits(trainer: str, bundle, settings, device=None, *, family: str | Non
     free, _total = torch.cuda.mem_get_info(dev)
     if family is None:
         family = "demo" if str(getattr(bundle, "name", "")).startswith("unconfused-demo") else \
-            getattr(bundle, "family", "sd1") if getattr(bundle, "family", None) in ("sd1", "sd2") else "sd1"
+            getattr(bundle, "family", "sd1") if getattr(bundle, "family", None) in FAMILIES else "sd1"
     plan = estimate(trainer, family, settings)
     if plan.need <= free:
         return plan

@@ -56,7 +56,6 @@ TEXT_ENCODER = {
 }
 
 # Tokenizer padding: SD1 pads with <|endoftext|>, SD2 with "!" (id 0), as ComfyUI does.
-TOKENIZER_PAD = {"sd1": "<|endoftext|>", "sd2": "!"}
 
 SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -68,7 +67,6 @@ SCHEDULER = dict(
     timestep_spacing="leading",
 )
 
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
 
 # ---------------------------------------------------------------- SDXL
 # stabilityai/stable-diffusion-xl-base-1.0: a 3-level UNet (no attention at the top level, 10
@@ -115,6 +113,3 @@ SDXL_VARIANTS = {
 }
 # SDXL's first tokenizer pads with <|endoftext|>, the second (bigG's) with "!" (id 0), as
 # diffusers' tokenizer_2 and ComfyUI's SDXLClipGTokenizer do.
-TOKENIZER_PAD["sdxl"] = "<|endoftext|>"
-TOKENIZER_2_PAD = "!"
-FAMILY_NAMES["sdxl"] = "Stable Diffusion XL"

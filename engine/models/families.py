@@ -53,8 +53,12 @@ class Family:
 
     name = "sd1"
     title = "Stable Diffusion 1.x"
+    short_title = "SD 1.x"  # in sentences and labels
+    comfy_class = "SD15"  # ComfyUI's model config class of the family (the native hand-off reads it)
     resolution = 512  # native training/sampling size
     tokenizer_pad = "<|endoftext|>"  # SD1 pads with <|endoftext|>, SD2 with "!" (as ComfyUI does)
+    # CLIF's image tower: the open_clip model whose text tower the contrastive encoder is, and its width
+    clif_tower = ("ViT-L-14", 768, "OpenAI CLIP ViT-L/14 (text width 768)")
     # text-encoder attribute of the bundle -> (embedding-file key, kohya LoRA prefix)
     text_encoders = {"text_encoder": ("clip_l", "lora_te_")}
     attention_level = 2  # cross-attention captured at 1/2**level of the latent size (16x16 at 512 px)
@@ -140,7 +144,10 @@ class SD2(Family):
 
     name = "sd2"
     title = "Stable Diffusion 2.x"
+    short_title = "SD 2.x"
+    comfy_class = "SD20"
     tokenizer_pad = "!"
+    clif_tower = ("ViT-H-14", 1024, "OpenCLIP ViT-H/14 (text width 1024)")
     text_encoders = {"text_encoder": ("clip_h", "lora_te_")}
 
     def default_resolution(self, bundle) -> int:
@@ -159,7 +166,13 @@ class SDXL(Family):
 
     name = "sdxl"
     title = "Stable Diffusion XL"
+    short_title = "SDXL"
+    comfy_class = "SDXL"
     resolution = 1024
+    # the first tokenizer pads with <|endoftext|>, the second (bigG's) with "!" (id 0), as diffusers'
+    # tokenizer_2 and ComfyUI's SDXLClipGTokenizer do
+    tokenizer_2_pad = "!"
+    clif_tower = ("ViT-L-14", 768, "OpenAI CLIP ViT-L/14 (text width 768: CLIF trains SDXL's CLIP-L encoder)")
     text_encoders = {"text_encoder": ("clip_l", "lora_te1_"), "text_encoder_2": ("clip_g", "lora_te2_")}
     # 32x32 at 1024 px: the 1280-channel level (down_blocks.2, up_blocks.0), the same 32-pixel cells
     # as SD's 16x16 layers at 512 px (docs/sdxl.md says why)

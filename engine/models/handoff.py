@@ -23,12 +23,11 @@ import torch
 
 from ..errors import UnconfusedError
 from .exports import kohya_lora_state
-from .families import family_named
+from .families import FAMILIES as ALL_FAMILIES, family_named
 from .loading import hf_text_keys
 
 # ComfyUI's model config class -> our family (only these are built)
-FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
-TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILIES = {f.comfy_class: f.name for f in ALL_FAMILIES.values()}  # ComfyUI's config class -> our family
 # names for families refused, so the sentence says what the user connected
 OTHER_FAMILIES = {
     "SDXLRefiner": "SDXL refiner", "SSD1B": "SSD-1B (an SDXL distillation)",

@@ -24,6 +24,7 @@ import torch
 from . import configs as cfg
 from ..errors import UnconfusedError
 from .clip_tokenizer import clip_tokenizer
+from .families import SDXL, family_named
 
 log = logging.getLogger("unconfused")
 
@@ -415,7 +416,7 @@ def bundle_from_ldm_state_dict(sd: dict[str, torch.Tensor], name: str, *, predic
     del sd
 
     bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder,
-                         tokenizer=clip_tokenizer(pad=cfg.TOKENIZER_PAD[family]), family=family,
+                         tokenizer=clip_tokenizer(pad=family_named(family).tokenizer_pad), family=family,
                          prediction_type=pred, name=name, source=source)
     if prediction != "auto" and pred != detected:
         bundle.notes.append(f"prediction type set to {pred} (the file looks like {detected})")
@@ -446,9 +447,9 @@ def _sdxl_bundle(sd, name, pred, detected, prediction, dtype, source) -> ModelBu
                   dtype)
     del sd
     bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=te1.eval(),
-                         tokenizer=clip_tokenizer(pad=cfg.TOKENIZER_PAD["sdxl"]), family="sdxl",
+                         tokenizer=clip_tokenizer(pad=SDXL.tokenizer_pad), family="sdxl",
                          prediction_type=pred, name=name, source=source, text_encoder_2=te2.eval(),
-                         tokenizer_2=clip_tokenizer(pad=cfg.TOKENIZER_2_PAD))
+                         tokenizer_2=clip_tokenizer(pad=SDXL.tokenizer_2_pad))
     if prediction != "auto" and pred != detected:
         bundle.notes.append(f"prediction type set to {pred} (the file looks like {detected})")
     _freeze(bundle)
@@ -493,7 +494,7 @@ def load_diffusers_folder(folder: str | os.PathLike, *, prediction: str = "auto"
     if (folder / "tokenizer" / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     else:
-        tokenizer = clip_tokenizer(pad=cfg.TOKENIZER_PAD[family])
+        tokenizer = clip_tokenizer(pad=family_named(family).tokenizer_pad)
     bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                          family=family, prediction_type=detected if prediction == "auto" else prediction,
                          name=folder.name, source=folder, scheduler_config=scheduler_config)
@@ -530,7 +531,7 @@ def _load_sdxl_folder(folder: Path, *, prediction: str, dtype: torch.dtype) -> M
                               f"two text encoders' ({width}); the folder mixes models", input="ckpt_name")
     scheduler_config, detected = _folder_scheduler(folder)
     toks = []
-    for sub, pad in (("tokenizer", cfg.TOKENIZER_PAD["sdxl"]), ("tokenizer_2", cfg.TOKENIZER_2_PAD)):
+    for sub, pad in (("tokenizer", SDXL.tokenizer_pad), ("tokenizer_2", SDXL.tokenizer_2_pad)):
         toks.append(CLIPTokenizer.from_pretrained(folder / sub, local_files_only=True)
                     if (folder / sub / "vocab.json").is_file() else clip_tokenizer(pad=pad))
     bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=te1.eval(), tokenizer=toks[0],
@@ -572,9 +573,9 @@ def bundle_from_parts(unet, vae, text_encoder, *, family: str = "sd1", predictio
     """A bundle from models already in memory (tests, the built-in demo model, notebooks).
     SDXL takes `text_encoder_2` (a CLIPTextModelWithProjection) too."""
     if text_encoder_2 is not None and tokenizer_2 is None:
-        tokenizer_2 = clip_tokenizer(pad=cfg.TOKENIZER_2_PAD)
+        tokenizer_2 = clip_tokenizer(pad=SDXL.tokenizer_2_pad)
     bundle = ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                         tokenizer=tokenizer or clip_tokenizer(pad=cfg.TOKENIZER_PAD[family]), family=family,
+                         tokenizer=tokenizer or clip_tokenizer(pad=family_named(family).tokenizer_pad), family=family,
                          prediction_type=prediction_type, name=name,
                          text_encoder_2=None if text_encoder_2 is None else text_encoder_2.eval(),
                          tokenizer_2=tokenizer_2)

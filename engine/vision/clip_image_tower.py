@@ -180,8 +180,9 @@ def check_pair(tower: ImageTower, text_width: int, family: str, *,
                input: str = "image_tower") -> None:
     """The tower's text projection must fit the SD text encoder's width (768 SD1, 1024 SD2)."""
     if tower.text_width != text_width:
-        want = {"sd1": "OpenAI CLIP ViT-L/14 (text width 768)", "sd2": "OpenCLIP ViT-H/14 (text width 1024)",
-                "sdxl": "OpenAI CLIP ViT-L/14 (text width 768: CLIF trains SDXL's CLIP-L encoder)"}
+        from ..models.families import FAMILIES
+
+        want = {name: f.clif_tower[2] for name, f in FAMILIES.items()}
         raise UnconfusedError(f"{tower.name} ({tower.model_name}) has a text width of {tower.text_width}, but the "
                               f"model's text encoder has {text_width}: they are not the same CLIP. Choose "
                               f"{want.get(family, 'the CLIP the text encoder comes from')}", input=input)
