@@ -101,8 +101,9 @@ def test_a_family_with_two_text_encoders_gets_rows_and_exports_in_both(bundle, t
 def test_trainers_sampler_and_em_call_models_only_through_the_family():
     """No direct `unet(noisy, t, cond)` or `text_encoder(ids)` outside engine/models/families.py."""
     direct = re.compile(r"(?<!\w)(unet|text_encoder|text_encoder_2|te)\(")
-    files = sorted((REPO / "trainers").glob("*.py")) + [REPO / "engine" / n for n in ("sampling.py", "exports.py",
-                                                                                       "models.py")]
+    files = (sorted((REPO / "trainers").glob("*.py")) + sorted((REPO / "app").glob("*.py"))
+             + [REPO / "engine" / "models" / n for n in ("sampling.py", "exports.py", "loading.py")])
+    assert all(f.is_file() for f in files), [f for f in files if not f.is_file()]
     offenders = []
     for f in files:
         if f.name == "smoke.py":  # the bare-models smoke test: it checks the raw diffusers models themselves

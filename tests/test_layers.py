@@ -66,7 +66,7 @@ def test_the_engine_imports_nothing_above_it():
 
 def test_the_import_scan_sees_relative_and_late_imports():
     """The scan is not blind: the late import flow.py had before the stages moved, and `from .. import`."""
-    flow = REPO / "trainers" / "flow.py"
+    flow = REPO / "app" / "flow.py"
     assert imported_modules(flow, "def f():\n    from ..nodes.augment import region_tools\n") == [
         "unconfused.nodes.augment", "unconfused.nodes.augment.region_tools"]
     assert "unconfused.nodes" in imported_modules(flow, "from .. import nodes\n")
