@@ -298,13 +298,13 @@ def list_model_dirs(kind: str, marker: str) -> list[str]:
     return sorted(names)
 
 
-def find_model(kind: str, name: str, *, node: str | None = None, input: str | None = None,
+def find_model(kind: str, name: str, *, input: str | None = None,
                what: str = "model file") -> Path:
     """Full path of a model, or an error that says which file to put where."""
     folders = model_folders(kind)
     if name:
         if ".." in Path(name).parts or Path(name).is_absolute():
-            raise UnconfusedError(f"'{name}' is not a file name inside the {kind} folder", node=node,
+            raise UnconfusedError(f"'{name}' is not a file name inside the {kind} folder",
                                   input=input)
         for folder in folders:
             path = folder / name
@@ -313,8 +313,8 @@ def find_model(kind: str, name: str, *, node: str | None = None, input: str | No
     where = ", ".join(str(f) for f in folders) or f"models/{kind} (no models folder is configured)"
     if not name:
         raise UnconfusedError(f"no {what} was chosen and none was found: put one into {where}, "
-                              "then refresh the page (R) and pick it", node=node, input=input)
-    raise UnconfusedError(f"'{name}' was not found: put the {what} into {where}", node=node, input=input)
+                              "then refresh the page (R) and pick it", input=input)
+    raise UnconfusedError(f"'{name}' was not found: put the {what} into {where}", input=input)
 
 
 def output_dir() -> Path:

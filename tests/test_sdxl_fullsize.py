@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,21 +40,27 @@ import comfy.sd, comfy.utils
 ''' + MMAP_READER + r'''
 _load = comfy.utils.load_torch_file
 comfy.utils.load_torch_file = lambda ckpt, *a, **k: mmap_safetensors(ckpt) if ckpt == job["ckpt"] else _load(ckpt, *a, **k)
+results = []
 with torch.inference_mode():
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(job["ckpt"], output_vae=False, output_clip=True,
                                                                 embedding_directory=job["embeddings"])
-    lora = comfy.utils.load_torch_file(job["lora"], safe_load=True)
-    model2, clip2 = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)  # LoraLoader
-    out = {"model_type": type(model.model).__name__, "lora_keys": len(lora),
-           "unet_patches": len(model2.patches), "clip_patches": len(clip2.patcher.patches)}
-    cond = {}
-    for name, prompt in job["prompts"].items():
-        c, pooled = clip2.encode_from_tokens(clip2.tokenize(prompt), return_pooled=True)
-        cond[name] = c.float()
-out["lora_warnings"] = [w for w in warnings if "lora key not loaded" in w]
-out["embedding_warnings"] = [w for w in warnings if "embedding" in w.lower()]
-out["peak_rss_gb"] = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 2**20
-torch.save({"info": out, "cond": cond}, job["out"])
+    for run in job["runs"]:  # each LoRA on the same loaded checkpoint, as two LoraLoader nodes would
+        warnings.clear()
+        lora = comfy.utils.load_torch_file(run["lora"], safe_load=True)
+        model2, clip2 = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)  # LoraLoader
+        out = {"model_type": type(model.model).__name__, "lora_keys": len(lora),
+               "unet_patches": len(model2.patches), "clip_patches": len(clip2.patcher.patches)}
+        cond = {}
+        for name, prompt in run["prompts"].items():
+            c, pooled = clip2.encode_from_tokens(clip2.tokenize(prompt), return_pooled=True)
+            cond[name] = c.float()
+        out["lora_warnings"] = [w for w in warnings if "lora key not loaded" in w]
+        out["embedding_warnings"] = [w for w in warnings if "embedding" in w.lower()]
+        results.append({"info": out, "cond": cond})
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 2**20
+for r in results:
+    r["info"]["peak_rss_gb"] = peak
+torch.save(results, job["out"])
 '''
 
 
@@ -62,11 +69,11 @@ def peak_rss_gb() -> float:
     return [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")][0] / 2**20
 
 
-def stock_comfy_loads(tmp_path, ckpt, lora, emb_dir, prompts: dict[str, str]) -> dict:
-    """Stock ComfyUI in its own process: the checkpoint, LoraLoader with our LoRA, prompts with our
-    `embedding:` files; what it logged and the conditioning it made."""
-    job = {"comfy": str(comfyui_dir()), "ckpt": str(ckpt), "lora": str(lora),
-           "embeddings": str(emb_dir), "prompts": prompts, "out": str(tmp_path / "stock.pt")}
+def stock_comfy_loads(tmp_path, ckpt, emb_dir, runs: list[dict]) -> list[dict]:
+    """Stock ComfyUI in its own process: the checkpoint once, then LoraLoader with each run's LoRA and
+    prompts with our `embedding:` files; per run, what it logged and the conditioning it made."""
+    job = {"comfy": str(comfyui_dir()), "ckpt": str(ckpt), "embeddings": str(emb_dir), "runs": runs,
+           "out": str(tmp_path / "stock.pt")}
     (tmp_path / "stock_job.json").write_text(json.dumps(job))
     (tmp_path / "stock_runner.py").write_text(STOCK_LOAD)
     proc = subprocess.run([sys.executable, str(tmp_path / "stock_runner.py"), str(tmp_path / "stock_job.json")],
@@ -109,18 +116,21 @@ def check_in_diffusers(bundle, lora_path, emb_path, *, trained_adapter: bool) ->
     bundle.unet.delete_adapters(["from_file"])
 
 
-def check_in_stock_comfyui(tmp_path, ckpt, lora_path, emb_path) -> dict:
-    """Stock ComfyUI loads the files with zero "lora key not loaded" and no embedding warning, every UNet
-    module of the LoRA patched, and the token's embedding changes the conditioning."""
-    n_modules = len(load_file(lora_path)) // 3
-    prompts = {"token": f"a photo of embedding:{emb_path.stem} dog", "plain": "a photo of a dog"}
-    stock = stock_comfy_loads(tmp_path, ckpt, lora_path, emb_path.parent, prompts)
-    info = stock["info"]
-    assert info["model_type"] == "SDXL", info
-    assert info["lora_warnings"] == [] and info["embedding_warnings"] == [], info
-    assert info["unet_patches"] == n_modules, info  # every UNet module of the file patched
-    assert not torch.allclose(stock["cond"]["token"], stock["cond"]["plain"])
-    return info
+def check_in_stock_comfyui(tmp_path, ckpt, exports: list[tuple[Path, Path]]) -> list[dict]:
+    """Stock ComfyUI loads each (LoRA, embedding) pair with zero "lora key not loaded" and no embedding
+    warning, every UNet module of the LoRA patched, and the token's embedding changes the conditioning."""
+    runs = [{"lora": str(lora), "prompts": {"token": f"a photo of embedding:{emb.stem} dog", "plain": "a photo of a dog"}}
+            for lora, emb in exports]
+    (emb_dir,) = {emb.parent for _, emb in exports}
+    infos = []
+    for (lora, _), stock in zip(exports, stock_comfy_loads(tmp_path, ckpt, emb_dir, runs)):
+        info = stock["info"]
+        assert info["model_type"] == "SDXL", info
+        assert info["lora_warnings"] == [] and info["embedding_warnings"] == [], info
+        assert info["unet_patches"] == len(load_file(lora)) // 3, info  # every UNet module of the file patched
+        assert not torch.allclose(stock["cond"]["token"], stock["cond"]["plain"])
+        infos.append(info)
+    return infos
 
 
 def concept_inputs(dreambooth_dir):
@@ -147,13 +157,41 @@ def widget_values(node_cls, **given) -> dict:
     return out
 
 
-def test_fullsize_sdxl_trains_through_the_nodes_and_its_exports_load_in_comfyui_and_diffusers(tmp_path,
-                                                                                              dreambooth_dir):
+def train_through_the_cli(tmp_path, ckpt, dreambooth_dir) -> tuple[Path, Path, float, float]:
+    """`python -m unconfused lora --config job.toml` in its own process, as a user runs it: its exports,
+    wall time and peak RSS."""
+    config = tmp_path / "job.toml"
+    config.write_text(f'model = "{ckpt}"\nconcepts = ["{dreambooth_dir / "dog2"}:<my-dog>:dog"]\n'
+                      '[settings]\nname = "clixlfull"\nsteps = 1\nresolution = 64\ncheckpoint_every = 0\n'
+                      'precision = "bf16"\nrank = 4\nalpha = 4.0\nunet_lr = 1e-2\ntoken_lr = 1e-2\n')
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = ['unconfused', 'lora', "
+                           f"'--config', {str(config)!r}]\ntry:\n    runpy.run_module('unconfused', run_name="
+                           "'__main__')\nfinally:\n    print('PEAK_RSS_GB', [int(l.split()[1]) for l in open('/proc/self/status') "
+                           "if l.startswith('VmHWM')][0] / 2**20)"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert json.loads(out[out.index("{"):out.rindex("}") + 1])["steps"] == 1
+    lora_path = tmp_path / "models" / "loras" / "clixlfull.safetensors"
+    emb_path = tmp_path / "models" / "embeddings" / "clixlfull_my-dog.safetensors"
+    assert lora_path.is_file() and emb_path.is_file()
+    return lora_path, emb_path, wall, float(out.split("PEAK_RSS_GB")[1])
+
+
+def test_fullsize_sdxl_trains_through_the_nodes_and_the_cli_and_the_exports_load_in_comfyui_and_diffusers(
+        tmp_path, dreambooth_dir):
+    """The full-size SDXL architecture (random weights) trains a step at 64 px through the CLI (its own
+    process) and through the nodes (called as ComfyUI calls them); diffusers' load_lora_weights takes
+    both LoRAs (the nodes' equal to what was trained), and stock ComfyUI loads both LoRAs and both
+    embeddings with nothing left unloaded (one ComfyUI process, one checkpoint load: CI time)."""
     from unconfused.engine import host
     from unconfused.nodes.models import UnconfusedLoadCheckpoint
     from unconfused.nodes.lora import UnconfusedTrainLoRA
 
     ckpt = cached_sdxl_checkpoint("full")
+    cli_lora, cli_emb, cli_wall, cli_rss = train_through_the_cli(tmp_path, ckpt, dreambooth_dir)
+
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
     (tmp_path / "models" / "checkpoints" / ckpt.name).symlink_to(ckpt)
     t0 = time.perf_counter()
@@ -178,46 +216,15 @@ def test_fullsize_sdxl_trains_through_the_nodes_and_its_exports_load_in_comfyui_
     assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_up" in k)  # the LoRA moved from zero
     ours_rss = peak_rss_gb()
     check_in_diffusers(trained, lora_path, emb_path, trained_adapter=True)
+    check_in_diffusers(trained, cli_lora, cli_emb, trained_adapter=False)  # the CLI's file, as the file has it
     del trained, out
     gc.collect()  # our model out of memory before ComfyUI loads its own
-    info = check_in_stock_comfyui(tmp_path, ckpt, lora_path, emb_path)
+    infos = check_in_stock_comfyui(tmp_path, ckpt, [(lora_path, emb_path), (cli_lora, cli_emb)])
     print(f"\nfull-size SDXL through the nodes: load {t_load:.0f} s, 1 step at 64 px {t_train:.0f} s, "
-          f"peak RSS ours {ours_rss:.1f} GB (after the diffusers check {peak_rss_gb():.1f} GB), "
-          f"stock ComfyUI {info['peak_rss_gb']:.1f} GB, wall {time.perf_counter() - t0:.0f} s")
+          f"peak RSS ours {ours_rss:.1f} GB (after the diffusers checks {peak_rss_gb():.1f} GB); through the CLI: "
+          f"{cli_wall:.0f} s wall (load + train + export), peak RSS {cli_rss:.1f} GB; stock ComfyUI "
+          f"{infos[0]['peak_rss_gb']:.1f} GB; wall {time.perf_counter() - t0 + cli_wall:.0f} s")
     host.reset_standalone()
-
-
-def test_fullsize_sdxl_trains_through_the_cli_and_its_exports_load_in_comfyui_and_diffusers(tmp_path,
-                                                                                            dreambooth_dir):
-    from unconfused.engine.models.loading import load_model
-
-    ckpt = cached_sdxl_checkpoint("full")
-    config = tmp_path / "job.toml"
-    config.write_text(f'model = "{ckpt}"\nconcepts = ["{dreambooth_dir / "dog2"}:<my-dog>:dog"]\n'
-                      '[settings]\nname = "clixlfull"\nsteps = 1\nresolution = 64\ncheckpoint_every = 0\n'
-                      'precision = "bf16"\nrank = 4\nalpha = 4.0\nunet_lr = 1e-2\ntoken_lr = 1e-2\n')
-    t0 = time.perf_counter()
-    # `python -m unconfused lora --config job.toml` in its own process, as a user runs it
-    proc = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = ['unconfused', 'lora', "
-                           f"'--config', {str(config)!r}]\ntry:\n    runpy.run_module('unconfused', run_name="
-                           "'__main__')\nfinally:\n    print('PEAK_RSS_GB', [int(l.split()[1]) for l in open('/proc/self/status') "
-                           "if l.startswith('VmHWM')][0] / 2**20)"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
-    assert json.loads(out[out.index("{"):out.rindex("}") + 1])["steps"] == 1
-    cli_rss = float(out.split("PEAK_RSS_GB")[1])
-    lora_path = tmp_path / "models" / "loras" / "clixlfull.safetensors"
-    emb_path = tmp_path / "models" / "embeddings" / "clixlfull_my-dog.safetensors"
-    assert lora_path.is_file() and emb_path.is_file()
-
-    b = load_model(ckpt, dtype=torch.bfloat16)  # the base model, for diffusers' side
-    check_in_diffusers(b, lora_path, emb_path, trained_adapter=False)
-    del b
-    gc.collect()
-    info = check_in_stock_comfyui(tmp_path, ckpt, lora_path, emb_path)
-    print(f"\nfull-size SDXL through the CLI: 1 step at 64 px in {wall:.0f} s wall (load + train + export), "
-          f"peak RSS {cli_rss:.1f} GB; stock ComfyUI {info['peak_rss_gb']:.1f} GB")
 
 
 DUAL_CLIP = r'''

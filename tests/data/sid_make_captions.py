@@ -180,7 +180,7 @@ def caught(check) -> bool:
 def score(table: list[dict]) -> dict:
     """Precision and recall of 'not a SID caption as written' (Case 1, 2, 4) against Case 3, plus the
     share of rows whose status is exactly the expected one, overall and per form."""
-    from unconfused.engine import sid
+    from unconfused.engine.captions import sid
 
     tp = fp = fn = tn = exact = 0
     forms: dict[str, list[int]] = {}
