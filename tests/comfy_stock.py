@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,10 +30,12 @@ def comfyui_dir() -> Path:
     return Path(spec.origin).parent / "_comfyui"
 
 
-def main(job_path: str) -> None:
-    job = json.loads(Path(job_path).read_text())
+def start_comfyui(*args: str) -> list[str]:
+    """Make this process a stock ComfyUI one, as `main.py *args` sets itself up: its folder on sys.path and as
+    the working directory, `args` parsed as its command line. Returns the list that collects every warning
+    logged from then on."""
     root = comfyui_dir()
-    sys.argv = [sys.argv[0], "--cpu", "--force-fp32"]
+    sys.argv = [sys.argv[0], *args]
     sys.path.insert(0, str(root))
     os.chdir(root)
     warnings: list[str] = []
@@ -45,6 +48,39 @@ def main(job_path: str) -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()
+    return warnings
+
+
+def run_script(script: str | Path, tmp_path: Path, job: dict, timeout: float) -> dict:
+    """Run `python script job.json` (the job with "out": tmp_path/report.json) and return the JSON report it
+    wrote there."""
+    job["out"] = str(tmp_path / "report.json")
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "job.json")], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(Path(job["out"]).read_text())
+
+
+def bundle_digest(bundle) -> dict[str, str]:
+    """dtype, shape and a hash of every weight of a bundle's models, by name (position ids left out)."""
+    import hashlib
+
+    out = {}
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(bundle, part) is None:  # (SD 1.5 has no second text encoder)
+            continue
+        for k, v in getattr(bundle, part).state_dict().items():
+            if k.endswith("position_ids"):
+                continue
+            out[f"{part}.{k}"] = f"{v.dtype}:{tuple(v.shape)}:" + hashlib.sha256(
+                v.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+    return out
+
+
+def main(job_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    warnings = start_comfyui("--cpu", "--force-fp32")
     import torch
 
     import comfy.sd
