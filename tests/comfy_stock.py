@@ -51,15 +51,15 @@ def start_comfyui(*args: str) -> list[str]:
     return warnings
 
 
-def run_script(script: str | Path, tmp_path: Path, job: dict, timeout: float) -> dict:
-    """Run `python script job.json` (the job with "out": tmp_path/report.json) and return the JSON report it
-    wrote there."""
-    job["out"] = str(tmp_path / "report.json")
+def run_script(script: str | Path, tmp_path: Path, job: dict, timeout: float, out: str = "report.json") -> Path:
+    """Run `python script job.json` in its own process on `job` plus "out": tmp_path/out, the file the script
+    writes its results to; returns that path."""
+    job["out"] = str(tmp_path / out)
     (tmp_path / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "job.json")], capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(Path(job["out"]).read_text())
+    return Path(job["out"])
 
 
 def bundle_digest(bundle) -> dict[str, str]:

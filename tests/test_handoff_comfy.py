@@ -218,7 +218,7 @@ def run_job(tmp_path: Path, **job) -> dict:
     from tiny_models import cached_checkpoint
 
     job.setdefault("ckpt", str(cached_checkpoint("sd1")))
-    return run_script(__file__, tmp_path, job, timeout=1200)
+    return json.loads(run_script(__file__, tmp_path, job, timeout=1200).read_text())
 
 
 @pytest.fixture(scope="module")

@@ -155,7 +155,7 @@ def run_job(tmp_path: Path, **job) -> dict:
 
     job.setdefault("ckpt", str(write_sdxl_checkpoint(tmp_path / "tiny-sdxl.safetensors", seed=1)))
     job["tmp"], job["tiny"] = str(tmp_path), _tiny_configs()
-    return run_script(__file__, tmp_path, job, timeout=900)
+    return json.loads(run_script(__file__, tmp_path, job, timeout=900).read_text())
 
 
 @pytest.fixture(scope="module")
