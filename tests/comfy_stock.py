@@ -12,6 +12,9 @@ Writes {"cond": {prompt: [1,77,D]}, "unet": {prompt: [B,4,h,w]}, "lora_warnings"
 conditioning CLIPTextEncode would give (with `embedding:` names resolved from `embeddings`), and
 the raw diffusion model output eps/v for x at t under that conditioning, with the LoRA patched in
 as LoraLoader does. Everything in float32 on the CPU.
+
+The other tests' stock-ComfyUI scripts use its helpers: start_comfyui (this process set up as ComfyUI's
+main.py does), run_script (a job script in its own process) and bundle_digest (a bundle's weights, hashed).
 """
 
 from __future__ import annotations

@@ -364,9 +364,9 @@ def test_exports_give_our_conditioning_in_stock_comfyui(tmp_path, dataset):
                      settings(name="par", steps=1, learning_rate=1e-2, token_lr=1e-2, holdout=0, export=True))
     result = tr.run()
     ex = result.exports
-    job = {"tests": os.path.dirname(os.path.abspath(__file__)), "ckpt": str(ckpt), "text_encoder": str(ex["text_encoder"]),
-           "embeddings": str(ex["embedding:<red>"].parent), "lora": str(ex["lora"]),
-           "prompt": "a photo of embedding:par_red and embedding:par_blue"}
+    job = {"tests": os.path.dirname(os.path.abspath(__file__)), "ckpt": str(ckpt),
+           "text_encoder": str(ex["text_encoder"]), "embeddings": str(ex["embedding:<red>"].parent),
+           "lora": str(ex["lora"]), "prompt": "a photo of embedding:par_red and embedding:par_blue"}
     (tmp_path / "runner.py").write_text(STOCK_RUNNER)
     stock = torch.load(run_script(tmp_path / "runner.py", tmp_path, job, 600, out="stock.pt"), weights_only=True)
     # every LoRA key loaded, no text-encoder tensor missing (CLIP's text_projection is not part of an SD

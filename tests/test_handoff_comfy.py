@@ -247,19 +247,24 @@ def test_stock_ksampler_on_applied_concepts_matches_the_packs_sampler(report):
     assert "text encoder: 1 changed weights" in report["apply_info"]
     assert report["inputs_unpatched"]
     for prompt, r in report["sample"].items():
-        # against the pack's sampler on the LoRA-merged bundle, text encoder in the CLIP's dtype (ComfyUI merges
-        # patches into its weights, in their dtype):
-        # the stock-parity tolerances (tests/test_stock_parity.py): 1e-4 for the conditioning - relative to its
-        # scale here, since a one-ulp fp16 rounding flip in a patched weight moves this random CLIP's output by
-        # ~1e-4 - and 2e-4 of the scale for UNet-scale outputs
-        assert r["cond_err"] < 1e-4 * max(1.0, r["cond_max"]), (prompt, r)
-        # against the unmerged fp32 bundle the trainer hands over: within the same tolerance, or a few times
-        # the difference merging and the CLIP's dtype make to the pack's own result
-        assert r["cond_err_unmerged"] < max(1e-4, 4 * r["cond_floor"]), (prompt, r)
-        if "latent_err" in r:
-            assert r["latent_err"] < 2e-4 * max(1.0, r["latent_max"]), (prompt, r)
-            assert r["latent_err_unmerged"] < max(2e-4 * max(1.0, r["latent_max"]), 4 * r["latent_floor"]), (prompt, r)
-            assert r["concept_effect"] > 100 * r["latent_err"], (prompt, r)  # the comparison sees the concepts
+        assert_matches_stock(prompt, r)
+
+
+def assert_matches_stock(prompt: str, r: dict) -> None:
+    """One prompt's row of apply_and_compare within the hand-off's tolerances."""
+    # against the pack's sampler on the LoRA-merged bundle, text encoder in the CLIP's dtype (ComfyUI merges
+    # patches into its weights, in their dtype):
+    # the stock-parity tolerances (tests/test_stock_parity.py): 1e-4 for the conditioning - relative to its
+    # scale here, since a one-ulp fp16 rounding flip in a patched weight moves this random CLIP's output by
+    # ~1e-4 - and 2e-4 of the scale for UNet-scale outputs
+    assert r["cond_err"] < 1e-4 * max(1.0, r["cond_max"]), (prompt, r)
+    # against the unmerged fp32 bundle the trainer hands over: within the same tolerance, or a few times
+    # the difference merging and the CLIP's dtype make to the pack's own result
+    assert r["cond_err_unmerged"] < max(1e-4, 4 * r["cond_floor"]), (prompt, r)
+    if "latent_err" in r:
+        assert r["latent_err"] < 2e-4 * max(1.0, r["latent_max"]), (prompt, r)
+        assert r["latent_err_unmerged"] < max(2e-4 * max(1.0, r["latent_max"]), 4 * r["latent_floor"]), (prompt, r)
+        assert r["concept_effect"] > 100 * r["latent_err"], (prompt, r)  # the comparison sees the concepts
 
 
 # ---------------------------------------------------------------- the example workflows in the real server
@@ -268,8 +273,6 @@ WORKFLOWS = ["native_handoff", "native_handoff_upscale"]
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory, dreambooth_dir):
-    import shutil
-
     from comfy_harness import ComfyServer, require_comfyui
     from tiny_models import cached_checkpoint
 
@@ -277,13 +280,20 @@ def comfy(tmp_path_factory, dreambooth_dir):
     home = tmp_path_factory.mktemp("comfy_handoff")
     (home / "models" / "checkpoints").mkdir(parents=True)
     (home / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors").symlink_to(cached_checkpoint("sd1"))
+    copy_photos(home, dreambooth_dir)
+    with ComfyServer.start(home) as server:
+        yield server
+
+
+def copy_photos(home: Path, dreambooth_dir: Path) -> None:
+    """Two photos each of the dog and the cat, where the examples' loaders look: input/dreambooth/<name>/."""
+    import shutil
+
     for name in ("dog2", "cat"):
         dst = home / "input" / "dreambooth" / name
         dst.mkdir(parents=True)
         for p in sorted((dreambooth_dir / name).glob("*.jpg"))[:2]:
             shutil.copy(p, dst / p.name)
-    with ComfyServer.start(home) as server:
-        yield server
 
 
 def _model_files(comfy) -> set:
@@ -293,29 +303,40 @@ def _model_files(comfy) -> set:
             for p in (root / kind).rglob("*") if p.is_file()}
 
 
+def example_api(comfy, example: str, **train) -> dict:
+    """examples/<example>.json in API form (the same as tests/workflows/<example>_api.json, with its notes),
+    CPU-sized: one training step at 64 px (node 6, with `train`), a 64x64 latent (10), 2 sampling steps (11)."""
+    from comfy_harness import ui_to_api
+
+    info = comfy.object_info()
+    ui = json.loads((REPO / "examples" / f"{example}.json").read_text())
+    api = ui_to_api(ui, info)
+    assert api == json.loads((HERE / "workflows" / f"{example}_api.json").read_text())  # the two forms agree
+    assert [n for n in ui["nodes"] if n["type"] == "Note"]
+    api["6"]["inputs"].update(steps=1, resolution=64, rank=2, resume="restart", cache_latents=False, device="cpu",
+                              **train)
+    api["10"]["inputs"].update(width=64, height=64)
+    api["11"]["inputs"].update(steps=2)
+    return api
+
+
+def run_logged(comfy, api) -> tuple[dict, str]:
+    """Run `api` in the server: its outputs, and what the server logged meanwhile."""
+    before = comfy.log.read_text(errors="replace")
+    entry = comfy.run(api, timeout=900)
+    return entry["outputs"], comfy.log.read_text(errors="replace")[len(before):]
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_native_handoff_example_runs_in_comfyui(comfy, name):
     """Photos -> train on the graph's own checkpoint -> apply -> stock CLIPTextEncode/KSampler (and a stock
     latent upscale + second KSampler pass), run from the example's UI form, CPU-sized: every image comes out,
     ComfyUI loads every LoRA key and finds every concept token, and no file lands in the model folders."""
-    from comfy_harness import ui_to_api
-
-    info = comfy.object_info()
-    ui = json.loads((REPO / "examples" / f"{name}.json").read_text())
-    api = ui_to_api(ui, info)
-    assert api == json.loads((HERE / "workflows" / f"{name}_api.json").read_text())  # the two forms agree
-    assert [n for n in ui["nodes"] if n["type"] == "Note"]
-    api["6"]["inputs"].update(steps=1, resolution=64, rank=2, name=f"handoff-{name}", resume="restart",
-                              cache_latents=False, device="cpu")
-    api["10"]["inputs"].update(width=64, height=64)
-    api["11"]["inputs"].update(steps=2)
+    api = example_api(comfy, name, name=f"handoff-{name}")
     if "14" in api:
         api["14"]["inputs"].update(steps=2)
     before_files = _model_files(comfy)
-    before = comfy.log.read_text(errors="replace")
-    entry = comfy.run(api, timeout=900)
-    log = comfy.log.read_text(errors="replace")[len(before):]
-    outputs = entry["outputs"]
+    outputs, log = run_logged(comfy, api)
     save = "15" if "14" in api else "13"
     assert outputs[save]["images"], outputs
     applied = outputs["7"]["text"][0]
