@@ -12,6 +12,9 @@ Writes {"cond": {prompt: [1,77,D]}, "unet": {prompt: [B,4,h,w]}, "lora_warnings"
 conditioning CLIPTextEncode would give (with `embedding:` names resolved from `embeddings`), and
 the raw diffusion model output eps/v for x at t under that conditioning, with the LoRA patched in
 as LoraLoader does. Everything in float32 on the CPU.
+
+The other tests' stock-ComfyUI scripts use its helpers: start_comfyui (this process set up as ComfyUI's
+main.py does), run_script (a job script in its own process) and bundle_digest (a bundle's weights, hashed).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,10 +33,12 @@ def comfyui_dir() -> Path:
     return Path(spec.origin).parent / "_comfyui"
 
 
-def main(job_path: str) -> None:
-    job = json.loads(Path(job_path).read_text())
+def start_comfyui(*args: str) -> list[str]:
+    """Make this process a stock ComfyUI one, as `main.py *args` sets itself up: its folder on sys.path and as
+    the working directory, `args` parsed as its command line. Returns the list that collects every warning
+    logged from then on."""
     root = comfyui_dir()
-    sys.argv = [sys.argv[0], "--cpu", "--force-fp32"]
+    sys.argv = [sys.argv[0], *args]
     sys.path.insert(0, str(root))
     os.chdir(root)
     warnings: list[str] = []
@@ -45,6 +51,39 @@ def main(job_path: str) -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()
+    return warnings
+
+
+def run_script(script: str | Path, tmp_path: Path, job: dict, timeout: float, out: str = "report.json") -> Path:
+    """Run `python script job.json` in its own process on `job` plus "out": tmp_path/out, the file the script
+    writes its results to; returns that path."""
+    job["out"] = str(tmp_path / out)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "job.json")], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return Path(job["out"])
+
+
+def bundle_digest(bundle) -> dict[str, str]:
+    """dtype, shape and a hash of every weight of a bundle's models, by name (position ids left out)."""
+    import hashlib
+
+    out = {}
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(bundle, part) is None:  # (SD 1.5 has no second text encoder)
+            continue
+        for k, v in getattr(bundle, part).state_dict().items():
+            if k.endswith("position_ids"):
+                continue
+            out[f"{part}.{k}"] = f"{v.dtype}:{tuple(v.shape)}:" + hashlib.sha256(
+                v.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+    return out
+
+
+def main(job_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    warnings = start_comfyui("--cpu", "--force-fp32")
     import torch
 
     import comfy.sd

@@ -326,18 +326,11 @@ def test_two_ranks_with_gathered_negatives_train_like_one_process(tmp_path, data
 
 
 STOCK_RUNNER = r'''
-import json, logging, os, sys
+import json, sys
 job = json.loads(open(sys.argv[1]).read())
-sys.argv = [sys.argv[0], "--cpu", "--force-fp32", "--fp32-text-enc"]  # ComfyUI stores text encoders in fp16 otherwise
-sys.path.insert(0, job["comfy"])
-os.chdir(job["comfy"])
-warnings = []
-class Catch(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-logging.getLogger().addHandler(Catch(level=logging.WARNING))
-import comfy.options
-comfy.options.enable_args_parsing()
+sys.path.insert(0, job["tests"])
+from comfy_stock import start_comfyui
+warnings = start_comfyui("--cpu", "--force-fp32", "--fp32-text-enc")  # ComfyUI stores text encoders in fp16 otherwise
 import torch
 import comfy.sd, comfy.utils
 out = {}
@@ -360,7 +353,8 @@ def test_exports_give_our_conditioning_in_stock_comfyui(tmp_path, dataset):
     exported embeddings (`embedding:` in the prompt), give our output model's conditioning. (Run with
     --fp32-text-enc: by default ComfyUI stores text-encoder weights in fp16, which rounds any fine-tuned
     encoder's weights - ours included - by ~2e-3 in the conditioning.)"""
-    from tiny_models import cached_checkpoint, comfyui_dir
+    from comfy_stock import run_script
+    from tiny_models import cached_checkpoint
     from unconfused.engine.models.loading import load_model
 
     ckpt = cached_checkpoint("sd1")
@@ -370,15 +364,11 @@ def test_exports_give_our_conditioning_in_stock_comfyui(tmp_path, dataset):
                      settings(name="par", steps=1, learning_rate=1e-2, token_lr=1e-2, holdout=0, export=True))
     result = tr.run()
     ex = result.exports
-    job = {"comfy": str(comfyui_dir()), "ckpt": str(ckpt), "text_encoder": str(ex["text_encoder"]),
-           "embeddings": str(ex["embedding:<red>"].parent), "lora": str(ex["lora"]),
-           "prompt": "a photo of embedding:par_red and embedding:par_blue", "out": str(tmp_path / "stock.pt")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
+    job = {"tests": os.path.dirname(os.path.abspath(__file__)), "ckpt": str(ckpt),
+           "text_encoder": str(ex["text_encoder"]), "embeddings": str(ex["embedding:<red>"].parent),
+           "lora": str(ex["lora"]), "prompt": "a photo of embedding:par_red and embedding:par_blue"}
     (tmp_path / "runner.py").write_text(STOCK_RUNNER)
-    proc = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "job.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    stock = torch.load(tmp_path / "stock.pt", weights_only=True)
+    stock = torch.load(run_script(tmp_path / "runner.py", tmp_path, job, 600, out="stock.pt"), weights_only=True)
     # every LoRA key loaded, no text-encoder tensor missing (CLIP's text_projection is not part of an SD
     # text encoder - SD checkpoints lack it too; ComfyUI uses it only for SDXL/unCLIP pooled outputs)
     import ast

@@ -5,12 +5,11 @@ model, on the full-size SD 1.5 architecture (random weights, tiny resolution).""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from comfy_stock import run_script
 from tiny_models import cached_checkpoint
 from unconfused.engine.data.concepts import Concept, make_concept_set
 from unconfused.engine.models.loading import load_model
@@ -21,13 +20,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_stock(tmp_path: Path, job: dict) -> dict:
-    job_path = tmp_path / "job.json"
-    job["out"] = str(tmp_path / "stock_out.pt")
-    job_path.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, str(HERE / "comfy_stock.py"), str(job_path)], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(job["out"], weights_only=True)
+    return torch.load(run_script(HERE / "comfy_stock.py", tmp_path, job, 600, out="stock_out.pt"), weights_only=True)
 
 
 def test_exported_lora_and_embeddings_match_stock_comfyui(tmp_path):
