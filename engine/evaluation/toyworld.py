@@ -302,13 +302,13 @@ def write_toy_bank(folder: str | Path, per_label: int = 3, seed: int = 0) -> Pat
     for shape in SHAPES:
         for i in range(per_label):
             path = folder / shape / f"{i:03d}.png"
-            if path.is_file():
-                continue
             while True:
                 colour, pattern = rng.choice(list(COLOURS)), rng.choice(PATTERNS)
                 if (colour, pattern, shape) not in HELD_OUT:
                     break
             objs = place(rng, [(shape, colour, pattern, "big")])
+            if path.is_file():  # (after the draws: a rerun after an interruption makes the same bank)
+                continue
             img, masks = paint(objs, "snow")
             atomic_save_image(folder / shape / "masks" / f"{i:03d}.png",
                               Image.fromarray(masks[0].astype(np.uint8) * 255, "L"))
