@@ -195,3 +195,20 @@ def test_sid_captions_keep_the_bias_object_out_and_case4_loses_the_colour(tmp_pa
          for case in ("case1", "case3", "case4")}
     assert r["case1"]["companion_leak"] >= r["case3"]["companion_leak"] + 0.15, r
     assert r["case3"]["colour_fidelity"] >= r["case4"]["colour_fidelity"] + 0.5, r
+
+
+def test_the_toy_bank_is_the_same_after_an_interrupted_write(tmp_path):
+    """A bank folder missing some pictures (an interrupted write) is completed to exactly the bank an
+    uninterrupted write makes: each picture is a function of the seed and its place, not of what exists."""
+    import hashlib
+
+    whole, partial = tw.write_toy_bank(tmp_path / "whole"), tw.write_toy_bank(tmp_path / "partial")
+    for p in sorted(partial.rglob("*.png"))[::3]:
+        p.unlink()
+    tw.write_toy_bank(partial)
+
+    def digest(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+                for p in folder.rglob("*.png")}
+
+    assert digest(whole) == digest(partial) and len(digest(whole)) == 24
